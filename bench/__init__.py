@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (``make bench``); each table writes bench/results/*.json and docs/benchmarks.md."""

@@ -1,0 +1,242 @@
+"""The ``torchshrink`` command: demo, run, eval, inspect, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from torchshrink.errors import TorchshrinkError
+
+log = logging.getLogger("torchshrink")
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _open_for_cli(model: str, factory: str | None, trust_pickle: bool) -> tuple[nn.Module, Path | None, Any]:
+    """(module, file to count as the artefact, input shape known from the file or None)."""
+    from torchshrink.models import ModelSpec, open_model
+    from torchshrink.onnx_export import OnnxRuntimeModel
+
+    path = Path(model)
+    if path.suffix == ".onnx":
+        runner = OnnxRuntimeModel(path)
+        return runner, path, runner.input_shape
+    if factory:
+        loaded = open_model(ModelSpec(factory=factory, weights=path))
+        return loaded.module, path, None
+    loaded = open_model(
+        ModelSpec(path=path, trust_pickle=trust_pickle) if path.exists() or "/" in model else model
+    )
+    return loaded.module, (path if path.exists() else None), loaded.input_shape
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from torchshrink.demo import demo_recipe
+    from torchshrink.pipeline import run
+    from torchshrink.report import format_table
+
+    report = run(demo_recipe(quick=args.quick), args.out, resume=args.resume)
+    _print_report(report, args.out)
+    _ = format_table
+    return 0
+
+
+def _print_report(report: Any, out_dir: str | Path) -> None:
+    from torchshrink.report import format_table
+
+    _out(format_table(report))
+    _out()
+    _out(
+        f"report: {Path(out_dir) / 'report.md'}  ·  json: {Path(out_dir) / 'report.json'}  ·  plot: {Path(out_dir) / 'pareto.png'}"
+    )
+    _out(f"model:  {Path(out_dir) / report.artefacts['model']}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from torchshrink.pipeline import run
+
+    report = run(args.recipe, args.out, resume=args.resume)
+    _print_report(report, args.out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from torchshrink.data import load_data
+    from torchshrink.measure import check_model_fits, measure
+
+    model, artefact, _ = _open_for_cli(args.model, args.factory, args.trust_pickle)
+    data = load_data(args.data)
+    if not hasattr(model, "session"):
+        check_model_fits(model, data.input_shape, data.num_classes, source=f"{args.model} on {data.name}")
+    metrics = measure(model, data.test, artefact=artefact, latency_repeats=args.repeats)
+    if args.json:
+        _out(json.dumps(metrics, indent=2))
+    else:
+        for key, value in metrics.items():
+            _out(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value:,}")
+    return 0
+
+
+def _inspect_safetensors(path: Path) -> None:
+    import torch
+
+    from torchshrink.io import load_tensors, read_safetensors_metadata
+
+    meta = read_safetensors_metadata(path)
+    for key, value in meta.items():
+        if key not in ("record", "state"):
+            _out(f"{key}: {value}")
+    total = nonzero = 0
+    _out(f"{'tensor':<40} {'shape':<20} {'dtype':<10} {'non-zero':>9}")
+    for name, tensor in load_tensors(path).items():
+        nz = int(torch.count_nonzero(tensor))
+        total += tensor.numel()
+        nonzero += nz
+        _out(
+            f"{name:<40} {str(tuple(tensor.shape)):<20} {str(tensor.dtype).replace('torch.', ''):<10} "
+            f"{nz / max(tensor.numel(), 1):>8.1%}"
+        )
+    _out(f"{total:,} values, {nonzero:,} non-zero, {path.stat().st_size:,} bytes on disk")
+
+
+def _inspect_onnx(path: Path) -> None:
+    from collections import Counter
+
+    import onnx
+
+    model = onnx.load(str(path))
+    _out(f"opset: {[(o.domain or 'ai.onnx', o.version) for o in model.opset_import]}")
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for v in values:
+            dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            _out(f"{kind}: {v.name} {dims}")
+    params = sum(int(__import__("numpy").prod(t.dims)) for t in model.graph.initializer)
+    _out(f"initializers: {len(model.graph.initializer)} tensors, {params:,} values")
+    _out(
+        "operators: "
+        + ", ".join(f"{op} x{n}" for op, n in Counter(n.op_type for n in model.graph.node).most_common())
+    )
+    _out(f"{path.stat().st_size:,} bytes on disk")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from torchshrink.io import file_kind
+    from torchshrink.report import format_table, read_report
+
+    path = Path(args.file)
+    if path.suffix == ".json":
+        _out(format_table(read_report(path)))
+        return 0
+    kind = file_kind(path)
+    _out(f"{path}: {kind}")
+    if kind == "safetensors":
+        _inspect_safetensors(path)
+    elif kind == "onnx":
+        _inspect_onnx(path)
+    else:
+        from torchshrink.io import load_state_dict_file
+
+        for name, tensor in load_state_dict_file(path).items():
+            _out(f"{name:<40} {tuple(tensor.shape)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from torchshrink.data import load_data
+    from torchshrink.errors import ShapeMismatchError
+    from torchshrink.onnx_export import export_onnx
+
+    model, _, known_shape = _open_for_cli(args.model, args.factory, args.trust_pickle)
+    check = None
+    if args.input_shape:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    elif args.data:
+        data = load_data(args.data)
+        shape, check = data.input_shape, data.test.tensors[0][:32]
+    elif known_shape:
+        shape = tuple(known_shape)
+    else:
+        raise ShapeMismatchError(
+            f"{args.model}: input shape unknown; pass --input-shape C,H,W or --data NAME"
+        )
+    diff = export_onnx(model, args.out, shape, opset=args.opset, check_inputs=check)
+    _out(f"wrote {args.out}" + (f" (max abs diff vs PyTorch {diff:.2e})" if diff is not None else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from torchshrink import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="torchshrink", description="Make trained PyTorch models smaller and faster."
+    )
+    parser.add_argument("--version", action="version", version=f"torchshrink {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the built-in recipe on MNIST-5k and print the report")
+    p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke-test version")
+    p.add_argument("--resume", action="store_true", help="skip stages finished by an earlier run")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run a YAML recipe")
+    p.add_argument("recipe", help="path to the recipe YAML")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="skip stages finished by an earlier run")
+    p.set_defaults(func=cmd_run)
+
+    for name, helptext in (("eval", "measure a model on a dataset"), ("export", "export a model to ONNX")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("model", help="model file (.safetensors, .onnx, TorchScript, .pt) or a zoo name")
+        p.add_argument(
+            "--factory", help="'pkg.module:function' that builds the model; MODEL is then its weights"
+        )
+        p.add_argument(
+            "--trust-pickle", action="store_true", help="allow loading a whole pickled module (runs code)"
+        )
+        if name == "eval":
+            p.add_argument(
+                "--data", required=True, help="mnist5k | digits | mnist1d | path to .npz or image folder"
+            )
+            p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+            p.add_argument("--repeats", type=int, default=30, help="latency repeats (median)")
+            p.set_defaults(func=cmd_eval)
+        else:
+            p.add_argument("--out", required=True, help="ONNX file to write")
+            p.add_argument("--data", help="dataset whose inputs set the shape and check the export")
+            p.add_argument("--input-shape", help="per-sample input shape, e.g. 1,28,28")
+            p.add_argument("--opset", type=int, default=17)
+            p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="describe a model file, ONNX file or report.json")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``torchshrink`` console script; bad input exits 2 with a one-line reason."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="torchshrink: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except TorchshrinkError as exc:
+        sys.stderr.write(f"torchshrink: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Datasets: the built-in offline ones and the user's own, described by a :class:`DataSpec`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from torchshrink.data.builtin import BUILTIN, digits, mnist1d, mnist5k
+from torchshrink.data.bundle import DatasetBundle, make_bundle
+from torchshrink.data.user import load_image_folder, load_npz
+
+__all__ = [
+    "DataSpec",
+    "DatasetBundle",
+    "load_data",
+    "make_bundle",
+    "mnist5k",
+    "digits",
+    "mnist1d",
+    "load_npz",
+    "load_image_folder",
+]
+
+
+class DataSpec(BaseModel, extra="forbid"):
+    """Where the data comes from: exactly one of ``name`` (built-in), ``npz`` or ``folder``."""
+
+    name: Literal["mnist5k", "digits", "mnist1d"] | None = None
+    npz: Path | None = None
+    folder: Path | None = None
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="held-out share when the data has no test split"
+    )
+    image_size: tuple[int, int] | None = Field(None, description="folder images are resized to [H, W]")
+    grayscale: bool | None = Field(None, description="folder images: force 1 channel (true) or RGB (false)")
+    split_seed: int = 0
+    train_limit: int | None = Field(None, gt=0, description="use only this many training samples")
+    test_limit: int | None = Field(None, gt=0, description="use only this many test samples")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [k for k in ("name", "npz", "folder") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of 'name' ({', '.join(BUILTIN)}), 'npz' (path) or 'folder' (path); got {given or 'none'}"
+            )
+        return self
+
+
+def load_data(spec: DataSpec | dict | str) -> DatasetBundle:
+    """Load a dataset from a spec, a dict, a built-in name, or a path to an ``.npz`` file or folder."""
+    if isinstance(spec, str):
+        if spec in BUILTIN:
+            spec = DataSpec(name=spec)
+        elif Path(spec).is_dir():
+            spec = DataSpec(folder=Path(spec))
+        else:
+            spec = DataSpec(npz=Path(spec))
+    elif isinstance(spec, dict):
+        spec = DataSpec.model_validate(spec)
+    if spec.name is not None:
+        bundle = BUILTIN[spec.name](seed=spec.split_seed)
+    elif spec.npz is not None:
+        bundle = load_npz(spec.npz, test_fraction=spec.test_fraction, seed=spec.split_seed)
+    else:
+        assert spec.folder is not None
+        bundle = load_image_folder(
+            spec.folder,
+            spec.image_size,
+            spec.grayscale,
+            test_fraction=spec.test_fraction,
+            seed=spec.split_seed,
+        )
+    if spec.train_limit or spec.test_limit:
+        bundle = DatasetBundle(
+            name=bundle.name,
+            train=bundle.subset("train", spec.train_limit or len(bundle.train), spec.split_seed),
+            test=bundle.subset("test", spec.test_limit or len(bundle.test), spec.split_seed),
+            num_classes=bundle.num_classes,
+        )
+    return bundle

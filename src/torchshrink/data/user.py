@@ -1,0 +1,107 @@
+"""The user's own data: an ``.npz`` file, or a folder of images with one sub-folder per class."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from torchshrink.data.bundle import DatasetBundle, make_bundle
+from torchshrink.errors import CorruptFileError, DataError, MissingFileError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def _to_channels_first(x: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """Scale integer pixels to [0, 1] and give images a channel axis (N,H,W -> N,1,H,W; NHWC -> NCHW)."""
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    if x.ndim < 2:
+        raise DataError(f"{path}: key {key!r} must have a sample axis and features, got shape {x.shape}")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = np.transpose(x, (0, 3, 1, 2))
+    return x.astype(np.float32)
+
+
+def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> DatasetBundle:
+    """Load ``x`` and ``y`` (and optionally ``x_test``, ``y_test``) from an ``.npz`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "npz data file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise CorruptFileError(path, f"not a readable .npz archive: {exc}") from exc
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DataError(
+            f"{path}: missing key(s) {missing}; an npz dataset needs 'x' (inputs) and 'y' (integer labels), "
+            f"optionally 'x_test' and 'y_test'; found {sorted(arrays)}"
+        )
+    x = _to_channels_first(arrays["x"], path, "x")
+    x_test = _to_channels_first(arrays["x_test"], path, "x_test") if "x_test" in arrays else None
+    return make_bundle(
+        path.stem, x, arrays["y"], x_test, arrays.get("y_test"), test_fraction=test_fraction, seed=seed
+    )
+
+
+def load_image_folder(
+    path: str | Path,
+    image_size: tuple[int, int] | None = None,
+    grayscale: bool | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> DatasetBundle:
+    """Load ``path/<class>/<image>`` files; classes are the sorted sub-folder names.
+
+    ``grayscale=None`` keeps one channel when every image is single-channel, else uses RGB.
+    Without ``image_size`` every image must have the same size.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise MissingFileError(root, "image folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        raise DataError(f"{root}: needs one sub-folder per class (at least 2), found {classes or 'none'}")
+    files: list[tuple[Path, int]] = []
+    for label, cls in enumerate(classes):
+        found = sorted(f for f in (root / cls).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise DataError(f"{root / cls}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files.extend((f, label) for f in found)
+    images = []
+    for file, _ in files:
+        try:
+            with Image.open(file) as img:
+                img.load()
+                images.append(img.copy())
+        except (UnidentifiedImageError, OSError) as exc:
+            raise CorruptFileError(file, f"not a readable image: {exc}") from exc
+    if grayscale is None:
+        grayscale = all(img.mode in ("L", "1", "I;16", "I") for img in images)
+    mode = "L" if grayscale else "RGB"
+    arrays = []
+    expected = image_size
+    for (file, _), img in zip(files, images, strict=True):
+        img = img.convert(mode)
+        if image_size is not None:
+            img = img.resize((image_size[1], image_size[0]))
+        size = (img.height, img.width)
+        if expected is None:
+            expected = size
+        elif size != tuple(expected):
+            raise DataError(
+                f"{file}: image is {size[0]}x{size[1]} but earlier images are {expected[0]}x{expected[1]}; "
+                "set data.image_size: [H, W] to resize them all"
+            )
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arrays.append(arr[None] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1)))
+    x = np.stack(arrays)
+    y = np.array([label for _, label in files], dtype=np.int64)
+    return make_bundle(root.name, x, y, test_fraction=test_fraction, seed=seed)

@@ -1,0 +1,155 @@
+"""Safe loading and atomic saving of files.
+
+Writing: everything goes to a temporary name in the destination folder and is renamed into
+place only when complete, so an interrupted run never leaves a half-written file behind.
+Reading: weights come from safetensors or from ``torch.load(weights_only=True)``; nothing that
+could execute code is loaded unless the caller says it trusts the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as _load_safetensors
+from safetensors.torch import save_file as _save_safetensors
+
+from torchshrink.errors import CorruptFileError, MissingFileError, UntrustedPickleError
+
+__all__ = [
+    "atomic_path",
+    "write_text_atomic",
+    "write_json_atomic",
+    "save_tensors",
+    "load_tensors",
+    "read_safetensors_metadata",
+    "load_state_dict_file",
+    "file_kind",
+]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, obj: object) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def save_tensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Save tensors as safetensors (atomically). Shared storage is copied so any state_dict works."""
+    plain = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        _save_safetensors(plain, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, naming the path when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "safetensors file")
+    try:
+        return _load_safetensors(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(
+            path, f"not a readable safetensors file: {exc}", "re-create or re-download it"
+        ) from exc
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """Read only the JSON header's ``__metadata__`` of a safetensors file (no tensor data)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "safetensors file")
+    with path.open("rb") as fh:
+        raw_len = fh.read(8)
+        if len(raw_len) != 8:
+            raise CorruptFileError(path, "file too short to be safetensors")
+        header_len = int.from_bytes(raw_len, "little")
+        if header_len <= 0 or header_len > 100_000_000 or header_len > path.stat().st_size - 8:
+            raise CorruptFileError(path, f"invalid safetensors header length {header_len}")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptFileError(path, f"safetensors header is not valid JSON: {exc}") from exc
+    return dict(header.get("__metadata__") or {})
+
+
+def file_kind(path: str | Path) -> str:
+    """Guess what a model file is from its content: safetensors, onnx, torchscript, torch or unknown."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "model file")
+    if path.suffix == ".onnx":
+        return "onnx"
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        return "torch"
+    if path.suffix in {".pt", ".pth", ".bin", ".ckpt"}:
+        return "torch"
+    return "unknown"
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a state_dict from safetensors or a ``torch.save`` file, never executing code.
+
+    A file that holds a whole pickled module (not a state_dict) is refused with
+    :class:`UntrustedPickleError`; load it through ``load_model(..., trust_pickle=True)`` instead.
+    """
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "safetensors":
+        return load_tensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UntrustedPickleError(
+            f"{path}: holds pickled Python objects (for example a whole nn.Module), and loading them can "
+            "execute code. If you trust this file, pass --trust-pickle (recipe: model.trust_pickle: true); "
+            "better, save model.state_dict() with safetensors and load it with a factory."
+        ) from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        raise CorruptFileError(path, f"not a readable torch file: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CorruptFileError(path, "does not hold a state_dict (a mapping of names to tensors)")
+    return obj

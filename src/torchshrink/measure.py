@@ -1,0 +1,154 @@
+"""The single source of numbers: accuracy, parameters, non-zeros, MACs, artefact size and latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+from torch.utils.data import TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchshrink.errors import ShapeMismatchError
+
+METRIC_NAMES = (
+    "accuracy",
+    "params",
+    "nonzero_params",
+    "macs",
+    "size_bytes",
+    "latency_ms_b1",
+    "latency_ms_b32",
+)
+
+__all__ = [
+    "METRIC_NAMES",
+    "accuracy",
+    "count_params",
+    "count_macs",
+    "serialized_size",
+    "latency_ms",
+    "measure",
+    "check_model_fits",
+]
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) -> float:
+    """Top-1 accuracy (0-1) of ``model`` on ``dataset`` (inputs, integer labels), in eval mode."""
+    was_training = model.training
+    model.eval()
+    x, y = dataset.tensors[0], dataset.tensors[1]
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start : start + batch_size])
+        correct += int((logits.argmax(dim=1) == y[start : start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(len(x), 1)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters); shared parameters count once."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in params), sum(int(torch.count_nonzero(p)) for p in params)
+
+
+@torch.inference_mode()
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass on one sample (FLOPs / 2, by torch.utils.flop_counter)."""
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def serialized_size(model: nn.Module) -> int:
+    """Bytes of the model's weights as a safetensors file (what a float model ships as)."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    return len(safetensors_bytes(state))
+
+
+@torch.inference_mode()
+def latency_ms(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    repeats: int = 30,
+    warmup: int = 5,
+    threads: int = 2,
+) -> float:
+    """Median wall-clock milliseconds of one forward pass, after warm-up, with a fixed thread count."""
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
+    times = []
+    with _threads(threads):
+        for _ in range(warmup):
+            model(x)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - start) * 1000.0)
+    model.train(was_training)
+    return statistics.median(times)
+
+
+def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, source: str) -> None:
+    """Run one zero sample through the model; name both shapes when model and data disagree."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(1, *input_shape))
+    except RuntimeError as exc:
+        raise ShapeMismatchError(
+            f"{source}: the model cannot take inputs of shape {tuple(input_shape)} (per sample): {exc}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise ShapeMismatchError(
+            f"{source}: the model outputs shape {tuple(out.shape)} per batch of 1 but the data has "
+            f"{num_classes} classes (expected (1, {num_classes})); set the model's num_classes"
+        )
+
+
+def measure(
+    model: nn.Module,
+    test: TensorDataset,
+    *,
+    artefact: str | Path | None = None,
+    latency_repeats: int = 30,
+    threads: int = 2,
+) -> dict[str, float | int]:
+    """All metrics of ``model``: accuracy on ``test``, size (the ``artefact`` file if given), MACs, latency."""
+    input_shape = tuple(test.tensors[0].shape[1:])
+    params, nonzero = count_params(model)
+    size = Path(artefact).stat().st_size if artefact is not None else serialized_size(model)
+    return {
+        "accuracy": accuracy(model, test),
+        "params": params,
+        "nonzero_params": nonzero,
+        "macs": count_macs(model, input_shape),
+        "size_bytes": size,
+        "latency_ms_b1": latency_ms(model, input_shape, 1, repeats=latency_repeats, threads=threads),
+        "latency_ms_b32": latency_ms(model, input_shape, 32, repeats=latency_repeats, threads=threads),
+    }

@@ -1,0 +1,207 @@
+"""The one way to obtain a model: from the zoo, a user factory, or a file; and to save one.
+
+A torchshrink model file is a safetensors file whose metadata carries the architecture reference
+(a zoo name or factory plus its keyword arguments) and the input shape, so it loads back without
+executing any code from the file. TorchScript files load as they are. A whole pickled module is
+loaded only when the caller passes ``trust_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, model_validator
+from torch import nn
+
+from torchshrink import zoo
+from torchshrink.errors import ModelLoadError, ShapeMismatchError, UntrustedPickleError
+from torchshrink.io import file_kind, load_state_dict_file, read_safetensors_metadata, save_tensors
+
+MODEL_FORMAT = "torchshrink-model"
+MODEL_FORMAT_VERSION = 1
+
+__all__ = ["ModelSpec", "LoadedModel", "open_model", "load_model", "save_model", "load_weights_into"]
+
+
+class ModelSpec(BaseModel, extra="forbid"):
+    """Where a model comes from: exactly one of ``zoo``, ``factory`` ("pkg.mod:fn") or ``path``.
+
+    ``weights`` (safetensors or a torch state_dict) may follow a zoo or factory model.
+    ``path`` is a torchshrink model file, a TorchScript file, or (with ``trust_pickle``) a pickled module.
+    """
+
+    zoo: str | None = None
+    factory: str | None = None
+    path: Path | None = None
+    weights: Path | None = None
+    kwargs: dict[str, Any] = {}
+    trust_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("zoo", "factory", "path") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of 'zoo' ({', '.join(sorted(zoo.ZOO))}), 'factory' ('pkg.module:function') "
+                f"or 'path' (model file); got {given or 'none'}"
+            )
+        if self.zoo is not None and self.zoo not in zoo.ZOO:
+            raise ValueError(f"unknown zoo model {self.zoo!r}; known: {', '.join(sorted(zoo.ZOO))}")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory must look like 'package.module:function', got {self.factory!r}")
+        if self.path is not None and self.weights is not None:
+            raise ValueError(
+                "'weights' goes with 'zoo' or 'factory'; a 'path' model file carries its own weights"
+            )
+        return self
+
+
+@dataclass
+class LoadedModel:
+    """A model plus the JSON architecture reference that rebuilds it (None if it cannot be rebuilt)."""
+
+    module: nn.Module
+    architecture: dict[str, Any] | None
+    input_shape: tuple[int, ...] | None = None
+
+
+def _call_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
+    module_name, _, attr = ref.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(
+            f"factory {ref!r}: cannot import {attr!r} from module {module_name!r}: {exc}"
+        ) from exc
+    try:
+        model = fn(**kwargs)
+    except TypeError as exc:
+        raise ModelLoadError(f"factory {ref!r} rejected arguments {kwargs}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"factory {ref!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_architecture(architecture: dict[str, Any]) -> nn.Module:
+    """Build an untrained module from an architecture reference ({"zoo"|"factory": ..., "kwargs": {...}})."""
+    kwargs = dict(architecture.get("kwargs") or {})
+    if "zoo" in architecture:
+        return zoo.build(architecture["zoo"], **kwargs)
+    if "factory" in architecture:
+        return _call_factory(architecture["factory"], kwargs)
+    raise ModelLoadError(f"architecture reference {architecture} names neither 'zoo' nor 'factory'")
+
+
+def load_weights_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Load a state_dict strictly, naming missing/unexpected keys and mismatched shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{source}: weights do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in state_dict.items():
+        if own[name].shape != tensor.shape:
+            raise ShapeMismatchError(
+                f"{source}: layer {name!r} has shape {tuple(own[name].shape)} in the model "
+                f"but {tuple(tensor.shape)} in the weights"
+            )
+    model.load_state_dict(state_dict)
+    return model
+
+
+def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
+    kind = file_kind(path)
+    if kind == "safetensors":
+        meta = read_safetensors_metadata(path)
+        if meta.get("format") != MODEL_FORMAT:
+            raise ModelLoadError(
+                f"{path}: plain safetensors weights carry no architecture; use "
+                "{zoo: NAME, weights: FILE} or {factory: 'pkg.mod:fn', weights: FILE}"
+            )
+        if "architecture" not in meta:
+            raise ModelLoadError(
+                f"{path}: holds weights only (its model had no architecture reference); load it as "
+                "{factory: 'pkg.mod:fn', weights: FILE}"
+            )
+        architecture = json.loads(meta["architecture"])
+        if "zoo" not in architecture:
+            raise ModelLoadError(
+                f"{path}: was built by factory {architecture.get('factory')!r}; a file may not name code to run, "
+                f"so load it as {{factory: {architecture.get('factory')!r}, weights: {str(path)!r}}}"
+            )
+        model = build_architecture(architecture)
+        load_weights_into(model, load_state_dict_file(path), str(path))
+        shape = tuple(json.loads(meta["input_shape"])) if meta.get("input_shape") else None
+        return LoadedModel(model, architecture, shape)
+    if kind == "torchscript":
+        return LoadedModel(torch.jit.load(str(path), map_location="cpu"), None)
+    if kind == "onnx":
+        raise ModelLoadError(
+            f"{path}: ONNX files run on ONNX Runtime, not as a torch module; use 'torchshrink eval'"
+        )
+    if not trust_pickle:
+        try:
+            load_state_dict_file(path)
+        except UntrustedPickleError:
+            raise
+        raise ModelLoadError(
+            f"{path}: holds a state_dict without an architecture; load it as {{zoo: NAME, weights: FILE}} "
+            "or {factory: 'pkg.mod:fn', weights: FILE}"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ModuleNotFoundError) as exc:
+        raise ModelLoadError(f"{path}: cannot unpickle the module: {exc}") from exc
+    if not isinstance(obj, nn.Module):
+        raise ModelLoadError(f"{path}: pickled object is a {type(obj).__name__}, not a torch.nn.Module")
+    return LoadedModel(obj, None)
+
+
+def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
+    """Build or load a model from a spec, a dict, a zoo name, or a path to a model file."""
+    if isinstance(spec, Path):
+        spec = ModelSpec(path=spec)
+    elif isinstance(spec, str):
+        spec = ModelSpec(zoo=spec) if spec in zoo.ZOO else ModelSpec(path=Path(spec))
+    elif isinstance(spec, dict):
+        spec = ModelSpec.model_validate(spec)
+    if spec.path is not None:
+        return _open_file(spec.path, spec.trust_pickle)
+    architecture: dict[str, Any] = {"zoo": spec.zoo} if spec.zoo else {"factory": spec.factory}
+    architecture["kwargs"] = dict(spec.kwargs)
+    model = build_architecture(architecture)
+    if spec.weights is not None:
+        load_weights_into(model, load_state_dict_file(spec.weights), str(spec.weights))
+    return LoadedModel(model, architecture)
+
+
+def load_model(spec: ModelSpec | dict | str | Path) -> nn.Module:
+    """Return the ``nn.Module`` described by ``spec`` (see :class:`ModelSpec`)."""
+    return open_model(spec).module
+
+
+def save_model(
+    path: str | Path,
+    model: nn.Module,
+    architecture: dict[str, Any] | None,
+    input_shape: tuple[int, ...] | None = None,
+) -> Path:
+    """Save a model as a torchshrink model file (safetensors + architecture metadata), atomically.
+
+    Without an architecture reference only the weights can be saved; the metadata says so.
+    """
+    meta = {"format": MODEL_FORMAT, "version": str(MODEL_FORMAT_VERSION)}
+    if architecture is not None:
+        meta["architecture"] = json.dumps(architecture, sort_keys=True)
+    if input_shape is not None:
+        meta["input_shape"] = json.dumps(list(input_shape))
+    return save_tensors(path, model.state_dict(), meta)

@@ -1,0 +1,1 @@
+"""Parallel execution: data-parallel training under torchrun (``ddp``)."""

@@ -1,0 +1,206 @@
+"""The pipeline: runs a recipe's stages in order, measures after each, checkpoints between them
+(``resume`` skips finished stages) and writes the model and the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from torchshrink import __version__
+from torchshrink.data import load_data
+from torchshrink.errors import TorchshrinkError
+from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors
+from torchshrink.measure import check_model_fits, measure
+from torchshrink.models import build_architecture, load_weights_into, open_model, save_model
+from torchshrink.parallel import ddp
+from torchshrink.recipe import Recipe, load_recipe, parse_recipe
+from torchshrink.registry import get_stage
+from torchshrink.report import Report, write_report
+from torchshrink.seeding import seed_everything
+from torchshrink.state import ModelState, RunContext
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = ".checkpoints"
+WORK_DIR = ".work"
+MODEL_FILE = "model.safetensors"
+
+__all__ = ["run", "MODEL_FILE"]
+
+
+def _checkpoint_path(out_dir: Path, index: int, name: str) -> Path:
+    return out_dir / CHECKPOINT_DIR / f"stage-{index:02d}-{name}.safetensors"
+
+
+def _save_stage(path: Path, state: ModelState, record: dict[str, Any], fingerprint: str) -> None:
+    meta = {
+        "fingerprint": fingerprint,
+        "record": json.dumps(record, default=str),
+        "architecture": json.dumps(state.architecture),
+        "state": json.dumps(
+            {
+                "artefact": str(state.artefact) if state.artefact else None,
+                "attachments": state.attachments,
+                "lineage": list(state.lineage),
+            },
+            default=str,
+        ),
+    }
+    save_tensors(path, state.model.state_dict(), meta)
+
+
+def _load_stage(path: Path, current: ModelState) -> tuple[ModelState, dict[str, Any]]:
+    meta = read_safetensors_metadata(path)
+    architecture = json.loads(meta["architecture"])
+    model = build_architecture(architecture) if architecture else current.model
+    load_weights_into(model, load_tensors(path), str(path))
+    model.eval()
+    saved = json.loads(meta["state"])
+    state = ModelState(
+        model=model,
+        architecture=architecture,
+        artefact=Path(saved["artefact"]) if saved["artefact"] else None,
+        attachments=saved["attachments"],
+        lineage=tuple(saved["lineage"]),
+    )
+    return state, json.loads(meta["record"])
+
+
+def _resumable_prefix(recipe: Recipe, out_dir: Path) -> int:
+    """How many leading stages have a checkpoint written by this very recipe prefix."""
+    done = 0
+    for i, spec in enumerate(recipe.stages):
+        path = _checkpoint_path(out_dir, i, spec.name)
+        if not path.is_file():
+            break
+        try:
+            if read_safetensors_metadata(path).get("fingerprint") != recipe.fingerprint(i):
+                break
+        except TorchshrinkError:
+            break
+        done = i + 1
+    return done
+
+
+def run(
+    recipe: Recipe | dict | str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+) -> Report:
+    """Run ``recipe`` and write ``out_dir``/{model.safetensors, report.json, report.md, pareto.png}.
+
+    With ``resume``, stages whose checkpoint matches the recipe are loaded instead of re-run, and an
+    interrupted training stage continues from its last training checkpoint.
+    """
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    elif isinstance(recipe, dict):
+        recipe = parse_recipe(recipe)
+    out_dir = Path(out_dir)
+    info = ddp.init_from_env()
+    if info.is_main:
+        if not resume:
+            for stale in (CHECKPOINT_DIR, WORK_DIR):
+                shutil.rmtree(out_dir / stale, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ddp.barrier()
+    started = time.perf_counter()
+    seed_everything(recipe.seed)
+    data = load_data(recipe.data)
+    loaded = open_model(recipe.model)
+    check_model_fits(
+        loaded.module,
+        data.input_shape,
+        data.num_classes,
+        source=f"model {recipe.model.model_dump(exclude_defaults=True)} on data {data.name}",
+    )
+    state = ModelState(model=loaded.module.eval(), architecture=loaded.architecture)
+
+    def measure_state(s: ModelState) -> dict[str, float | int]:
+        return measure(
+            s.model,
+            data.test,
+            artefact=s.artefact,
+            latency_repeats=recipe.measure.latency_repeats,
+            threads=recipe.measure.threads,
+        )
+
+    entries = [get_stage(spec.kind) for spec in recipe.stages]
+    baseline: dict[str, float | int] | None = None
+    if entries[0].role != "reference":
+        baseline = measure_state(state)
+    baseline_open = True
+    artefacts: dict[str, str] = {}
+    records: list[dict[str, Any]] = []
+    skip = _resumable_prefix(recipe, out_dir) if resume else 0
+    if skip:
+        last = recipe.stages[skip - 1]
+        state, _ = _load_stage(_checkpoint_path(out_dir, skip - 1, last.name), state)
+        log.info("resuming: %d finished stage(s) loaded from %s", skip, out_dir / CHECKPOINT_DIR)
+
+    for i, (spec, entry) in enumerate(zip(recipe.stages, entries, strict=True)):
+        path = _checkpoint_path(out_dir, i, spec.name)
+        if i < skip:
+            record = json.loads(read_safetensors_metadata(path)["record"])
+            record["resumed"] = True
+            artefacts.update(record.get("artefacts", {}))
+        else:
+            ctx = RunContext(
+                data=data,
+                out_dir=out_dir,
+                seed=recipe.seed + i + 1,
+                stage_index=i,
+                stage_name=spec.name,
+                fingerprint=recipe.fingerprint(i),
+                dist=info,
+            )
+            log.info("stage %d/%d: %s", i + 1, len(recipe.stages), spec.name)
+            seed_everything(ctx.seed)
+            t0 = time.perf_counter()
+            state = entry.handler(state, spec.config, ctx)
+            seconds = time.perf_counter() - t0
+            record = {
+                "name": spec.name,
+                "kind": spec.kind,
+                "seconds": round(seconds, 3),
+                "metrics": measure_state(state),
+                "details": ctx.details,
+                "artefacts": ctx.artefacts,
+            }
+            artefacts.update(ctx.artefacts)
+            if info.is_main:
+                _save_stage(path, state, record, recipe.fingerprint(i))
+        records.append(record)
+        if entry.role == "reference" and baseline_open:
+            baseline = record["metrics"]
+        elif entry.role == "transform":
+            baseline_open = False
+
+    final = records[-1]["metrics"]
+    assert baseline is not None
+    if info.is_main:
+        save_model(out_dir / MODEL_FILE, state.model, state.architecture, data.input_shape)
+    artefacts = {"model": MODEL_FILE, **artefacts}
+    report = Report(
+        torchshrink_version=__version__,
+        recipe=recipe.to_dict(),
+        seed=recipe.seed,
+        baseline=baseline,
+        stages=[
+            {k: r[k] for k in ("name", "kind", "seconds", "metrics", "details")}
+            | {"resumed": r.get("resumed", False)}
+            for r in records
+        ],
+        final=final,
+        artefacts=artefacts,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    if info.is_main:
+        write_report(report, out_dir)
+    ddp.barrier()
+    return report

@@ -1,0 +1,204 @@
+"""Recipes: YAML (or a dict) describing model, data and an ordered list of stages, validated with
+pydantic. Every error names the key path, the value found and what is allowed.
+
+```yaml
+seed: 0
+model: {zoo: lenet5}
+data: {name: mnist5k}
+stages:
+  - train: {epochs: 10, lr: 0.001}
+  - export: {format: onnx}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from torchshrink.data import DataSpec
+from torchshrink.errors import MissingFileError, RecipeError, UnknownStageError
+from torchshrink.models import ModelSpec
+from torchshrink.registry import get_stage
+
+__all__ = ["Recipe", "StageSpec", "MeasureSettings", "load_recipe", "parse_recipe"]
+
+
+class MeasureSettings(BaseModel, extra="forbid"):
+    """How the pipeline measures each stage."""
+
+    latency_repeats: int = Field(30, ge=3, description="timed forward passes per latency number (median)")
+    threads: int = Field(2, ge=1, description="torch threads while timing")
+
+
+class _RecipeHead(BaseModel, extra="forbid"):
+    name: str = "recipe"
+    seed: int = 0
+    model: ModelSpec
+    data: DataSpec
+    measure: MeasureSettings = MeasureSettings()
+    stages: list[Any]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One validated stage: its kind, a unique name within the recipe, and its config."""
+
+    kind: str
+    name: str
+    config: BaseModel
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.kind: self.config.model_dump(mode="json")}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. Build it with :func:`load_recipe` (YAML file) or :func:`parse_recipe` (dict)."""
+
+    name: str
+    seed: int
+    model: ModelSpec
+    data: DataSpec
+    measure: MeasureSettings
+    stages: tuple[StageSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain JSON-able data, with every default filled in."""
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "model": self.model.model_dump(mode="json", exclude_defaults=True),
+            "data": self.data.model_dump(mode="json", exclude_defaults=True),
+            "measure": self.measure.model_dump(mode="json"),
+            "stages": [s.to_dict() for s in self.stages],
+        }
+
+    def fingerprint(self, upto: int) -> str:
+        """A hash of everything that determines the state after stage ``upto`` (for resume)."""
+        full = self.to_dict()
+        key = {k: full[k] for k in ("seed", "model", "data")} | {"stages": full["stages"][: upto + 1]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        return load_recipe(path)
+
+
+def _join(prefix: str, loc: tuple[Any, ...]) -> str:
+    out = prefix
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _model_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that the key path ``loc`` points into (for listing allowed keys)."""
+    current: Any = model_cls
+    for part in loc:
+        if (
+            not (isinstance(current, type) and issubclass(current, BaseModel))
+            or part not in current.model_fields
+        ):
+            return None
+        annotation = current.model_fields[part].annotation
+        candidates = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _explain(exc: ValidationError, prefix: str, model_cls: type[BaseModel], source: str) -> RecipeError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = _join(prefix, loc)
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model_cls, loc[:-1])
+            allowed = ", ".join(owner.model_fields) if owner else "see the docs"
+            lines.append(f"{where}: unknown key; allowed keys here: {allowed}")
+        elif err["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+        else:
+            value = err.get("input")
+            shown = repr(value) if not isinstance(value, dict) or len(repr(value)) < 80 else "{...}"
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where} = {shown}: {message}")
+    return RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines))
+
+
+def _resolve(path: Path | None, base: Path | None) -> Path | None:
+    if path is None or base is None or path.is_absolute():
+        return path
+    return base / path
+
+
+def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe given as a dict; relative file paths are taken from ``base_dir``."""
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{source}: a recipe must be a mapping with keys model, data, stages; got {type(data).__name__}"
+        )
+    try:
+        head = _RecipeHead.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, "", _RecipeHead, source) from None
+    if not head.stages:
+        raise RecipeError(
+            f"{source}: stages: the list is empty; add at least one stage such as '- evaluate: {{}}'"
+        )
+    specs: list[StageSpec] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(head.stages):
+        where = f"stages[{i}]"
+        if not isinstance(item, dict) or len(item) != 1:
+            raise RecipeError(
+                f"{source}: {where} = {item!r}: each stage must be a one-key mapping such as '- train: {{epochs: 5}}'"
+            )
+        kind, options = next(iter(item.items()))
+        try:
+            entry = get_stage(str(kind))
+        except UnknownStageError as exc:
+            raise UnknownStageError(f"{source}: {where}: {exc}") from None
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise RecipeError(
+                f"{source}: {where}.{kind} = {options!r}: stage options must be a mapping, e.g. {{}}"
+            )
+        try:
+            config = entry.config.model_validate(options)
+        except ValidationError as exc:
+            raise _explain(exc, f"{where}.{kind}", entry.config, source) from None
+        seen[kind] = seen.get(kind, 0) + 1
+        name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
+        specs.append(StageSpec(kind=kind, name=name, config=config))
+    model = head.model.model_copy(
+        update={
+            "path": _resolve(head.model.path, base_dir),
+            "weights": _resolve(head.model.weights, base_dir),
+        }
+    )
+    data_spec = head.data.model_copy(
+        update={"npz": _resolve(head.data.npz, base_dir), "folder": _resolve(head.data.folder, base_dir)}
+    )
+    return Recipe(head.name, head.seed, model, data_spec, head.measure, tuple(specs))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file; errors name the file and the key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "recipe file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    return parse_recipe(data, source=str(path), base_dir=path.parent)

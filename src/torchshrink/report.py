@@ -1,0 +1,165 @@
+"""The run report: ``report.json`` (all numbers), ``report.md`` (a table with ratios to the baseline)
+and ``pareto.png`` (accuracy against size and against latency, one point per stage)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torchshrink.errors import CorruptFileError, MissingFileError
+from torchshrink.io import atomic_path, write_json_atomic, write_text_atomic
+
+Metrics = dict[str, Any]
+REPORT_FILES = {"report_json": "report.json", "report_md": "report.md", "pareto_png": "pareto.png"}
+
+__all__ = ["Report", "write_report", "read_report", "format_table", "REPORT_FILES"]
+
+
+@dataclass
+class Report:
+    """Everything a run measured; ``baseline`` is the reference every ratio is taken against."""
+
+    torchshrink_version: str
+    recipe: dict[str, Any]
+    seed: int
+    baseline: Metrics
+    stages: list[dict[str, Any]]
+    final: Metrics
+    artefacts: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _ratio(base: float, value: float) -> str:
+    return f"{base / value:.2f}x" if value else "-"
+
+
+def format_table(report: Report) -> str:
+    """A Markdown table: one row for the baseline and one per stage, with ratios to the baseline."""
+    base = report.baseline
+    header = (
+        "| stage | kind | accuracy | Δ acc (pts) | size | smaller | params | non-zero | MACs | fewer MACs "
+        "| latency b1 (ms) | latency b32 (ms) | faster b32 | seconds |"
+    )
+    rule = "|" + "---|" * 14
+    rows = [header, rule]
+
+    def row(name: str, kind: str, m: Metrics, seconds: str) -> str:
+        delta = (m["accuracy"] - base["accuracy"]) * 100
+        return (
+            f"| {name} | {kind} | {m['accuracy'] * 100:.2f}% | {delta:+.2f} | {_bytes(m['size_bytes'])} "
+            f"| {_ratio(base['size_bytes'], m['size_bytes'])} | {m['params']:,} | {m['nonzero_params']:,} "
+            f"| {m['macs']:,} | {_ratio(base['macs'], m['macs'])} | {m['latency_ms_b1']:.3f} "
+            f"| {m['latency_ms_b32']:.3f} | {_ratio(base['latency_ms_b32'], m['latency_ms_b32'])} | {seconds} |"
+        )
+
+    rows.append(row("**baseline**", "-", base, "-"))
+    for stage in report.stages:
+        seconds = "resumed" if stage.get("resumed") else f"{stage['seconds']:.1f}"
+        rows.append(row(stage["name"], stage["kind"], stage["metrics"], seconds))
+    return "\n".join(rows)
+
+
+def _markdown(report: Report) -> str:
+    final, base = report.final, report.baseline
+    lines = [
+        f"# torchshrink report: {report.recipe.get('name', 'recipe')}",
+        "",
+        f"torchshrink {report.torchshrink_version}, seed {report.seed}, {report.seconds:.1f} s in all.",
+        "",
+        f"Final model: accuracy {final['accuracy'] * 100:.2f}% ({(final['accuracy'] - base['accuracy']) * 100:+.2f} "
+        f"points vs baseline), {_bytes(final['size_bytes'])} ({_ratio(base['size_bytes'], final['size_bytes'])} smaller), "
+        f"batch-32 latency {final['latency_ms_b32']:.3f} ms ({_ratio(base['latency_ms_b32'], final['latency_ms_b32'])} faster).",
+        "",
+        format_table(report),
+        "",
+        "Baseline: the model as loaded, or the trained model as it enters the first compressing stage.",
+        "Latency: median over repeats after warm-up, fixed thread count; size: the file a user would ship.",
+        "",
+        "## Artefacts",
+        "",
+        *[f"- {name}: `{file}`" for name, file in report.artefacts.items()],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten on both axes (smaller x, higher y), sorted by x."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    named = [("baseline", report.baseline)] + [(s["name"], s["metrics"]) for s in report.stages]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in (
+        (axes[0], "size_bytes", "size of the shipped file (kB, log)"),
+        (axes[1], "latency_ms_b32", "latency, batch 32 (ms, log)"),
+    ):
+        xs = [m[key] / (1000 if key == "size_bytes" else 1) for _, m in named]
+        ys = [m["accuracy"] * 100 for _, m in named]
+        ax.scatter(xs, ys, color="tab:blue", zorder=3)
+        ax.scatter(xs[:1], ys[:1], color="tab:red", zorder=4, label="baseline")
+        for (name, _), x, y in zip(named, xs, ys, strict=True):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        front = _pareto_front(list(zip(xs, ys, strict=True)))
+        ax.plot(
+            [p[0] for p in front],
+            [p[1] for p in front],
+            color="tab:green",
+            linestyle="--",
+            label="Pareto front",
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"torchshrink: {report.recipe.get('name', 'recipe')}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and pareto.png into ``out_dir`` (each atomically)."""
+    out_dir = Path(out_dir)
+    report.artefacts.update(REPORT_FILES)
+    paths = {key: out_dir / name for key, name in REPORT_FILES.items()}
+    _plot(report, paths["pareto_png"])
+    write_text_atomic(paths["report_md"], _markdown(report))
+    write_json_atomic(paths["report_json"], report.to_dict())
+    return paths
+
+
+def read_report(path: str | Path) -> Report:
+    """Load a report.json back (for ``torchshrink inspect``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "report")
+    try:
+        return Report(**json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CorruptFileError(path, f"not a torchshrink report.json: {exc}") from exc

@@ -1,0 +1,37 @@
+"""Stage ``evaluate``: per-class accuracy and the confusion matrix, recorded in the report."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel
+
+from torchshrink.registry import register_stage
+from torchshrink.state import ModelState, RunContext
+
+
+class EvaluateConfig(BaseModel, extra="forbid"):
+    """Options of the ``evaluate`` stage."""
+
+    split: Literal["test", "train"] = "test"
+
+
+@register_stage("evaluate", EvaluateConfig, role="observe")
+def evaluate_stage(state: ModelState, cfg: EvaluateConfig, ctx: RunContext) -> ModelState:
+    """Record the confusion matrix and per-class accuracy of the current model on ``split``."""
+    dataset = ctx.data.test if cfg.split == "test" else ctx.data.train
+    x, y = dataset.tensors[0], dataset.tensors[1]
+    n = ctx.data.num_classes
+    state.model.eval()
+    with torch.inference_mode():
+        pred = torch.cat([state.model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    confusion = torch.bincount(y * n + pred, minlength=n * n).reshape(n, n)
+    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+    ctx.details.update(
+        split=cfg.split,
+        accuracy=float(confusion.diag().sum()) / max(len(y), 1),
+        per_class_accuracy=[round(float(a), 4) for a in per_class],
+        confusion=confusion.tolist(),
+    )
+    return state.replace(lineage=(*state.lineage, ctx.stage_name))

@@ -1,0 +1,76 @@
+"""Stages ``train`` (produces the reference model) and ``finetune`` (recovers accuracy after a change).
+
+Both run the one training loop with the classification loss; they differ only in defaults and in
+their role for the report's baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from torchshrink.io import load_tensors, save_tensors
+from torchshrink.models import load_weights_into
+from torchshrink.parallel import ddp
+from torchshrink.registry import register_stage
+from torchshrink.state import ModelState, RunContext
+from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit
+
+
+class TrainStageConfig(BaseModel, extra="forbid"):
+    """Options of the ``train`` stage."""
+
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = Field(None, gt=0)
+    checkpoint_every: int = Field(200, ge=0, description="steps between training checkpoints (0: none)")
+    cache: bool = Field(False, description="reuse the result from the output folder's cache/ when present")
+
+
+class FinetuneStageConfig(TrainStageConfig):
+    """Options of the ``finetune`` stage: the same as ``train`` with shorter, gentler defaults."""
+
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(3e-4, gt=0)
+
+
+def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> ModelState:
+    """Train ``state.model`` on the training split with cross-entropy, or reuse a cached result."""
+    cache_file = ctx.cache_dir / f"{ctx.stage_name}-{ctx.fingerprint}.safetensors"
+    if cfg.cache and cache_file.is_file():
+        load_weights_into(state.model, load_tensors(cache_file), str(cache_file))
+        ctx.details["cached"] = str(cache_file.relative_to(ctx.out_dir))
+        return state.replace(artefact=None, lineage=(*state.lineage, ctx.stage_name))
+    train_cfg = TrainConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        optimizer=cfg.optimizer,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        schedule=cfg.schedule,
+        grad_clip=cfg.grad_clip,
+        checkpoint_every=cfg.checkpoint_every,
+        seed=ctx.seed,
+        desc=ctx.stage_name,
+    )
+    batches = DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed)
+    result = fit(state.model, batches, classification_loss, train_cfg, checkpoint_dir=ctx.work_dir)
+    ctx.details.update(
+        steps=result.steps,
+        samples_per_second=round(result.samples_per_second, 1),
+        final_loss=result.epoch_losses[-1] if result.epoch_losses else None,
+    )
+    if cfg.cache and ctx.dist.is_main:
+        save_tensors(cache_file, state.model.state_dict())
+    ddp.barrier()
+    return state.replace(artefact=None, lineage=(*state.lineage, ctx.stage_name))
+
+
+register_stage("train", TrainStageConfig, role="reference")(run_training)
+register_stage("finetune", FinetuneStageConfig, role="transform")(run_training)

@@ -1,0 +1,64 @@
+"""What travels through a pipeline (:class:`ModelState`) and what a stage may use (:class:`RunContext`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchshrink.data import DatasetBundle
+from torchshrink.parallel.ddp import DistInfo
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """The model between stages, plus what stages attach to it.
+
+    ``architecture`` rebuilds the module (None when it came from a file that cannot be rebuilt);
+    ``artefact`` is the file a user would ship for this state when a stage wrote one (its size is
+    what the report counts); ``attachments`` holds JSON-able facts later stages or the report need;
+    ``lineage`` lists the stages applied so far.
+    """
+
+    model: nn.Module
+    architecture: dict[str, Any] | None
+    artefact: Path | None = None
+    attachments: dict[str, Any] = field(default_factory=dict)
+    lineage: tuple[str, ...] = ()
+
+    def replace(self, **changes: Any) -> ModelState:
+        """A copy with some fields changed: stages return new states instead of mutating."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RunContext:
+    """What a stage may read or write while it runs: data, output folder, seed and its own work folder."""
+
+    data: DatasetBundle
+    out_dir: Path
+    seed: int
+    stage_index: int
+    stage_name: str
+    fingerprint: str = ""
+    dist: DistInfo = field(default_factory=DistInfo)
+    details: dict[str, Any] = field(default_factory=dict)
+    artefacts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def work_dir(self) -> Path:
+        """A folder private to this stage (training checkpoints live here, so resume finds them)."""
+        return self.out_dir / ".work" / f"{self.stage_index:02d}-{self.stage_name}"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Results worth reusing across runs into the same output folder (e.g. a trained teacher)."""
+        return self.out_dir / "cache"
+
+    def calibration(self, n: int = 256) -> torch.Tensor:
+        """Up to ``n`` training inputs, the same for the same seed."""
+        return self.data.calibration(n, seed=self.seed)

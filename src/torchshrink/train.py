@@ -1,0 +1,281 @@
+"""The one training loop. Fine-tuning, QAT, distillation and data-free distillation differ only in
+the loss function and the batch source they pass in.
+
+* ``loss_fn(model, batch)`` returns a tensor or a mapping of named loss terms (summed to the loss),
+  so a NaN error can name the term that went bad.
+* A batch source yields the batches of one epoch; :class:`DatasetBatches` covers datasets and shards
+  them over ranks with a ``DistributedSampler``, so the loop runs unchanged under ``torchrun``.
+* Checkpoints hold model, optimizer, scheduler, position and RNG state: a resumed run ends with
+  bit-identical weights to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from torchshrink.errors import TrainingError
+from torchshrink.io import atomic_path
+from torchshrink.parallel import ddp
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, ...]
+LossFn = Callable[[nn.Module, Batch], "torch.Tensor | Mapping[str, torch.Tensor]"]
+CHECKPOINT_NAME = "train-state.pt"
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "BatchSource",
+    "DatasetBatches",
+    "classification_loss",
+    "fit",
+]
+
+
+class BatchSource(Protocol):
+    """Anything that yields the batches of one epoch and knows how many there are (on this rank)."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int) -> Iterable[Batch]: ...
+
+
+class DatasetBatches:
+    """Shuffled batches of a dataset, sharded over ranks; ``batch_size`` is the global batch."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+        info = ddp.current()
+        if batch_size % info.world_size:
+            raise TrainingError(
+                f"batch_size {batch_size} must be divisible by the number of processes ({info.world_size})"
+            )
+        self.dataset = dataset
+        self.per_rank = batch_size // info.world_size
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed
+        )
+        # A private generator keeps DataLoader from drawing on the global RNG (exact resume).
+        self.loader = DataLoader(
+            dataset,
+            batch_size=self.per_rank,
+            sampler=self.sampler,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int) -> Iterable[Batch]:
+        self.sampler.set_epoch(epoch)
+        return self.loader
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Cross-entropy of the model's logits against integer labels."""
+    x, y = batch[0], batch[1]
+    return {"ce": F.cross_entropy(model(x), y)}
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimizer, learning-rate schedule, length, checkpoints and seed."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float | None = None
+    checkpoint_every: int = 0
+    seed: int = 0
+    progress: bool = True
+    desc: str = "train"
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: steps, time, throughput and the mean loss terms of each epoch."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    epoch_losses: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_step: int | None = None
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _terms(raw: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"loss": raw} if isinstance(raw, torch.Tensor) else dict(raw)
+
+
+def _resume_fields(cfg: TrainConfig) -> dict[str, object]:
+    """The settings a checkpoint must agree with to be resumed."""
+    keep = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "schedule", "grad_clip", "seed")
+    return {k: v for k, v in asdict(cfg).items() if k in keep}
+
+
+def fit(
+    model: nn.Module,
+    batches: BatchSource,
+    loss_fn: LossFn = classification_loss,
+    config: TrainConfig | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``batches`` with ``loss_fn``; resume from ``checkpoint_dir`` if it holds one.
+
+    ``after_step(model)`` runs after every optimizer step (for example to re-apply pruning masks).
+    Under torchrun the model is wrapped in DDP, gradients are averaged over ranks, only rank 0
+    writes checkpoints and the logged losses are averaged over ranks.
+    """
+    cfg = config or TrainConfig()
+    info = ddp.current()
+    device = ddp.device_for(info)
+    model.to(device)
+    steps_per_epoch = len(batches)
+    total_steps = cfg.epochs * steps_per_epoch
+    if steps_per_epoch == 0:
+        raise TrainingError("the batch source yields no batches: is the dataset empty?")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    optimizer = _make_optimizer(params, cfg)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+        if cfg.schedule == "cosine"
+        else None
+    )
+
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    step = 0
+    result = TrainResult()
+    if ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state["config"] != _resume_fields(cfg):
+            raise TrainingError(
+                f"{ckpt_path}: checkpoint was written with settings {state['config']}, which differ from "
+                f"{_resume_fields(cfg)}; delete it to start over or restore the settings"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"].cpu())
+        step = int(state["step"])
+        result.epoch_losses = [dict(e) for e in state["epoch_losses"]]
+        result.resumed_from_step = step
+        log.info("%s: resumed from %s at step %d of %d", cfg.desc, ckpt_path, step, total_steps)
+    else:
+        torch.manual_seed(cfg.seed)
+
+    wrapped: nn.Module = model
+    if info.distributed:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save_checkpoint(epoch_sums: dict[str, float], epoch_count: int) -> None:
+        if ckpt_path is None or not info.is_main:
+            return
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else {},
+            "rng": torch.get_rng_state(),
+            "step": step,
+            "config": _resume_fields(cfg),
+            "epoch_losses": result.epoch_losses,
+            "epoch_sums": epoch_sums,
+            "epoch_count": epoch_count,
+        }
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(state, tmp)
+
+    start_time = time.perf_counter()
+    start_step = step
+    samples = 0
+    wrapped.train()
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=cfg.desc,
+        disable=not (cfg.progress and info.is_main),
+        leave=False,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
+    try:
+        while step < total_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            sums: dict[str, float] = {}
+            count = 0
+            if skip and result.resumed_from_step == step and ckpt_path is not None:
+                resumed = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+                sums, count = dict(resumed["epoch_sums"]), int(resumed["epoch_count"])
+            for index, batch in enumerate(batches.epoch(epoch)):
+                if index < skip:
+                    continue
+                batch = tuple(t.to(device) for t in batch)
+                terms = _terms(loss_fn(wrapped, batch))
+                for name, value in terms.items():
+                    if not torch.isfinite(value).all():
+                        raise TrainingError(
+                            f"{cfg.desc}: loss term {name!r} is {value.item()} at step {step + 1} "
+                            f"(epoch {epoch + 1}, batch {index + 1}); lower the learning rate "
+                            f"(now {optimizer.param_groups[0]['lr']:.3g}) or check the data for NaN/inf"
+                        )
+                loss = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                if after_step is not None:
+                    after_step(model)
+                step += 1
+                samples += len(batch[0]) * info.world_size
+                count += 1
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
+                    save_checkpoint(sums, count)
+            names = sorted(sums)
+            means = ddp.all_reduce_mean(
+                torch.tensor([sums[n] / max(count, 1) for n in names], dtype=torch.float64)
+            )
+            result.epoch_losses.append({n: float(v) for n, v in zip(names, means, strict=True)})
+            log.info("%s epoch %d/%d: %s", cfg.desc, epoch + 1, cfg.epochs, result.epoch_losses[-1])
+    finally:
+        bar.close()
+        model.eval()
+    result.steps = step
+    result.seconds = time.perf_counter() - start_time
+    result.samples_per_second = samples / result.seconds if result.seconds > 0 else math.nan
+    if ckpt_path is not None and info.is_main and ckpt_path.exists():
+        ckpt_path.unlink()
+    ddp.barrier()
+    log.debug("%s: %d steps (%d new) in %.1fs", cfg.desc, step, step - start_step, result.seconds)
+    return result

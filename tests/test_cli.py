@@ -1,0 +1,156 @@
+"""The torchshrink command: demo, run, eval, inspect, export, and error exits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from torchshrink.cli import main
+from torchshrink.demo import demo_recipe, demo_recipe_dict, quick_variant
+from torchshrink.models import open_model, save_model
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["-q", "demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_quick_writes_report_and_prints_table(quick_demo, capsys):
+    for name in ("report.json", "report.md", "pareto.png", "model.safetensors", "model.onnx"):
+        assert (quick_demo / name).is_file()
+    report = json.loads((quick_demo / "report.json").read_text())
+    assert report["recipe"]["name"] == "demo-quick"
+    assert report["final"]["accuracy"] > 0.3  # one epoch on 1,000 real digits beats chance (0.1) clearly
+    assert list((quick_demo / "cache").glob("train-*.safetensors"))  # the trained teacher is cached
+
+
+def test_demo_recipe_is_valid_and_quick_variant_shrinks_it():
+    full = demo_recipe()
+    assert [s.kind for s in full.stages][:1] == ["train"] and full.model.zoo == "lenet5"
+    assert full.data.name == "mnist5k"
+    quick = quick_variant(demo_recipe_dict())
+    assert all(list(s.values())[0].get("epochs", 1) == 1 for s in quick["stages"])
+    assert quick["data"]["train_limit"] == 1000
+
+
+def test_eval_json_on_model_and_onnx(quick_demo, capsys):
+    assert (
+        main(["eval", str(quick_demo / "model.safetensors"), "--data", "mnist5k", "--json", "--repeats", "3"])
+        == 0
+    )
+    torch_metrics = json.loads(capsys.readouterr().out)
+    assert torch_metrics["params"] == 431_080
+    assert (
+        main(["eval", str(quick_demo / "model.onnx"), "--data", "mnist5k", "--json", "--repeats", "3"]) == 0
+    )
+    onnx_metrics = json.loads(capsys.readouterr().out)
+    assert onnx_metrics["size_bytes"] == (quick_demo / "model.onnx").stat().st_size
+    assert abs(onnx_metrics["accuracy"] - torch_metrics["accuracy"]) < 0.002  # same model, other runtime
+
+
+def test_eval_with_factory_and_weights(tmp_path, capsys, monkeypatch):
+    (tmp_path / "usermodels.py").write_text(
+        "from torch import nn\n"
+        "def build(hidden=32):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = open_model({"factory": "usermodels:build"})
+    from torchshrink.io import save_tensors
+
+    save_tensors(tmp_path / "w.safetensors", loaded.module.state_dict())
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "w.safetensors"),
+                "--factory",
+                "usermodels:build",
+                "--data",
+                "digits",
+                "--json",
+                "--repeats",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["params"] == 64 * 32 + 32 + 32 * 10 + 10
+
+
+def test_inspect_files(quick_demo, capsys):
+    assert main(["inspect", str(quick_demo / "model.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert '"zoo": "lenet5"' in out and "431,080 values" in out
+    assert main(["inspect", str(quick_demo / "model.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "Conv x2" in out and "input: input ['batch', 1, 28, 28]" in out
+    assert main(["inspect", str(quick_demo / "report.json")]) == 0
+    assert "| **baseline** |" in capsys.readouterr().out
+
+
+def test_export_command(tmp_path, capsys):
+    loaded = open_model({"zoo": "lenet300", "kwargs": {"in_features": 64}})
+    save_model(tmp_path / "m.safetensors", loaded.module, loaded.architecture, (1, 8, 8))
+    assert (
+        main(
+            ["export", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "m.onnx"), "--data", "digits"]
+        )
+        == 0
+    )
+    assert "max abs diff" in capsys.readouterr().out
+    assert (
+        main(["export", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "n.onnx")]) == 0
+    )  # shape from metadata
+    assert (tmp_path / "n.onnx").stat().st_size > 100_000
+
+
+def test_run_recipe_file(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"zoo": "lenet300", "kwargs": {"in_features": 64}},
+                "data": {"name": "digits"},
+                "measure": {"latency_repeats": 3},
+                "stages": [{"train": {"epochs": 1}}],
+            }
+        )
+    )
+    assert main(["-q", "run", str(path), "--out", str(tmp_path / "out")]) == 0
+    assert "| train | train |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (
+            ["eval", "/nonexistent/model.safetensors", "--data", "digits"],
+            "/nonexistent/model.safetensors: model file not found",
+        ),
+        (["run", "/nonexistent/r.yaml", "--out", "x"], "/nonexistent/r.yaml: recipe file not found"),
+        (["eval", "lenet5", "--data", "digits"], "cannot take inputs of shape (1, 8, 8)"),
+        (["inspect", "/nonexistent.onnx"], "/nonexistent.onnx: model file not found"),
+    ],
+)
+def test_errors_exit_2_with_a_specific_message(argv, expected, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "torchshrink: error:" in err and expected in err
+    assert "Traceback" not in err
+
+
+def test_pickled_module_needs_trust_pickle(tmp_path, capsys):
+    import torch
+
+    torch.save(open_model("lenet5").module, tmp_path / "whole.pt")
+    assert main(["eval", str(tmp_path / "whole.pt"), "--data", "mnist5k", "--repeats", "3"]) == 2
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert (
+        main(["eval", str(tmp_path / "whole.pt"), "--data", "mnist5k", "--repeats", "3", "--trust-pickle"])
+        == 0
+    )

@@ -1,0 +1,72 @@
+"""measure.py: each metric against values computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from torchshrink import zoo
+from torchshrink.measure import (
+    METRIC_NAMES,
+    accuracy,
+    count_macs,
+    count_params,
+    latency_ms,
+    measure,
+    serialized_size,
+)
+
+
+def test_accuracy_counts_correct_predictions():
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))  # predicts the larger coordinate
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
+    y = torch.tensor([0, 1, 1, 1])
+    assert accuracy(model, TensorDataset(x, y), batch_size=3) == 0.75
+
+
+def test_params_and_nonzeros():
+    model = nn.Linear(10, 5)
+    with torch.no_grad():
+        model.weight[:2] = 0
+    assert count_params(model) == (55, 55 - 20)
+    tied = nn.Sequential(model, nn.ReLU(), model)  # shared parameters count once
+    assert count_params(tied)[0] == 55
+
+
+def test_macs_match_hand_counts():
+    assert count_macs(zoo.build("lenet300"), (1, 28, 28)) == 784 * 300 + 300 * 100 + 100 * 10
+    conv1 = 20 * 24 * 24 * 25
+    conv2 = 50 * 8 * 8 * 20 * 25
+    assert count_macs(zoo.build("lenet5"), (1, 28, 28)) == conv1 + conv2 + 800 * 500 + 500 * 10
+
+
+def test_serialized_size_is_the_safetensors_file_size(tmp_path):
+    model = zoo.build("lenet5")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    assert serialized_size(model) == (tmp_path / "m.safetensors").stat().st_size
+    assert 431_080 * 4 < serialized_size(model) < 431_080 * 4 + 4096
+
+
+def test_latency_is_positive_and_grows_with_batch():
+    model = zoo.build("lenet5")
+    b1 = latency_ms(model, (1, 28, 28), 1, repeats=5, warmup=2)
+    b64 = latency_ms(model, (1, 28, 28), 64, repeats=5, warmup=2)
+    assert 0 < b1 < b64
+    assert torch.get_num_threads() >= 1
+
+
+def test_measure_returns_every_metric_and_counts_the_artefact(tmp_path, digits):
+    model = zoo.build("lenet300", in_features=64)
+    artefact = tmp_path / "shipped.bin"
+    artefact.write_bytes(b"x" * 1234)
+    metrics = measure(model, digits.test, artefact=artefact, latency_repeats=3)
+    assert tuple(metrics) == METRIC_NAMES
+    assert metrics["size_bytes"] == 1234
+    assert metrics["params"] == metrics["nonzero_params"] == 64 * 300 + 300 + 30_100 + 1010
+    assert metrics["accuracy"] == pytest.approx(accuracy(model, digits.test))
+    assert model.training  # measuring does not leave the model in another mode

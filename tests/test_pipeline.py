@@ -1,0 +1,186 @@
+"""The pipeline: stages in order, report contents, baseline choice, checkpoints, resume, caching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from torchshrink import load_model, run
+from torchshrink.errors import ShapeMismatchError
+from torchshrink.measure import METRIC_NAMES, accuracy
+from torchshrink.models import open_model, save_model
+from torchshrink.registry import register_stage
+from torchshrink.report import read_report
+
+MLP = {"zoo": "lenet300", "kwargs": {"in_features": 64}}
+FAST = {"latency_repeats": 3}
+
+
+def recipe(*stages, model=MLP, **extra):
+    return {
+        "seed": 1,
+        "model": model,
+        "data": {"name": "digits"},
+        "measure": FAST,
+        "stages": list(stages),
+        **extra,
+    }
+
+
+class BoomConfig(BaseModel, extra="forbid"):
+    flag: str
+
+
+@register_stage("test_boom_once", BoomConfig, role="transform")
+def boom_once(state, cfg, ctx):
+    """Fails the first time (a crash mid-pipeline), passes once the flag file exists."""
+    flag = Path(cfg.flag)
+    if not flag.exists():
+        flag.write_text("crashed once")
+        raise RuntimeError("simulated crash")
+    return state
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    report = run(
+        recipe(
+            {"train": {"epochs": 3, "lr": 0.003}},
+            {"finetune": {"epochs": 1}},
+            {"evaluate": {}},
+            {"export": {}},
+        ),
+        out,
+    )
+    return out, report
+
+
+def test_report_files_and_schema(full_run):
+    out, report = full_run
+    for name in ("model.safetensors", "model.onnx", "report.json", "report.md", "pareto.png"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "report.json").read_text())
+    assert set(data) >= {"torchshrink_version", "recipe", "seed", "baseline", "stages", "final", "artefacts"}
+    assert [s["name"] for s in data["stages"]] == ["train", "finetune", "evaluate", "export"]
+    for metrics in [data["baseline"], data["final"], *(s["metrics"] for s in data["stages"])]:
+        assert set(metrics) == set(METRIC_NAMES)
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert all(s["seconds"] >= 0 for s in data["stages"])
+    assert data["artefacts"]["onnx"] == "model.onnx" and data["artefacts"]["model"] == "model.safetensors"
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in ("train", "finetune", "evaluate", "export", "**baseline**"))
+    assert data["recipe"]["stages"][0]["train"]["epochs"] == 3
+
+
+def test_baseline_is_trained_model_and_metrics_are_real(full_run, digits):
+    out, report = full_run
+    assert report.baseline == report.stages[0]["metrics"]  # the trained model entering the compression
+    assert report.final == report.stages[-1]["metrics"]
+    assert report.baseline["accuracy"] > 0.85  # 3 real epochs on digits
+    assert report.baseline["params"] == 784 * 0 + 64 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    model = load_model(out / "model.safetensors")
+    assert accuracy(model, digits.test) == pytest.approx(report.final["accuracy"])
+    export = report.stages[-1]
+    assert export["details"]["max_abs_diff_vs_torch"] < 1e-4
+    assert export["metrics"]["size_bytes"] == (out / "model.onnx").stat().st_size  # shipped artefact counted
+    evaluate = report.stages[2]["details"]
+    assert len(evaluate["per_class_accuracy"]) == 10
+    assert sum(map(sum, evaluate["confusion"])) == len(digits.test)
+    assert evaluate["accuracy"] == pytest.approx(report.stages[2]["metrics"]["accuracy"])
+
+
+def test_baseline_is_loaded_model_without_a_train_stage(tmp_path, digits):
+    loaded = open_model(MLP)
+    save_model(tmp_path / "w.safetensors", loaded.module, loaded.architecture)
+    report = run(
+        recipe({"finetune": {"epochs": 1, "lr": 0.003}}, model={"path": str(tmp_path / "w.safetensors")}),
+        tmp_path / "o",
+    )
+    assert report.baseline["accuracy"] == pytest.approx(accuracy(loaded.module, digits.test))
+    assert report.final["accuracy"] > report.baseline["accuracy"]
+
+
+def test_resume_skips_finished_stages(full_run):
+    out, report = full_run
+    again = run(
+        recipe(
+            {"train": {"epochs": 3, "lr": 0.003}},
+            {"finetune": {"epochs": 1}},
+            {"evaluate": {}},
+            {"export": {}},
+        ),
+        out,
+        resume=True,
+    )
+    assert all(s["resumed"] for s in again.stages)
+    assert again.final["accuracy"] == report.final["accuracy"]
+    assert again.stages[0]["seconds"] == report.stages[0]["seconds"]  # read back, not re-run
+    changed = run(
+        recipe(
+            {"train": {"epochs": 3, "lr": 0.003}},
+            {"finetune": {"epochs": 1}},
+            {"evaluate": {"split": "train"}},
+        ),
+        out,
+        resume=True,
+    )
+    assert [s["resumed"] for s in changed.stages] == [True, True, False]
+    assert changed.stages[2]["details"]["split"] == "train"
+
+
+def test_crash_then_resume(tmp_path):
+    out = tmp_path / "out"
+    flag = tmp_path / "flag"
+    stages = ({"train": {"epochs": 2}}, {"test_boom_once": {"flag": str(flag)}}, {"evaluate": {}})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(recipe(*stages), out)
+    assert not (out / "report.json").exists()  # nothing half-written
+    assert any((out / ".checkpoints").glob("stage-00-train*"))
+    report = run(recipe(*stages), out, resume=True)
+    assert [s["resumed"] for s in report.stages] == [True, False, False]
+    assert read_report(out / "report.json").final == report.final
+
+
+def test_without_resume_everything_reruns(tmp_path):
+    stages = ({"train": {"epochs": 1}}, {"evaluate": {}})
+    run(recipe(*stages), tmp_path)
+    again = run(recipe(*stages), tmp_path)
+    assert not any(s["resumed"] for s in again.stages)
+
+
+def test_train_cache_reuses_the_trained_model(tmp_path):
+    stages = ({"train": {"epochs": 2, "cache": True}}, {"evaluate": {}})
+    first = run(recipe(*stages), tmp_path)
+    assert "cached" not in first.stages[0]["details"]
+    assert list((tmp_path / "cache").glob("train-*.safetensors"))
+    second = run(recipe(*stages), tmp_path)
+    assert second.stages[0]["details"]["cached"].startswith("cache/train-")
+    assert second.final["accuracy"] == first.final["accuracy"]
+
+
+def test_same_seed_same_report_numbers(tmp_path):
+    stages = ({"train": {"epochs": 1}},)
+    a = run(recipe(*stages), tmp_path / "a")
+    b = run(recipe(*stages), tmp_path / "b")
+    assert a.final["accuracy"] == b.final["accuracy"]
+    assert (
+        load_model(tmp_path / "a" / "model.safetensors").state_dict()["1.weight"]
+        == load_model(tmp_path / "b" / "model.safetensors").state_dict()["1.weight"]
+    ).all()
+
+
+def test_model_data_shape_mismatch_names_both(tmp_path):
+    with pytest.raises(ShapeMismatchError, match=r"shape \(1, 8, 8\)"):
+        run(recipe({"evaluate": {}}, model={"zoo": "lenet5"}), tmp_path)
+    with pytest.raises(ShapeMismatchError, match=r"\(1, 3\).*10 classes"):
+        run(
+            recipe(
+                {"evaluate": {}}, model={"zoo": "lenet300", "kwargs": {"in_features": 64, "num_classes": 3}}
+            ),
+            tmp_path,
+        )
