@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import interleaved_medians, machine_line, write_section
+from bench.common import machine_line, write_section
 from torchshrink import zoo
 from torchshrink.data import load_data
-from torchshrink.measure import accuracy
+from torchshrink.measure import accuracy, interleaved_medians
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.train import DatasetBatches, TrainConfig, fit
 
@@ -61,7 +61,7 @@ def run(epochs: int = 30, seeds: tuple[int, ...] = (0, 1, 2), command: str = "ma
         "## B0  Float reference models (torchshrink's training loop)",
         "",
         f"Command: `{command}`. Machine: {machine_line()}.",
-        f"MNIST-5k (4,000 / 1,000), {epochs} epochs Adam lr 1e-3 cosine, batch 64, seeds {list(seeds)}; latency: median of 25 interleaved rounds, 2 threads.",
+        f"MNIST-5k (4,000 / 1,000), {epochs} epochs Adam lr 1e-3 cosine, batch 64, seeds {list(seeds)}; latency: median of 30 interleaved rounds, 2 threads.",
         "",
         "| model | accuracy median [min, max] | BENCHMARKS.md reference | torch b1 (ms) | ORT fp32 b1 (ms) | torch b32 (ms) | ORT fp32 b32 (ms) | ORT / torch speed-up b32 |",
         "|---|---|---|---|---|---|---|---|",

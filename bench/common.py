@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,22 +30,6 @@ def machine_line() -> str:
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
     )
-
-
-def interleaved_medians(
-    variants: dict[str, Callable[[], object]], rounds: int = 25, warmup: int = 5
-) -> dict[str, float]:
-    """Median milliseconds of each variant, timed A B C A B C ... so slow stretches hit all alike."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def write_section(key: str, markdown: str, payload: dict) -> None:

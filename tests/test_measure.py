@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,6 +16,7 @@ from torchshrink.measure import (
     accuracy,
     count_macs,
     count_params,
+    interleaved_medians,
     latency_ms,
     measure,
     serialized_size,
@@ -70,3 +73,29 @@ def test_measure_returns_every_metric_and_counts_the_artefact(tmp_path, digits):
     assert metrics["params"] == metrics["nonzero_params"] == 64 * 300 + 300 + 30_100 + 1010
     assert metrics["accuracy"] == pytest.approx(accuracy(model, digits.test))
     assert model.training  # measuring does not leave the model in another mode
+
+
+def test_interleaved_medians_orders_and_calls_each_variant():
+    calls = {"slow": 0, "fast": 0}
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(0.004)
+
+    def fast():
+        calls["fast"] += 1
+
+    medians = interleaved_medians({"slow": slow, "fast": fast}, repeats=7, warmup=2)
+    assert calls == {"slow": 9, "fast": 9}
+    assert medians["slow"] >= 4.0 > medians["fast"]
+
+
+def test_reference_gives_side_by_side_speedup(digits):
+    small = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    big = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10)
+    )
+    metrics = measure(small, digits.test, latency_repeats=5, reference=big)
+    assert metrics["speedup_b32"] > 1.5  # ~4M MACs against 640 per sample
+    assert "speedup_b1" in measure(big, digits.test, latency_repeats=3, reference=small)
+    assert "speedup_b1" not in measure(small, digits.test, latency_repeats=3)

@@ -66,8 +66,11 @@ def test_report_files_and_schema(full_run):
     data = json.loads((out / "report.json").read_text())
     assert set(data) >= {"torchshrink_version", "recipe", "seed", "baseline", "stages", "final", "artefacts"}
     assert [s["name"] for s in data["stages"]] == ["train", "finetune", "evaluate", "export"]
+    assert set(data["baseline"]) == set(METRIC_NAMES)
+    for stage in data["stages"][1:]:  # timed side by side with the baseline model
+        assert set(stage["metrics"]) == {*METRIC_NAMES, "speedup_b1", "speedup_b32"}
+        assert 0.2 < stage["metrics"]["speedup_b32"] < 5  # the same architecture: near 1x
     for metrics in [data["baseline"], data["final"], *(s["metrics"] for s in data["stages"])]:
-        assert set(metrics) == set(METRIC_NAMES)
         assert 0.0 <= metrics["accuracy"] <= 1.0
     assert all(s["seconds"] >= 0 for s in data["stages"])
     assert data["artefacts"]["onnx"] == "model.onnx" and data["artefacts"]["model"] == "model.safetensors"

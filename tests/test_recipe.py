@@ -63,7 +63,8 @@ def test_unknown_option_lists_allowed_keys():
 
 def test_unknown_stage_kind_lists_known_kinds():
     with pytest.raises(
-        UnknownStageError, match=r"stages\[0\].*'shrinkify'.*known kinds: evaluate, export, finetune, (.*, )?train"
+        UnknownStageError,
+        match=r"stages\[0\].*'shrinkify'.*known kinds: evaluate, export, finetune, (.*, )?train",
     ):
         parse_recipe({**GOOD, "stages": [{"shrinkify": {}}]})
 

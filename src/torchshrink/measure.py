@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +34,8 @@ __all__ = [
     "count_macs",
     "serialized_size",
     "latency_ms",
+    "latencies_ms",
+    "interleaved_medians",
     "measure",
     "check_model_fits",
 ]
@@ -86,7 +89,46 @@ def serialized_size(model: nn.Module) -> int:
     return len(safetensors_bytes(state))
 
 
-@torch.inference_mode()
+def interleaved_medians(
+    variants: Mapping[str, Callable[[], object]], repeats: int = 30, warmup: int = 5
+) -> dict[str, float]:
+    """Median milliseconds of each callable, timed A B C A B C ... so a slow stretch of the machine
+    hits every variant alike and their ratio stays honest."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def latencies_ms(
+    models: Mapping[str, nn.Module],
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    repeats: int = 30,
+    warmup: int = 5,
+    threads: int = 2,
+) -> dict[str, float]:
+    """Median forward-pass milliseconds of several models on the same input, timed interleaved."""
+    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
+    modes = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        with _threads(threads), torch.inference_mode():
+            return interleaved_medians(
+                {name: functools.partial(m, x) for name, m in models.items()}, repeats=repeats, warmup=warmup
+            )
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+
+
 def latency_ms(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -96,19 +138,7 @@ def latency_ms(
     threads: int = 2,
 ) -> float:
     """Median wall-clock milliseconds of one forward pass, after warm-up, with a fixed thread count."""
-    was_training = model.training
-    model.eval()
-    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
-    times = []
-    with _threads(threads):
-        for _ in range(warmup):
-            model(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1000.0)
-    model.train(was_training)
-    return statistics.median(times)
+    return latencies_ms({"model": model}, input_shape, batch_size, repeats, warmup, threads)["model"]
 
 
 def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, source: str) -> None:
@@ -138,17 +168,27 @@ def measure(
     artefact: str | Path | None = None,
     latency_repeats: int = 30,
     threads: int = 2,
+    reference: nn.Module | None = None,
 ) -> dict[str, float | int]:
-    """All metrics of ``model``: accuracy on ``test``, size (the ``artefact`` file if given), MACs, latency."""
+    """All metrics of ``model``: accuracy on ``test``, size (the ``artefact`` file if given), MACs, latency.
+
+    With a ``reference`` model, latency is timed interleaved with it and ``speedup_b1`` /
+    ``speedup_b32`` (reference time / model time, from the same run) are added.
+    """
     input_shape = tuple(test.tensors[0].shape[1:])
     params, nonzero = count_params(model)
     size = Path(artefact).stat().st_size if artefact is not None else serialized_size(model)
-    return {
+    metrics: dict[str, float | int] = {
         "accuracy": accuracy(model, test),
         "params": params,
         "nonzero_params": nonzero,
         "macs": count_macs(model, input_shape),
         "size_bytes": size,
-        "latency_ms_b1": latency_ms(model, input_shape, 1, repeats=latency_repeats, threads=threads),
-        "latency_ms_b32": latency_ms(model, input_shape, 32, repeats=latency_repeats, threads=threads),
     }
+    for batch in (1, 32):
+        pair = {"model": model} if reference is None else {"model": model, "reference": reference}
+        times = latencies_ms(pair, input_shape, batch, repeats=latency_repeats, threads=threads)
+        metrics[f"latency_ms_b{batch}"] = times["model"]
+        if reference is not None:
+            metrics[f"speedup_b{batch}"] = times["reference"] / times["model"]
+    return metrics

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from torchshrink import __version__
 from torchshrink.data import load_data
@@ -121,19 +124,23 @@ def run(
     )
     state = ModelState(model=loaded.module.eval(), architecture=loaded.architecture)
 
-    def measure_state(s: ModelState) -> dict[str, float | int]:
+    def measure_state(s: ModelState, reference: nn.Module | None) -> dict[str, float | int]:
         return measure(
             s.model,
             data.test,
             artefact=s.artefact,
             latency_repeats=recipe.measure.latency_repeats,
             threads=recipe.measure.threads,
+            reference=reference,
         )
 
     entries = [get_stage(spec.kind) for spec in recipe.stages]
+    # The baseline model is kept so that every later stage is timed interleaved with it.
     baseline: dict[str, float | int] | None = None
+    baseline_model: nn.Module | None = None
     if entries[0].role != "reference":
-        baseline = measure_state(state)
+        baseline = measure_state(state, None)
+        baseline_model = copy.deepcopy(state.model)
     baseline_open = True
     artefacts: dict[str, str] = {}
     records: list[dict[str, Any]] = []
@@ -145,6 +152,7 @@ def run(
 
     for i, (spec, entry) in enumerate(zip(recipe.stages, entries, strict=True)):
         path = _checkpoint_path(out_dir, i, spec.name)
+        sets_baseline = entry.role == "reference" and baseline_open
         if i < skip:
             record = json.loads(read_safetensors_metadata(path)["record"])
             record["resumed"] = True
@@ -168,7 +176,7 @@ def run(
                 "name": spec.name,
                 "kind": spec.kind,
                 "seconds": round(seconds, 3),
-                "metrics": measure_state(state),
+                "metrics": measure_state(state, None if sets_baseline else baseline_model),
                 "details": ctx.details,
                 "artefacts": ctx.artefacts,
             }
@@ -176,8 +184,9 @@ def run(
             if info.is_main:
                 _save_stage(path, state, record, recipe.fingerprint(i))
         records.append(record)
-        if entry.role == "reference" and baseline_open:
+        if sets_baseline:
             baseline = record["metrics"]
+            baseline_model = copy.deepcopy(state.model if i >= skip else _load_stage(path, state)[0].model)
         elif entry.role == "transform":
             baseline_open = False
 
