@@ -59,3 +59,14 @@ def test_write_and_read_back(tmp_path):
     assert read_report(tmp_path / "report.json").final == report.final
     assert "4.00x smaller" in (tmp_path / "report.md").read_text()
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    write_report(_report(), tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("report.json", "report.md", "pareto.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask

@@ -41,17 +41,18 @@ def _open_for_cli(model: str, factory: str | None, trust_pickle: bool) -> tuple[
 def cmd_demo(args: argparse.Namespace) -> int:
     from torchshrink.demo import demo_recipe
     from torchshrink.pipeline import run
-    from torchshrink.report import format_table
 
     report = run(demo_recipe(quick=args.quick), args.out, resume=args.resume)
     _print_report(report, args.out)
-    _ = format_table
     return 0
 
 
 def _print_report(report: Any, out_dir: str | Path) -> None:
+    from torchshrink.parallel import ddp
     from torchshrink.report import format_table
 
+    if not ddp.current().is_main:
+        return
     _out(format_table(report))
     _out()
     _out(
