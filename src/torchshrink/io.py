@@ -17,6 +17,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as _load_safetensors
@@ -25,6 +26,8 @@ from safetensors.torch import save_file as _save_safetensors
 from torchshrink.errors import CorruptFileError, MissingFileError, UntrustedPickleError
 
 __all__ = [
+    "encode_sparse",
+    "decode_sparse",
     "atomic_path",
     "write_text_atomic",
     "write_json_atomic",
@@ -34,6 +37,46 @@ __all__ = [
     "load_state_dict_file",
     "file_kind",
 ]
+
+
+SPARSE_KEY = "sparse"
+_MASK_SUFFIX = ".__mask__"
+SPARSE_MAX_DENSITY = 0.9  # above this a bitmask plus values is not smaller than the dense tensor
+
+
+def encode_sparse(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store mostly-zero float tensors as a packed bitmask plus their non-zero values.
+
+    Returns the tensors to save and the metadata entry that lists the encoded ones (name -> shape),
+    so a pruned model's file is as small as its sparsity allows (1 bit per position + the values).
+    """
+    out: dict[str, torch.Tensor] = {}
+    sparse: dict[str, list[int]] = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        if t.is_floating_point() and t.numel() >= 64:
+            mask = t.reshape(-1) != 0
+            if int(mask.sum()) <= SPARSE_MAX_DENSITY * t.numel():
+                packed = np.packbits(mask.numpy())
+                out[name] = t.reshape(-1)[mask].clone()
+                out[name + _MASK_SUFFIX] = torch.from_numpy(packed)
+                sparse[name] = list(t.shape)
+                continue
+        out[name] = t
+    return out, ({SPARSE_KEY: json.dumps(sparse)} if sparse else {})
+
+
+def decode_sparse(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Undo :func:`encode_sparse`: dense tensors with zeros back in place."""
+    sparse = json.loads(metadata.get(SPARSE_KEY, "{}"))
+    out = {k: v for k, v in tensors.items() if not k.endswith(_MASK_SUFFIX)}
+    for name, shape in sparse.items():
+        numel = int(np.prod(shape))
+        mask = torch.from_numpy(np.unpackbits(tensors[name + _MASK_SUFFIX].numpy(), count=numel).astype(bool))
+        dense = torch.zeros(numel, dtype=tensors[name].dtype)
+        dense[mask] = tensors[name]
+        out[name] = dense.reshape(shape)
+    return out
 
 
 def _current_umask() -> int:
@@ -147,7 +190,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     kind = file_kind(path)
     if kind == "safetensors":
-        return load_tensors(path)
+        tensors = load_tensors(path)
+        metadata = read_safetensors_metadata(path)
+        try:
+            return decode_sparse(tensors, metadata) if SPARSE_KEY in metadata else tensors
+        except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+            raise CorruptFileError(path, f"sparse tensors cannot be decoded: {exc}") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

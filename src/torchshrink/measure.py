@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchshrink.errors import ShapeMismatchError
+from torchshrink.io import encode_sparse
 
 METRIC_NAMES = (
     "accuracy",
@@ -84,9 +85,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 def serialized_size(model: nn.Module) -> int:
-    """Bytes of the model's weights as a safetensors file (what a float model ships as)."""
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    return len(safetensors_bytes(state))
+    """Bytes of the model's weights as torchshrink writes them (safetensors; sparse tensors packed)."""
+    tensors, metadata = encode_sparse(model.state_dict())
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return len(safetensors_bytes(state, metadata=metadata or None))
 
 
 def interleaved_medians(

@@ -21,7 +21,14 @@ from torch import nn
 
 from torchshrink import zoo
 from torchshrink.errors import ModelLoadError, ShapeMismatchError, UntrustedPickleError
-from torchshrink.io import file_kind, load_state_dict_file, read_safetensors_metadata, save_tensors
+from torchshrink.io import (
+    encode_sparse,
+    file_kind,
+    load_state_dict_file,
+    read_safetensors_metadata,
+    save_tensors,
+)
+from torchshrink.shapes import apply_resized
 
 MODEL_FORMAT = "torchshrink-model"
 MODEL_FORMAT_VERSION = 1
@@ -89,13 +96,19 @@ def _call_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def build_architecture(architecture: dict[str, Any]) -> nn.Module:
-    """Build an untrained module from an architecture reference ({"zoo"|"factory": ..., "kwargs": {...}})."""
+    """Build an untrained module from an architecture reference.
+
+    ``{"zoo"|"factory": ..., "kwargs": {...}, "resized": {layer: shape}}``; ``resized`` (written by
+    structured pruning) replaces the named layers by smaller ones of the recorded shapes.
+    """
     kwargs = dict(architecture.get("kwargs") or {})
     if "zoo" in architecture:
-        return zoo.build(architecture["zoo"], **kwargs)
-    if "factory" in architecture:
-        return _call_factory(architecture["factory"], kwargs)
-    raise ModelLoadError(f"architecture reference {architecture} names neither 'zoo' nor 'factory'")
+        model = zoo.build(architecture["zoo"], **kwargs)
+    elif "factory" in architecture:
+        model = _call_factory(architecture["factory"], kwargs)
+    else:
+        raise ModelLoadError(f"architecture reference {architecture} names neither 'zoo' nor 'factory'")
+    return apply_resized(model, architecture.get("resized") or {})
 
 
 def load_weights_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -197,6 +210,8 @@ def save_model(
 ) -> Path:
     """Save a model as a torchshrink model file (safetensors + architecture metadata), atomically.
 
+    Mostly-zero tensors (pruned weights) are stored as bitmask + values, so the file shrinks with sparsity.
+
     Without an architecture reference only the weights can be saved; the metadata says so.
     """
     meta = {"format": MODEL_FORMAT, "version": str(MODEL_FORMAT_VERSION)}
@@ -204,4 +219,5 @@ def save_model(
         meta["architecture"] = json.dumps(architecture, sort_keys=True)
     if input_shape is not None:
         meta["input_shape"] = json.dumps(list(input_shape))
-    return save_tensors(path, model.state_dict(), meta)
+    tensors, sparse_meta = encode_sparse(model.state_dict())
+    return save_tensors(path, tensors, meta | sparse_meta)

@@ -1,0 +1,194 @@
+"""Structured pruning: remove whole channels/neurons and rebuild smaller dense layers.
+
+The plan says, per group, which channels go. Removal slices every member tensor once per
+(tensor, axis), so a consumer fed by several groups (after a concatenation) is cut consistently,
+then updates the layers' shape attributes. The result is a plain ``nn.Module`` of the same classes,
+smaller and faster, whose new shapes are recorded for rebuilding (:mod:`torchshrink.shapes`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from torchshrink.measure import count_macs, count_params
+from torchshrink.prune.graph import Group
+from torchshrink.shapes import RESIZABLE, module_shape
+
+log = logging.getLogger(__name__)
+
+Plan = dict[int, torch.Tensor]  # group position -> channel indices to remove
+__all__ = ["Plan", "remove_channels", "mask_channels", "plan_layer", "plan_global", "search_plan", "resized_shapes"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _positions(group: Group, channels: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+    return {(m.name, m.dim): m.index[channels].reshape(-1) for m in group.members}
+
+
+def remove_channels(model: nn.Module, groups: Sequence[Group], plan: Plan) -> nn.Module:
+    """Physically remove the planned channels from ``model`` (in place) and fix layer attributes."""
+    removed: dict[tuple[str, int], list[torch.Tensor]] = {}
+    owners: dict[str, tuple[nn.Module, str]] = {}
+    for gi, channels in plan.items():
+        if len(channels) == 0:
+            continue
+        for member in groups[gi].members:
+            owners[member.name] = (member.module, member.attr)
+        for key, pos in _positions(groups[gi], channels).items():
+            removed.setdefault(key, []).append(pos)
+    touched: set[nn.Module] = set()
+    with torch.no_grad():
+        for (name, dim), parts in removed.items():
+            module, attr = owners[name]
+            tensor = getattr(module, attr)
+            drop = torch.unique(torch.cat(parts))
+            keep = torch.ones(tensor.shape[dim], dtype=torch.bool)
+            keep[drop] = False
+            sliced = tensor.index_select(dim, keep.nonzero().squeeze(1)).clone()
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+            else:
+                setattr(module, attr, sliced)  # registered buffer: assignment keeps it a buffer
+            touched.add(module)
+    for module in touched:
+        _fix_attributes(module)
+    return model
+
+
+def _fix_attributes(module: nn.Module) -> None:
+    if isinstance(module, _CONV):
+        out_c, in_per_group = module.weight.shape[:2]
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            module.groups = module.in_channels = module.out_channels = out_c  # depthwise stays depthwise
+        else:
+            module.out_channels, module.in_channels = out_c, in_per_group * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, _BN):
+        module.num_features = (module.weight if module.weight is not None else module.running_mean).shape[0]
+
+
+def mask_channels(model: nn.Module, groups: Sequence[Group], plan: Plan) -> nn.Module:
+    """Zero what :func:`remove_channels` would remove from producers (weights, biases, BN affine).
+
+    The masked twin computes exactly what the rebuilt model computes: removed channels output 0.
+    """
+    with torch.no_grad():
+        for gi, channels in plan.items():
+            for member in groups[gi].members:
+                if member.role in ("out", "pass") and member.attr in ("weight", "bias"):
+                    getattr(member.module, member.attr).index_fill_(member.dim, member.index[channels].reshape(-1), 0.0)
+    return model
+
+
+def resized_shapes(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
+    """The layers of ``model`` whose shapes differ from ``reference`` (same module tree)."""
+    ref = dict(reference.named_modules())
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, RESIZABLE) and name in ref and module_shape(module) != module_shape(ref[name]):
+            out[name] = module_shape(module)
+    return out
+
+
+def _bounds(group: Group, max_ratio: float) -> int:
+    """How many channels of ``group`` may go at most (at least one always stays)."""
+    return min(group.size - 1, int(group.size * max_ratio))
+
+
+def plan_layer(groups: Sequence[Group], scores: Sequence[torch.Tensor], ratio: float, max_ratio: float) -> Plan:
+    """Remove the same fraction of channels from every group, the lowest-scored first."""
+    plan: Plan = {}
+    for gi, (group, s) in enumerate(zip(groups, scores, strict=True)):
+        n = min(int(round(group.size * ratio)), _bounds(group, max_ratio))
+        plan[gi] = torch.argsort(s)[:n]
+    return plan
+
+
+def plan_global(groups: Sequence[Group], scores: Sequence[torch.Tensor], count: int, max_ratio: float) -> Plan:
+    """Remove the ``count`` globally lowest channels; scores are divided by their group's mean so
+    groups of different scale compete fairly; no group loses more than ``max_ratio``."""
+    entries = []
+    for gi, s in enumerate(scores):
+        norm = s / s.mean().clamp_min(1e-12)
+        order = torch.argsort(norm)
+        entries.extend((float(norm[c]), gi, int(c)) for c in order[: _bounds(groups[gi], max_ratio)])
+    entries.sort()
+    chosen: dict[int, list[int]] = {}
+    for _, gi, c in entries[:count]:
+        chosen.setdefault(gi, []).append(c)
+    return {gi: torch.tensor(cs, dtype=torch.long) for gi, cs in chosen.items()}
+
+
+def search_plan(
+    model: nn.Module,
+    example: torch.Tensor,
+    groups: Sequence[Group],
+    scores: Sequence[torch.Tensor],
+    *,
+    scope: str,
+    max_ratio: float,
+    reached: Callable[[int, int], bool],
+) -> Plan:
+    """Binary-search the smallest pruning amount whose rebuilt model satisfies ``reached(params, macs)``.
+
+    Each candidate is applied to a copy of the model and measured, so the target holds for the
+    real rebuilt architecture, not an estimate.
+    """
+    input_shape = tuple(example.shape[1:])
+
+    def trial(amount: float) -> tuple[Plan, bool]:
+        if scope == "layer":
+            plan = plan_layer(groups, scores, amount, max_ratio)
+        else:
+            plan = plan_global(groups, scores, int(amount), max_ratio)
+        candidate = copy.deepcopy(model)
+        cand_groups = _rebind(groups, model, candidate)
+        remove_channels(candidate, cand_groups, plan)
+        params, _ = count_params(candidate)
+        return plan, reached(params, count_macs(candidate, input_shape))
+
+    if scope == "layer":
+        lo, hi = 0.0, max_ratio
+        best, ok = trial(hi)
+        if not ok:
+            log.warning("target not reachable within max_channel_ratio=%.2f; pruning the maximum", max_ratio)
+            return best
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            plan, ok = trial(mid)
+            if ok:
+                hi, best = mid, plan
+            else:
+                lo = mid
+        return best
+    total = sum(_bounds(g, max_ratio) for g in groups)
+    lo_i, hi_i = 0, total
+    best, ok = trial(hi_i)
+    if not ok:
+        log.warning("target not reachable within max_channel_ratio=%.2f; pruning the maximum", max_ratio)
+        return best
+    while lo_i < hi_i:
+        mid_i = (lo_i + hi_i) // 2
+        plan, ok = trial(mid_i)
+        if ok:
+            hi_i, best = mid_i, plan
+        else:
+            lo_i = mid_i + 1
+    return best
+
+
+def _rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> list[Group]:
+    """The same groups with members pointing at ``target``'s modules (a deep copy of ``source``)."""
+    modules = dict(target.named_modules())
+    return [
+        Group(g.size, [type(m)(m.module_name, modules[m.module_name], m.attr, m.dim, m.index, m.role) for m in g.members])
+        for g in groups
+    ]
