@@ -23,7 +23,11 @@ RESIZABLE = (*_CONV, nn.Linear, *_BN, nn.LayerNorm)
 def module_shape(module: nn.Module) -> dict[str, Any]:
     """The shape-defining attributes of a resizable layer."""
     if isinstance(module, _CONV):
-        return {"in_channels": module.in_channels, "out_channels": module.out_channels, "groups": module.groups}
+        return {
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "groups": module.groups,
+        }
     if isinstance(module, nn.Linear):
         return {"in_features": module.in_features, "out_features": module.out_features}
     if isinstance(module, _BN):
@@ -37,20 +41,31 @@ def resize_module(module: nn.Module, shape: dict[str, Any]) -> nn.Module:
     """A fresh layer of the same type and settings as ``module`` with the given shape attributes."""
     if isinstance(module, _CONV):
         return type(module)(
-            shape["in_channels"], shape["out_channels"], module.kernel_size, stride=module.stride,
-            padding=module.padding, dilation=module.dilation, groups=shape["groups"],
-            bias=module.bias is not None, padding_mode=module.padding_mode,
+            shape["in_channels"],
+            shape["out_channels"],
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=shape["groups"],
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
         )
     if isinstance(module, nn.Linear):
         return nn.Linear(shape["in_features"], shape["out_features"], bias=module.bias is not None)
     if isinstance(module, _BN):
         return type(module)(
-            shape["num_features"], eps=module.eps, momentum=module.momentum, affine=module.affine,
+            shape["num_features"],
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
             track_running_stats=module.track_running_stats,
         )
     if isinstance(module, nn.LayerNorm):
         return nn.LayerNorm(
-            tuple(shape["normalized_shape"]), eps=module.eps, elementwise_affine=module.elementwise_affine,
+            tuple(shape["normalized_shape"]),
+            eps=module.eps,
+            elementwise_affine=module.elementwise_affine,
             bias=module.bias is not None,
         )
     raise ModelLoadError(f"layer type {type(module).__name__} cannot be resized")

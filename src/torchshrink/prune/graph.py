@@ -33,30 +33,120 @@ class StructureError(TorchshrinkError):
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
+_CHANNEL_NORMS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LocalResponseNorm,
+)
 _PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.PReLU, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.PReLU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
 )
 _PASS_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.softplus, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
-    F.dropout, F.dropout1d, F.dropout2d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
-    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool2d, F.interpolate, operator.neg, torch.neg, torch.abs,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.softplus,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    F.sigmoid,
+    F.tanh,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
+    operator.neg,
+    torch.neg,
+    torch.abs,
 }
 _PASS_METHODS = {
-    "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "detach", "float", "to", "abs", "neg",
-    "sigmoid_", "tanh_", "gelu",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "tanh",
+    "contiguous",
+    "clone",
+    "detach",
+    "float",
+    "to",
+    "abs",
+    "neg",
+    "sigmoid_",
+    "tanh_",
+    "gelu",
 }
 _ELEMENTWISE = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.imul,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
 }
 _ELEMENTWISE_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "sub_"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
@@ -153,7 +243,9 @@ class _LeafTracer(fx.Tracer):
     """Trace through user modules; stop at torch.nn's own layers."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+        return type(m).__module__.startswith("torch.nn") and not isinstance(
+            m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+        )
 
 
 def _first_untraceable(model: nn.Module, prefix: str = "") -> str:
@@ -217,7 +309,11 @@ class _Analysis:
 
     def same(self, a: _Layout, b: _Layout) -> bool:
         """Unify two layouts that must carry the same channels; pin both if impossible."""
-        if a.dim != b.dim or len(a.segs) != len(b.segs) or any(ea != eb for (_, ea), (_, eb) in zip(a.segs, b.segs, strict=True)):
+        if (
+            a.dim != b.dim
+            or len(a.segs) != len(b.segs)
+            or any(ea != eb for (_, ea), (_, eb) in zip(a.segs, b.segs, strict=True))
+        ):
             self.pin_layout(a)
             self.pin_layout(b)
             return False
@@ -225,7 +321,9 @@ class _Analysis:
             self.spaces.union(sa, sb)
         return True
 
-    def producer(self, name: str, module: nn.Module, out_dim: int, attrs: Iterable[str], size: int) -> _Layout:
+    def producer(
+        self, name: str, module: nn.Module, out_dim: int, attrs: Iterable[str], size: int
+    ) -> _Layout:
         if name in self.module_out_space:  # a layer called twice produces the same channels
             space = self.module_out_space[name]
         else:
@@ -445,7 +543,11 @@ class _Analysis:
         d = inp.dim
         flattens_from_d = out_shape == (*in_shape[:d], math.prod(in_shape[d:]))
         # A literal size other than the leading batch dims would break once channels are removed.
-        if flattens_from_d and all(s in in_shape[:d] for s in literal) and not (literal and len(literal) >= len(sizes)):
+        if (
+            flattens_from_d
+            and all(s in in_shape[:d] for s in literal)
+            and not (literal and len(literal) >= len(sizes))
+        ):
             expand = math.prod(in_shape[d + 1 :])
             return _Layout(d, tuple((s, e * expand) for s, e in inp.segs))
         if out_shape == in_shape and not literal:

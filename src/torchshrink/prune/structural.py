@@ -22,7 +22,15 @@ from torchshrink.shapes import RESIZABLE, module_shape
 log = logging.getLogger(__name__)
 
 Plan = dict[int, torch.Tensor]  # group position -> channel indices to remove
-__all__ = ["Plan", "remove_channels", "mask_channels", "plan_layer", "plan_global", "search_plan", "resized_shapes"]
+__all__ = [
+    "Plan",
+    "remove_channels",
+    "mask_channels",
+    "plan_layer",
+    "plan_global",
+    "search_plan",
+    "resized_shapes",
+]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -84,7 +92,9 @@ def mask_channels(model: nn.Module, groups: Sequence[Group], plan: Plan) -> nn.M
         for gi, channels in plan.items():
             for member in groups[gi].members:
                 if member.role in ("out", "pass") and member.attr in ("weight", "bias"):
-                    getattr(member.module, member.attr).index_fill_(member.dim, member.index[channels].reshape(-1), 0.0)
+                    getattr(member.module, member.attr).index_fill_(
+                        member.dim, member.index[channels].reshape(-1), 0.0
+                    )
     return model
 
 
@@ -103,7 +113,9 @@ def _bounds(group: Group, max_ratio: float) -> int:
     return min(group.size - 1, int(group.size * max_ratio))
 
 
-def plan_layer(groups: Sequence[Group], scores: Sequence[torch.Tensor], ratio: float, max_ratio: float) -> Plan:
+def plan_layer(
+    groups: Sequence[Group], scores: Sequence[torch.Tensor], ratio: float, max_ratio: float
+) -> Plan:
     """Remove the same fraction of channels from every group, the lowest-scored first."""
     plan: Plan = {}
     for gi, (group, s) in enumerate(zip(groups, scores, strict=True)):
@@ -112,7 +124,9 @@ def plan_layer(groups: Sequence[Group], scores: Sequence[torch.Tensor], ratio: f
     return plan
 
 
-def plan_global(groups: Sequence[Group], scores: Sequence[torch.Tensor], count: int, max_ratio: float) -> Plan:
+def plan_global(
+    groups: Sequence[Group], scores: Sequence[torch.Tensor], count: int, max_ratio: float
+) -> Plan:
     """Remove the ``count`` globally lowest channels; scores are divided by their group's mean so
     groups of different scale compete fairly; no group loses more than ``max_ratio``."""
     entries = []
@@ -189,6 +203,12 @@ def _rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> li
     """The same groups with members pointing at ``target``'s modules (a deep copy of ``source``)."""
     modules = dict(target.named_modules())
     return [
-        Group(g.size, [type(m)(m.module_name, modules[m.module_name], m.attr, m.dim, m.index, m.role) for m in g.members])
+        Group(
+            g.size,
+            [
+                type(m)(m.module_name, modules[m.module_name], m.attr, m.dim, m.index, m.role)
+                for m in g.members
+            ],
+        )
         for g in groups
     ]

@@ -13,6 +13,8 @@ from pydantic import BaseModel, Field
 from torchshrink.io import load_tensors, save_tensors
 from torchshrink.models import load_weights_into
 from torchshrink.parallel import ddp
+from torchshrink.prune.masks import MaskKeeper
+from torchshrink.prune.stage import PRUNED_WEIGHTS
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
 from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit
@@ -60,7 +62,11 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
         desc=ctx.stage_name,
     )
     batches = DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed)
-    result = fit(state.model, batches, classification_loss, train_cfg, checkpoint_dir=ctx.work_dir)
+    pruned = state.attachments.get(PRUNED_WEIGHTS)  # unstructured pruning: keep pruned weights at zero
+    keeper = MaskKeeper(state.model, pruned) if pruned else None
+    result = fit(
+        state.model, batches, classification_loss, train_cfg, checkpoint_dir=ctx.work_dir, after_step=keeper
+    )
     ctx.details.update(
         steps=result.steps,
         samples_per_second=round(result.samples_per_second, 1),

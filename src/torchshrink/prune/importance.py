@@ -1,0 +1,198 @@
+"""Importance criteria: how much each weight, and each channel group, matters.
+
+Every criterion produces per-element scores for the model's tensors; an :class:`Importance` is
+then a callable ``group -> scores`` (one score per channel of a structured group), and
+``elements(name)`` gives the per-weight scores that unstructured pruning ranks. Low scores go first.
+
+* ``magnitude``: |w| (L1) or w^2 (L2). Cheap, data-free, the classic baseline.
+* ``taylor``: mean over batches of |w * dL/dw| (first-order Taylor estimate of the loss change).
+* ``snip``: |w * mean dL/dw| normalised to sum 1 (connection sensitivity, Lee et al. 2019);
+  meaningful at initialisation as well as after training.
+* ``entropy``: information carried by each input channel / neuron: the Shannon entropy of its
+  activation histogram over calibration data. A weight scores |w| times the entropy of its input;
+  a channel scores the entropy of its activation as the next layers see it.
+* ``random``: uniform random scores, the control.
+* ``bn_scale``: |gamma| of the batch-norm layers in the group (network slimming, Liu et al. 2017).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchshrink.prune.graph import Group
+
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+ENTROPY_BINS = 32
+
+__all__ = ["Importance", "IMPORTANCE", "make_importance", "channel_entropy"]
+
+
+def _per_position(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum scores over every axis but ``dim``: one value per position along ``dim``."""
+    moved = scores.movedim(dim, 0)
+    return moved.reshape(moved.shape[0], -1).sum(1)
+
+
+class Importance:
+    """Per-element scores of a model's tensors, usable per weight and per channel group."""
+
+    def __init__(self, scores: dict[str, torch.Tensor], name: str) -> None:
+        self.scores = scores
+        self.name = name
+
+    def elements(self, tensor_name: str) -> torch.Tensor:
+        """Per-weight scores of one tensor (same shape)."""
+        return self.scores[tensor_name]
+
+    def __call__(self, group: Group) -> torch.Tensor:
+        """One score per channel of ``group``: the sum over every member slice it owns."""
+        total = torch.zeros(group.size, dtype=torch.float64)
+        for member in group.members:
+            scores = self.scores.get(member.name)
+            if scores is None:
+                continue
+            per_pos = _per_position(scores.double(), member.dim)
+            total += per_pos[member.index].sum(1)
+        return total
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def magnitude(model: nn.Module, norm: str = "l1") -> Importance:
+    power = 1 if norm == "l1" else 2
+    return Importance({n: t.abs().pow(power) for n, t in _named_tensors(model).items()}, f"magnitude-{norm}")
+
+
+def random_scores(model: nn.Module, seed: int = 0) -> Importance:
+    gen = torch.Generator().manual_seed(seed)
+    return Importance(
+        {n: torch.rand(t.shape, generator=gen) for n, t in _named_tensors(model).items()}, "random"
+    )
+
+
+def bn_scale(model: nn.Module) -> Importance:
+    scores = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            scores[f"{name}.weight" if name else "weight"] = module.weight.detach().abs()
+    return Importance(scores, "bn_scale")
+
+
+def _gradients(model: nn.Module, batches: Batches) -> list[dict[str, torch.Tensor]]:
+    """Per-batch gradients of the cross-entropy loss (the model's weights are not changed)."""
+    was_training = model.training
+    model.eval()
+    grads = []
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return grads
+
+
+def taylor(model: nn.Module, batches: Batches) -> Importance:
+    weights = _named_tensors(model)
+    grads = _gradients(model, batches)
+    scores = {n: sum((weights[n] * g[n]).abs() for g in grads) / len(grads) for n in grads[0]}
+    return Importance(scores, "taylor")
+
+
+def snip(model: nn.Module, batches: Batches) -> Importance:
+    weights = _named_tensors(model)
+    grads = _gradients(model, batches)
+    saliency = {n: (weights[n] * (sum(g[n] for g in grads) / len(grads))).abs() for n in grads[0]}
+    total = sum(float(s.sum()) for s in saliency.values()) or 1.0
+    return Importance({n: s / total for n, s in saliency.items()}, "snip")
+
+
+def channel_entropy(values: torch.Tensor, dim: int, bins: int = ENTROPY_BINS) -> torch.Tensor:
+    """Shannon entropy (nats) of each channel's value histogram; a constant channel has 0."""
+    per_channel = values.movedim(dim, 0).reshape(values.shape[dim], -1).double()
+    lo = per_channel.min(1, keepdim=True).values
+    hi = per_channel.max(1, keepdim=True).values
+    scaled = (per_channel - lo) / (hi - lo).clamp_min(1e-12)
+    idx = (scaled * bins).long().clamp(0, bins - 1)
+    counts = torch.zeros(per_channel.shape[0], bins, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones_like(scaled)
+    )
+    p = counts / counts.sum(1, keepdim=True)
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(1)
+
+
+class EntropyImportance(Importance):
+    """Entropy of every layer's input channels, measured with forward hooks on calibration data."""
+
+    def __init__(self, model: nn.Module, batches: Batches) -> None:
+        inputs: dict[str, list[torch.Tensor]] = {}
+        hooks = []
+        for name, module in model.named_modules():
+            if isinstance(module, _LAYERS):
+                hooks.append(
+                    module.register_forward_pre_hook(
+                        lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].detach())
+                    )
+                )
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for x, _ in batches:
+                    model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        self.input_entropy: dict[str, torch.Tensor] = {}
+        for name, chunks in inputs.items():
+            values = torch.cat(chunks)
+            module = model.get_submodule(name)
+            dim = 1 if not isinstance(module, nn.Linear) else values.dim() - 1
+            self.input_entropy[name] = channel_entropy(values, dim).float()
+        scores = {}
+        for name, module in model.named_modules():
+            if name in self.input_entropy:
+                w = module.weight.detach()
+                h = self.input_entropy[name]
+                if not isinstance(module, nn.Linear) and module.groups > 1:
+                    h = h.reshape(module.groups, -1)[0]  # per-group input channels of each filter
+                shape = [1] * w.dim()
+                shape[1] = -1
+                scores[f"{name}.weight"] = w.abs() * h.reshape(shape)
+        super().__init__(scores, "entropy")
+
+    def __call__(self, group: Group) -> torch.Tensor:
+        """Mean entropy of each channel as its consumers receive it (after activations)."""
+        total = torch.zeros(group.size, dtype=torch.float64)
+        seen = 0
+        for member in group.members:
+            if member.role == "in" and member.module_name in self.input_entropy:
+                h = self.input_entropy[member.module_name].double()
+                total += h[member.index].mean(1)
+                seen += 1
+        return total / max(seen, 1)
+
+
+IMPORTANCE: dict[str, Callable[..., Importance]] = {
+    "magnitude": lambda model, batches, norm="l1", seed=0: magnitude(model, norm),
+    "taylor": lambda model, batches, norm="l1", seed=0: taylor(model, batches),
+    "snip": lambda model, batches, norm="l1", seed=0: snip(model, batches),
+    "entropy": lambda model, batches, norm="l1", seed=0: EntropyImportance(model, batches),
+    "random": lambda model, batches, norm="l1", seed=0: random_scores(model, seed),
+    "bn_scale": lambda model, batches, norm="l1", seed=0: bn_scale(model),
+}
+
+
+def make_importance(
+    kind: str, model: nn.Module, batches: Batches, norm: str = "l1", seed: int = 0
+) -> Importance:
+    """Compute the scores of criterion ``kind`` for ``model`` (``batches``: labelled calibration data)."""
+    return IMPORTANCE[kind](model, batches, norm=norm, seed=seed)

@@ -1,0 +1,261 @@
+"""Recipe stage ``prune``: unstructured masks or structured channel removal, with importance
+criteria, schedules, sparsity-inducing (L1) training and fine-tuning between steps."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, model_validator
+from torch import nn
+
+from torchshrink.measure import count_macs, count_params
+from torchshrink.models import build_architecture
+from torchshrink.prune.graph import find_groups
+from torchshrink.prune.importance import IMPORTANCE, make_importance
+from torchshrink.prune.masks import (
+    MaskKeeper,
+    apply_masks,
+    compute_masks,
+    density,
+    masks_from_zeros,
+    prunable_weights,
+)
+from torchshrink.prune.schedule import SCHEDULES
+from torchshrink.prune.structural import remove_channels, resized_shapes, search_plan
+from torchshrink.registry import register_stage
+from torchshrink.state import ModelState, RunContext
+from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+PRUNED_WEIGHTS = "pruned_weights"  # attachment: names of masked tensors, so fine-tuning keeps the masks
+
+
+class ScheduleConfig(BaseModel, extra="forbid"):
+    """How the target is approached: at once, in equal steps, or on the AGP cubic curve."""
+
+    kind: Literal["oneshot", "linear", "agp"] = "oneshot"
+    steps: int = Field(1, ge=1)
+    epochs_between: int = Field(1, ge=0, description="fine-tuning epochs after every step but the last")
+
+
+class L1Config(BaseModel, extra="forbid"):
+    """Sparsity-inducing training before pruning: loss + weight * sum|W| (or sum|gamma| of batch-norms)."""
+
+    weight: float = Field(..., gt=0)
+    epochs: int = Field(..., ge=1)
+    target: Literal["weights", "bn"] = "weights"
+    lr: float = Field(1e-3, gt=0)
+
+
+class PruneConfig(BaseModel, extra="forbid"):
+    """Options of the ``prune`` stage. Give exactly one target."""
+
+    granularity: Literal["unstructured", "structured"] = "unstructured"
+    scope: Literal["global", "layer"] = "global"
+    importance: Literal["magnitude", "taylor", "snip", "entropy", "random", "bn_scale"] = "magnitude"
+    norm: Literal["l1", "l2"] = "l1"
+    sparsity: float | None = Field(
+        None, gt=0, lt=1, description="fraction of weights (unstructured) or parameters (structured) removed"
+    )
+    macs_reduction: float | None = Field(None, gt=1, description="structured: MACs before / after")
+    params_reduction: float | None = Field(None, gt=1, description="structured: parameters before / after")
+    min_density: float = Field(
+        0.02, ge=0, lt=1, description="unstructured: every layer keeps at least this fraction"
+    )
+    max_channel_ratio: float = Field(
+        0.9, gt=0, lt=1, description="structured: at most this fraction of a group goes"
+    )
+    ignore: list[str] = Field(default_factory=list, description="layer names never pruned")
+    calibration_batches: int = Field(8, ge=1, description="batches for taylor / snip / entropy scores")
+    batch_size: int = Field(64, ge=1)
+    schedule: ScheduleConfig = ScheduleConfig()
+    finetune_lr: float = Field(3e-4, gt=0, description="learning rate of the fine-tuning between steps")
+    l1_regularization: L1Config | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneConfig:
+        targets = [
+            k for k in ("sparsity", "macs_reduction", "params_reduction") if getattr(self, k) is not None
+        ]
+        if len(targets) != 1:
+            raise ValueError(
+                f"give exactly one of sparsity, macs_reduction, params_reduction; got {targets or 'none'}"
+            )
+        if self.granularity == "unstructured" and self.sparsity is None:
+            raise ValueError(
+                "unstructured pruning takes a 'sparsity' target (macs/params reductions need structured)"
+            )
+        if self.schedule.kind == "oneshot" and self.schedule.steps != 1:
+            raise ValueError("schedule kind 'oneshot' has exactly 1 step; use 'linear' or 'agp' for more")
+        return self
+
+
+def _calibration(ctx: RunContext, cfg: PruneConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    subset = ctx.data.subset("train", cfg.calibration_batches * cfg.batch_size, seed=ctx.seed)
+    x, y = subset.tensors[0], subset.tensors[1]
+    return [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
+
+
+def _l1_penalty_params(model: nn.Module, cfg: PruneConfig) -> list[torch.Tensor]:
+    if cfg.l1_regularization is not None and cfg.l1_regularization.target == "bn":
+        return [
+            m.weight
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
+        ]
+    return list(prunable_weights(model, cfg.ignore).values())
+
+
+def sparsity_inducing_training(model: nn.Module, cfg: PruneConfig, ctx: RunContext) -> dict[str, Any]:
+    """Train with an L1 penalty so that unimportant weights (or channels) are driven towards zero."""
+    l1 = cfg.l1_regularization
+    assert l1 is not None
+    penalised = _l1_penalty_params(model, cfg)
+
+    def loss_fn(net: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        x, y = batch[0], batch[1]
+        return {"ce": F.cross_entropy(net(x), y), "l1": l1.weight * sum(p.abs().sum() for p in penalised)}
+
+    def mean_abs() -> float:
+        with torch.no_grad():
+            return float(sum(p.abs().sum() for p in penalised) / sum(p.numel() for p in penalised))
+
+    before = mean_abs()
+    result = fit(
+        model,
+        DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed),
+        loss_fn,
+        TrainConfig(epochs=l1.epochs, lr=l1.lr, seed=ctx.seed, desc=f"{ctx.stage_name}: L1 training"),
+        checkpoint_dir=ctx.work_dir / "l1",
+    )
+    return {
+        "l1_final_loss": result.epoch_losses[-1],
+        "l1_mean_abs_before": before,
+        "l1_mean_abs_after": mean_abs(),
+    }
+
+
+def _finetune(
+    model: nn.Module, cfg: PruneConfig, ctx: RunContext, step: int, keeper: MaskKeeper | None
+) -> None:
+    fit(
+        model,
+        DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed + step),
+        config=TrainConfig(
+            epochs=cfg.schedule.epochs_between,
+            lr=cfg.finetune_lr,
+            seed=ctx.seed + step,
+            desc=f"{ctx.stage_name}: fine-tune {step}",
+        ),
+        checkpoint_dir=ctx.work_dir / f"finetune-{step}",
+        after_step=keeper,
+    )
+
+
+def _prune_unstructured_step(
+    model: nn.Module, cfg: PruneConfig, target: float, batches: list, seed: int
+) -> None:
+    params = prunable_weights(model, cfg.ignore)
+    importance = make_importance(cfg.importance, model, batches, norm=cfg.norm, seed=seed)
+    scores = {
+        n: importance.elements(n) if n in importance.scores else torch.zeros_like(p)
+        for n, p in params.items()
+    }
+    masks = compute_masks(scores, target, cfg.scope, cfg.min_density, already_pruned=masks_from_zeros(params))
+    apply_masks(params, masks)
+
+
+def _prune_structured_step(
+    model: nn.Module,
+    cfg: PruneConfig,
+    fraction: float,
+    batches: list,
+    seed: int,
+    example: torch.Tensor,
+    base: tuple[int, int],
+) -> None:
+    groups = find_groups(model, example, cfg.ignore)
+    if not groups:
+        log.warning("no prunable channel groups found (all pinned)")
+        return
+    importance = make_importance(cfg.importance, model, batches, norm=cfg.norm, seed=seed)
+    scores = [importance(g) for g in groups]
+    base_params, base_macs = base
+    if cfg.macs_reduction is not None:
+        goal = base_macs / cfg.macs_reduction**fraction
+        reached = lambda params, macs: macs <= goal  # noqa: E731
+    elif cfg.params_reduction is not None:
+        goal = base_params / cfg.params_reduction**fraction
+        reached = lambda params, macs: params <= goal  # noqa: E731
+    else:
+        assert cfg.sparsity is not None
+        goal = base_params * (1 - cfg.sparsity * fraction)
+        reached = lambda params, macs: params <= goal  # noqa: E731
+    plan = search_plan(
+        model, example, groups, scores, scope=cfg.scope, max_ratio=cfg.max_channel_ratio, reached=reached
+    )
+    remove_channels(model, groups, plan)
+
+
+@register_stage("prune", PruneConfig, role="transform")
+def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelState:
+    """Prune ``state.model`` in place to the target; structured pruning returns a smaller architecture."""
+    model = state.model
+    example = ctx.data.train.tensors[0][:2]
+    input_shape = tuple(example.shape[1:])
+    base = (count_params(model)[0], count_macs(model, input_shape))
+    if cfg.l1_regularization is not None:
+        ctx.details.update(sparsity_inducing_training(model, cfg, ctx))
+    batches = _calibration(ctx, cfg) if cfg.importance in ("taylor", "snip", "entropy") else []
+    steps = cfg.schedule.steps
+    structured = cfg.granularity == "structured"
+    trajectory = []
+    for step in range(1, steps + 1):
+        fraction = SCHEDULES[cfg.schedule.kind](step, steps)
+        if structured:
+            _prune_structured_step(model, cfg, fraction, batches, ctx.seed + step, example, base)
+        else:
+            assert cfg.sparsity is not None
+            _prune_unstructured_step(model, cfg, cfg.sparsity * fraction, batches, ctx.seed + step)
+        params, nonzero = count_params(model)
+        trajectory.append(
+            {
+                "step": step,
+                "params": params,
+                "nonzero_params": nonzero,
+                "macs": count_macs(model, input_shape),
+            }
+        )
+        if step < steps and cfg.schedule.epochs_between > 0:
+            names = list(prunable_weights(model, cfg.ignore)) if not structured else []
+            _finetune(model, cfg, ctx, step, MaskKeeper(model, names) if names else None)
+            if batches:
+                batches = _calibration(ctx, cfg)
+    ctx.details["steps"] = trajectory
+    ctx.details["params_before"], ctx.details["macs_before"] = base
+    architecture = state.architecture
+    attachments = dict(state.attachments)
+    if structured:
+        if architecture is not None:
+            original = build_architecture({k: v for k, v in architecture.items() if k != "resized"})
+            architecture = dict(architecture, resized=resized_shapes(model, original))
+            ctx.details["layers"] = architecture["resized"]
+    else:
+        params = prunable_weights(model, cfg.ignore)
+        attachments[PRUNED_WEIGHTS] = sorted(set(attachments.get(PRUNED_WEIGHTS, [])) | set(params))
+        ctx.details["weight_density"] = round(density(params), 6)
+        ctx.details["layers"] = {n: round(density({n: p}), 4) for n, p in params.items()}
+    return state.replace(
+        model=model,
+        architecture=architecture,
+        artefact=None,
+        attachments=attachments,
+        lineage=(*state.lineage, ctx.stage_name),
+    )
+
+
+__all__ = ["PruneConfig", "ScheduleConfig", "L1Config", "prune_stage", "PRUNED_WEIGHTS", "IMPORTANCE"]
