@@ -17,6 +17,7 @@ from torchshrink.prune.graph import StructureError, find_groups
 from torchshrink.prune.structural import (
     _rebind,
     mask_channels,
+    plan_global,
     plan_layer,
     remove_channels,
     resized_shapes,
@@ -249,3 +250,15 @@ def test_pruned_model_saves_smaller_and_loads_back_exactly(tmp_path):
     again = load_model(tmp_path / "small.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+def test_group_macs_are_hand_counts_and_drive_cost_aware_ranking():
+    groups = find_groups(zoo.build("lenet5"), torch.zeros(2, 1, 28, 28))
+    macs = {g.name: g.macs for g in groups}
+    assert macs == {"0": 24 * 24 * 25 + 8 * 8 * 25 * 50, "3": 8 * 8 * 20 * 25 + 16 * 500, "7": 800 + 10}
+    equal = [torch.ones(g.size) for g in groups]
+    plain = plan_global(groups, equal, 10, 0.9)
+    aware = plan_global(groups, equal, 10, 0.9, cost_aware=True)
+    names = [g.name for g in groups]
+    assert len(aware.get(names.index("0"), [])) == 10  # equal importance: the costliest channels go first
+    assert len(plain.get(names.index("0"), [])) < 10

@@ -180,10 +180,15 @@ class Member:
 
 @dataclass
 class Group:
-    """Channels that must be removed together, and every tensor slice they index."""
+    """Channels that must be removed together, and every tensor slice they index.
+
+    ``macs`` is what one channel costs per sample: the multiply-accumulates of every conv/linear
+    weight slice it owns (producer rows and consumer columns) times that layer's output positions.
+    """
 
     size: int
     members: list[Member] = field(default_factory=list)
+    macs: float = 0.0
 
     @property
     def name(self) -> str:
@@ -296,6 +301,7 @@ class _Analysis:
         self.members: list[tuple[str, str, int, _Layout, str]] = []  # module, attr, dim, layout, role
         self.module_out_space: dict[str, int] = {}
         self.module_in_layout: dict[str, _Layout] = {}
+        self.positions: dict[str, int] = {}  # output positions per sample of each conv/linear layer
 
     # helpers
     def pin_layout(self, layout: _Layout | None) -> None:
@@ -376,6 +382,9 @@ class _Analysis:
         m = self.modules[name]
         inp = self.arg_layout(node)
         out_shape = _shape(node)
+        if isinstance(m, (*_CONV, nn.Linear)) and out_shape is not None:
+            positions = math.prod(out_shape[2:]) if isinstance(m, _CONV) else math.prod(out_shape[1:-1])
+            self.positions[name] = self.positions.get(name, 0) + positions
         if isinstance(m, _CONV):
             if m.groups == 1:
                 self.consumer(name, inp, 1)
@@ -593,4 +602,8 @@ def find_groups(model: nn.Module, example: torch.Tensor, ignore: Iterable[str] =
                 continue
             group = groups.setdefault(root, Group(size=spaces.size[root]))
             group.members.append(Member(module_name, modules[module_name], attr, dim, index, role))
+            if attr == "weight" and module_name in analysis.positions:
+                weight = modules[module_name].weight
+                per_position = weight.numel() / weight.shape[dim]
+                group.macs += per_position * index.shape[1] * analysis.positions[module_name]
     return [g for g in groups.values() if any(m.role == "out" for m in g.members)]

@@ -69,6 +69,9 @@ class PruneConfig(BaseModel, extra="forbid"):
     max_channel_ratio: float = Field(
         0.9, gt=0, lt=1, description="structured: at most this fraction of a group goes"
     )
+    cost_aware: bool = Field(
+        True, description="structured, global scope: rank channels by importance per MAC they cost"
+    )
     ignore: list[str] = Field(default_factory=list, description="layer names never pruned")
     calibration_batches: int = Field(8, ge=1, description="batches for taylor / snip / entropy scores")
     batch_size: int = Field(64, ge=1)
@@ -196,7 +199,14 @@ def _prune_structured_step(
         goal = base_params * (1 - cfg.sparsity * fraction)
         reached = lambda params, macs: params <= goal  # noqa: E731
     plan = search_plan(
-        model, example, groups, scores, scope=cfg.scope, max_ratio=cfg.max_channel_ratio, reached=reached
+        model,
+        example,
+        groups,
+        scores,
+        scope=cfg.scope,
+        max_ratio=cfg.max_channel_ratio,
+        reached=reached,
+        cost_aware=cfg.cost_aware,
     )
     remove_channels(model, groups, plan)
 

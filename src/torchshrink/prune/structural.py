@@ -125,13 +125,24 @@ def plan_layer(
 
 
 def plan_global(
-    groups: Sequence[Group], scores: Sequence[torch.Tensor], count: int, max_ratio: float
+    groups: Sequence[Group],
+    scores: Sequence[torch.Tensor],
+    count: int,
+    max_ratio: float,
+    cost_aware: bool = False,
 ) -> Plan:
     """Remove the ``count`` globally lowest channels; scores are divided by their group's mean so
-    groups of different scale compete fairly; no group loses more than ``max_ratio``."""
+    groups of different scale compete fairly; no group loses more than ``max_ratio``.
+
+    ``cost_aware`` ranks by importance per MAC a channel costs (relative to the mean channel), so
+    the same MACs reduction removes less importance and more of the expensive, wide layers.
+    """
+    mean_macs = sum(g.macs for g in groups) / max(len(groups), 1) or 1.0
     entries = []
     for gi, s in enumerate(scores):
         norm = s / s.mean().clamp_min(1e-12)
+        if cost_aware and groups[gi].macs > 0:
+            norm = norm / (groups[gi].macs / mean_macs)
         order = torch.argsort(norm)
         entries.extend((float(norm[c]), gi, int(c)) for c in order[: _bounds(groups[gi], max_ratio)])
     entries.sort()
@@ -150,6 +161,7 @@ def search_plan(
     scope: str,
     max_ratio: float,
     reached: Callable[[int, int], bool],
+    cost_aware: bool = False,
 ) -> Plan:
     """Binary-search the smallest pruning amount whose rebuilt model satisfies ``reached(params, macs)``.
 
@@ -162,7 +174,7 @@ def search_plan(
         if scope == "layer":
             plan = plan_layer(groups, scores, amount, max_ratio)
         else:
-            plan = plan_global(groups, scores, int(amount), max_ratio)
+            plan = plan_global(groups, scores, int(amount), max_ratio, cost_aware)
         candidate = copy.deepcopy(model)
         cand_groups = _rebind(groups, model, candidate)
         remove_channels(candidate, cand_groups, plan)
@@ -209,6 +221,7 @@ def _rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> li
                 type(m)(m.module_name, modules[m.module_name], m.attr, m.dim, m.index, m.role)
                 for m in g.members
             ],
+            g.macs,
         )
         for g in groups
     ]
