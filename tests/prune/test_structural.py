@@ -256,9 +256,13 @@ def test_group_macs_are_hand_counts_and_drive_cost_aware_ranking():
     groups = find_groups(zoo.build("lenet5"), torch.zeros(2, 1, 28, 28))
     macs = {g.name: g.macs for g in groups}
     assert macs == {"0": 24 * 24 * 25 + 8 * 8 * 25 * 50, "3": 8 * 8 * 20 * 25 + 16 * 500, "7": 800 + 10}
-    equal = [torch.ones(g.size) for g in groups]
-    plain = plan_global(groups, equal, 10, 0.9)
-    aware = plan_global(groups, equal, 10, 0.9, cost_aware=True)
     names = [g.name for g in groups]
-    assert len(aware.get(names.index("0"), [])) == 10  # equal importance: the costliest channels go first
-    assert len(plain.get(names.index("0"), [])) < 10
+    # conv channels matter about equally; fc1 neurons range from nearly useless to important.
+    scores = [
+        torch.linspace(0.1, 1.9, g.size) if g.name == "7" else torch.linspace(0.9, 1.1, g.size)
+        for g in groups
+    ]
+    plain = plan_global(groups, scores, 10, 0.9)
+    aware = plan_global(groups, scores, 10, 0.9, cost_aware=True)
+    assert names.index("0") not in plain  # by importance alone the weakest fc1 neurons go
+    assert len(aware[names.index("0")]) == 10  # per MAC saved, conv1's channels are the cheapest to lose
