@@ -1,15 +1,26 @@
-"""``python -m bench``: run every benchmark table and rewrite its section of docs/benchmarks.md."""
+"""``python -m bench [TABLE ...]``: run benchmark tables (all by default) and rewrite their sections
+of docs/benchmarks.md. Tables: b0 (float references), b3 (structured pruning), b3u (unstructured)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 
-from bench import b0_reference
+from bench import b0_reference, b3_structured, b3u_unstructured
+
+TABLES = {"b0": b0_reference.run, "b3": b3_structured.run_all, "b3u": b3u_unstructured.run_all}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("tables", nargs="*", help=f"tables to run: {', '.join(TABLES)} (default: all)")
+    args = parser.parse_args()
+    unknown = [t for t in args.tables if t not in TABLES]
+    if unknown:
+        parser.error(f"unknown table(s) {unknown}; known: {', '.join(TABLES)}")
     logging.basicConfig(level=logging.WARNING)
-    b0_reference.run()
+    for name in args.tables or TABLES:
+        TABLES[name](command=f"python -m bench {name}")
 
 
 if __name__ == "__main__":

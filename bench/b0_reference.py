@@ -12,12 +12,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine_line, write_section
-from torchshrink import zoo
+from bench.common import machine_line, trained, write_section
 from torchshrink.data import load_data
 from torchshrink.measure import accuracy, interleaved_medians
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
-from torchshrink.train import DatasetBatches, TrainConfig, fit
 
 MODELS = ("lenet300", "lenet5")
 
@@ -41,21 +39,15 @@ def run(epochs: int = 30, seeds: tuple[int, ...] = (0, 1, 2), command: str = "ma
     data = load_data("mnist5k")
     rows = {}
     for name in MODELS:
-        accs, trained = [], None
+        accs, first = [], None
         for seed in seeds:
-            torch.manual_seed(seed)
-            model = zoo.build(name)
-            fit(
-                model,
-                DatasetBatches(data.train, 64, seed=seed),
-                config=TrainConfig(epochs=epochs, lr=1e-3, seed=seed, desc=f"{name} s{seed}"),
-            )
+            model, _ = trained(name, data, epochs, seed)
             accs.append(accuracy(model, data.test))
-            trained = trained or model
+            first = first or model
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.onnx"
-            export_onnx(trained, path, data.input_shape, check_inputs=data.test.tensors[0][:32])
-            lat = _time_runtimes(trained, OnnxRuntimeModel(path), data.test.tensors[0])
+            export_onnx(first, path, data.input_shape, check_inputs=data.test.tensors[0][:32])
+            lat = _time_runtimes(first, OnnxRuntimeModel(path), data.test.tensors[0])
         rows[name] = {"accuracy": accs, "median": statistics.median(accs), **lat}
     lines = [
         "## B0  Float reference models (torchshrink's training loop)",

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: the machine line, interleaved timing, and writing docs/benchmarks.md."""
+"""Shared benchmark plumbing: the machine line, training reference models, fine-tuning, writing tables."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from torchshrink.data import DatasetBundle
+from torchshrink.models import open_model, save_model
+from torchshrink.train import DatasetBatches, TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+CACHE = ROOT / "out" / "bench-cache"
 DOC = ROOT / "docs" / "benchmarks.md"
 
 
@@ -32,10 +38,41 @@ def machine_line() -> str:
     )
 
 
+def trained(
+    name: str, data: DatasetBundle, epochs: int, seed: int, lr: float = 1e-3
+) -> tuple[nn.Module, Path]:
+    """A zoo model trained with torchshrink's loop (cached under out/bench-cache) and its file."""
+    path = CACHE / f"{name}-{data.name}-e{epochs}-lr{lr:g}-s{seed}.safetensors"
+    if path.is_file():
+        return open_model(path).module, path
+    torch.manual_seed(seed)
+    loaded = open_model({"zoo": name})
+    fit(
+        loaded.module,
+        DatasetBatches(data.train, 64, seed=seed),
+        config=TrainConfig(epochs=epochs, lr=lr, seed=seed, desc=f"{name} s{seed}"),
+    )
+    save_model(path, loaded.module, loaded.architecture, data.input_shape)
+    return loaded.module, path
+
+
+def finetune(
+    model: nn.Module, data: DatasetBundle, epochs: int, seed: int, lr: float = 3e-4, after_step=None
+) -> nn.Module:
+    """The fine-tune budget every compared method gets: Adam, cosine, batch 64."""
+    fit(
+        model,
+        DatasetBatches(data.train, 64, seed=seed),
+        config=TrainConfig(epochs=epochs, lr=lr, seed=seed, desc="fine-tune"),
+        after_step=after_step,
+    )
+    return model
+
+
 def write_section(key: str, markdown: str, payload: dict) -> None:
     """Store one table's JSON and replace its section (between markers) in docs/benchmarks.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{key}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{key}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     block = f"{begin}\n{markdown.strip()}\n{end}"

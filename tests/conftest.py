@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from torchshrink.data import DatasetBundle, load_data
+
+# `make test` runs two xdist workers on two cores: more than one torch thread per worker
+# oversubscribes the CPU, and OpenMP's waiting then makes small ops up to 100x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

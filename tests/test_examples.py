@@ -25,13 +25,15 @@ def test_example_recipe_validates(path):
     assert recipe.stages
 
 
-@pytest.mark.parametrize("name", ["lenet5_basic.yaml", "mnist1d_cnn.yaml"])
+@pytest.mark.parametrize(
+    "name", ["lenet5_basic.yaml", "mnist1d_cnn.yaml", "prune_structured.yaml", "prune_unstructured.yaml"]
+)
 def test_example_runs_quick(name, tmp_path):
     path = next(p for p in RECIPES if p.name == name)
     data = quick_variant(yaml.safe_load(path.read_text()))
     report = run(parse_recipe(data, source=str(path), base_dir=path.parent), tmp_path)
     assert report.final["accuracy"] > 0.15  # one epoch on real data beats chance (0.10)
-    assert (tmp_path / "model.onnx").is_file()
+    assert (tmp_path / "model.safetensors").is_file()
 
 
 def test_own_model_example_fails_clearly_without_the_package(tmp_path):

@@ -20,7 +20,7 @@ def demo_recipe_dict() -> dict[str, Any]:
 
 
 def quick_variant(data: dict[str, Any]) -> dict[str, Any]:
-    """Shrink a recipe to a smoke test: one epoch per stage, a data subset, few latency repeats."""
+    """Shrink a recipe to a smoke test: one epoch per training stage, a data subset, few latency repeats."""
     quick = dict(data, name=f"{data.get('name', 'recipe')}-quick")
     quick["data"] = dict(data["data"], train_limit=QUICK_TRAIN_SAMPLES, test_limit=QUICK_TEST_SAMPLES)
     quick["measure"] = dict(data.get("measure") or {}, latency_repeats=5)
@@ -30,6 +30,10 @@ def quick_variant(data: dict[str, Any]) -> dict[str, Any]:
         options = dict(options or {})
         if "epochs" in options or kind in ("train", "finetune"):
             options["epochs"] = 1
+        if isinstance(options.get("schedule"), dict):
+            options["schedule"] = dict(
+                options["schedule"], epochs_between=min(1, options["schedule"].get("epochs_between", 1))
+            )
         stages.append({kind: options})
     quick["stages"] = stages
     return quick

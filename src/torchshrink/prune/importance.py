@@ -162,11 +162,12 @@ class EntropyImportance(Importance):
             if name in self.input_entropy:
                 w = module.weight.detach()
                 h = self.input_entropy[name]
-                if not isinstance(module, nn.Linear) and module.groups > 1:
-                    h = h.reshape(module.groups, -1)[0]  # per-group input channels of each filter
-                shape = [1] * w.dim()
-                shape[1] = -1
-                scores[f"{name}.weight"] = w.abs() * h.reshape(shape)
+                groups = 1 if isinstance(module, nn.Linear) else module.groups
+                # filter o of a grouped conv reads the input channels of its own group
+                per_filter = h.reshape(groups, -1).repeat_interleave(w.shape[0] // groups, dim=0)
+                scores[f"{name}.weight"] = w.abs() * per_filter.reshape(
+                    *per_filter.shape, *([1] * (w.dim() - 2))
+                )
         super().__init__(scores, "entropy")
 
     def __call__(self, group: Group) -> torch.Tensor:

@@ -48,16 +48,22 @@ def compute_masks(
     if scope == "global":
         flat = torch.cat([s.reshape(-1) for s in scores.values()])
         k = int(round(sparsity * flat.numel()))
-        threshold = torch.kthvalue(flat, k).values if k > 0 else torch.tensor(-math.inf)
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep[torch.argsort(flat, stable=True)[:k]] = False  # exactly k go, even when scores tie
+        start = 0
         for n, s in scores.items():
-            masks[n] = s > threshold
+            masks[n] = keep[start : start + s.numel()].reshape(s.shape)
+            start += s.numel()
     else:
         for n, s in scores.items():
             k = int(round(sparsity * s.numel()))
             keep = torch.ones(s.numel(), dtype=torch.bool)
             if k > 0:
-                keep[torch.argsort(s.reshape(-1))[:k]] = False
+                keep[torch.argsort(s.reshape(-1), stable=True)[:k]] = False
             masks[n] = keep.reshape(s.shape)
+    if already_pruned:
+        for n, keep in already_pruned.items():
+            masks[n] = masks[n] & keep  # pruned weights never come back, whatever the budget
     for n, s in scores.items():
         need = math.ceil(min_density * s.numel())
         if int(masks[n].sum()) < need:

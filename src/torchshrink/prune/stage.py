@@ -88,6 +88,10 @@ class PruneConfig(BaseModel, extra="forbid"):
             raise ValueError(
                 f"give exactly one of sparsity, macs_reduction, params_reduction; got {targets or 'none'}"
             )
+        if self.granularity == "unstructured" and self.importance == "bn_scale":
+            raise ValueError(
+                "importance 'bn_scale' scores channels (batch-norm scales): use granularity: structured"
+            )
         if self.granularity == "unstructured" and self.sparsity is None:
             raise ValueError(
                 "unstructured pruning takes a 'sparsity' target (macs/params reductions need structured)"
