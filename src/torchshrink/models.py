@@ -179,6 +179,23 @@ def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
     return LoadedModel(obj, None)
 
 
+def _recorded_shapes(weights: Path, architecture: dict[str, Any]) -> dict[str, Any]:
+    """The ``resized`` layer shapes a torchshrink model file records for this same builder, if any.
+
+    They are data (layer sizes), so they may come from the file even when the builder may not.
+    """
+    if file_kind(weights) != "safetensors":
+        return {}
+    meta = read_safetensors_metadata(weights)
+    if meta.get("format") != MODEL_FORMAT or "architecture" not in meta:
+        return {}
+    saved = json.loads(meta["architecture"])
+    same_builder = all(saved.get(k) == architecture.get(k) for k in ("zoo", "factory")) and (
+        (saved.get("kwargs") or {}) == architecture["kwargs"]
+    )
+    return {"resized": saved["resized"]} if same_builder and saved.get("resized") else {}
+
+
 def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
     """Build or load a model from a spec, a dict, a zoo name, or a path to a model file."""
     if isinstance(spec, Path):
@@ -191,6 +208,8 @@ def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
         return _open_file(spec.path, spec.trust_pickle)
     architecture: dict[str, Any] = {"zoo": spec.zoo} if spec.zoo else {"factory": spec.factory}
     architecture["kwargs"] = dict(spec.kwargs)
+    if spec.weights is not None:
+        architecture.update(_recorded_shapes(spec.weights, architecture))
     model = build_architecture(architecture)
     if spec.weights is not None:
         load_weights_into(model, load_state_dict_file(spec.weights), str(spec.weights))

@@ -165,16 +165,6 @@ def test_reshape_with_a_literal_size_pins_the_channels():
     assert sorted(g.name for g in find_groups(DynamicView(), x)) == ["conv1", "conv2"]
 
 
-class DataDependent(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Sequential(nn.Linear(4, 4))
-        self.gate = Gate()
-
-    def forward(self, x):
-        return self.gate(self.inner(x))
-
-
 class Gate(nn.Module):
     def forward(self, x):
         if x.sum() > 0:  # control flow on values: not traceable
@@ -182,9 +172,33 @@ class Gate(nn.Module):
         return -x
 
 
-def test_untraceable_model_names_the_module():
-    with pytest.raises(StructureError, match=re.escape("tracing failed in module 'gate' (Gate)")):
-        find_groups(DataDependent(), torch.zeros(2, 4))
+class GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.gate = Gate()
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.gate(self.a(x)))))
+
+
+def test_untraceable_submodule_is_kept_whole_and_the_rest_pruned(caplog):
+    model = GatedNet()
+    with caplog.at_level("WARNING"):
+        groups = find_groups(model, torch.randn(2, 4))
+    assert "module 'gate' (Gate) cannot be traced" in caplog.text
+    assert [g.name for g in groups] == ["b"]  # 'a' feeds the opaque gate: pinned; 'b' -> 'c' is free
+    x = torch.randn(5, 4)
+    _, twin, small = _twin_and_small(model, x[:2])
+    with torch.no_grad():
+        assert torch.allclose(twin(x), small(x), atol=1e-6)
+
+
+def test_untraceable_top_level_forward_is_an_error():
+    with pytest.raises(StructureError, match=re.escape("the forward() of Gate itself cannot be traced")):
+        find_groups(Gate(), torch.zeros(2, 4))
 
 
 def test_ignored_layers_keep_their_channels():

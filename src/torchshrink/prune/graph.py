@@ -12,6 +12,7 @@ columns) indexed by its channels.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Iterable
@@ -23,6 +24,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from torchshrink.errors import TorchshrinkError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Member", "Group", "StructureError", "trace_model", "find_groups"]
 
@@ -245,40 +248,63 @@ class _Layout:
 
 
 class _LeafTracer(fx.Tracer):
-    """Trace through user modules; stop at torch.nn's own layers."""
+    """Trace through user modules; stop at torch.nn's own layers and at modules known to be opaque."""
+
+    def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opaque:
+            return True
         return type(m).__module__.startswith("torch.nn") and not isinstance(
             m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
         )
 
 
-def _first_untraceable(model: nn.Module, prefix: str = "") -> str:
-    """The deepest submodule whose tracing fails (to name it in the error)."""
+def _first_untraceable(model: nn.Module, opaque: frozenset[str], prefix: str = "") -> str:
+    """The deepest submodule whose tracing fails (``prefix`` itself when no child is to blame)."""
     for name, child in model.named_children():
         path = f"{prefix}.{name}" if prefix else name
-        if type(child).__module__.startswith("torch.nn"):
+        if path in opaque or type(child).__module__.startswith("torch.nn"):
             continue
+        inner = frozenset(o[len(path) + 1 :] for o in opaque if o.startswith(path + "."))
         try:
-            _LeafTracer().trace(child)
+            _LeafTracer(inner).trace(child)
         except Exception:  # noqa: BLE001 - any tracing failure marks the culprit
-            return _first_untraceable(child, path)
-    return prefix or type(model).__name__
+            return _first_untraceable(child, opaque, path)
+    return prefix
 
 
 def trace_model(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """Trace ``model`` with torch.fx and record every node's output shape for ``example``."""
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
-        culprit = _first_untraceable(model)
-        raise StructureError(
-            f"structured pruning needs a torch.fx-traceable model; tracing failed in module {culprit!r} "
-            f"({type(model.get_submodule(culprit)).__name__ if culprit in dict(model.named_modules()) else type(model).__name__}): "
-            f"{type(exc).__name__}: {exc}. Move data-dependent control flow out of forward(), or list the "
-            "module under prune.ignore / use unstructured pruning"
-        ) from exc
+    """Trace ``model`` with torch.fx and record every node's output shape for ``example``.
+
+    A submodule that cannot be traced (data-dependent control flow, checks on input shapes) is
+    kept as one opaque call: its inputs and outputs are pinned, everything around it stays prunable.
+    Only a top-level ``forward`` that cannot be traced is an error.
+    """
+    opaque: frozenset[str] = frozenset()
+    while True:
+        try:
+            graph = _LeafTracer(opaque).trace(model)
+            break
+        except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
+            culprit = _first_untraceable(model, opaque)
+            if not culprit or culprit in opaque:
+                raise StructureError(
+                    f"structured pruning needs a torch.fx-traceable model; the forward() of {type(model).__name__} "
+                    f"itself cannot be traced: {type(exc).__name__}: {exc}. Move data-dependent control flow "
+                    "into a submodule (which is then kept whole) or use unstructured pruning"
+                ) from exc
+            log.warning(
+                "module %r (%s) cannot be traced by torch.fx (%s); it is kept whole and its channels are pinned",
+                culprit,
+                type(model.get_submodule(culprit)).__name__,
+                type(exc).__name__,
+            )
+            opaque = opaque | {culprit}
     gm = fx.GraphModule(model, graph)
+    gm.opaque_modules = sorted(opaque)
     was_training = model.training
     gm.eval()
     with torch.no_grad():
