@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -22,3 +28,30 @@ def digits() -> DatasetBundle:
 def mnist_small() -> DatasetBundle:
     """MNIST-5k cut to 1,000 training and 500 test images."""
     return load_data({"name": "mnist5k", "train_limit": 1000, "test_limit": 500})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def launch() -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``python ARGS`` alone (``nproc=1``) or under torchrun with ``nproc`` gloo processes on loopback."""
+
+    def run(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        env["OMP_NUM_THREADS"] = "1"
+        prefix = [sys.executable]
+        if nproc > 1:
+            prefix += [
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={nproc}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}",
+            ]
+        return subprocess.run(prefix + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run

@@ -44,16 +44,19 @@ def boom_once(state, cfg, ctx):
     return state
 
 
+FULL_STAGES = (
+    {"train": {"epochs": 3, "lr": 0.003}},
+    {"finetune": {"epochs": 1}},
+    {"evaluate": {}},
+    {"export": {}},
+)
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     report = run(
-        recipe(
-            {"train": {"epochs": 3, "lr": 0.003}},
-            {"finetune": {"epochs": 1}},
-            {"evaluate": {}},
-            {"export": {}},
-        ),
+        recipe(*FULL_STAGES),
         out,
     )
     return out, report
@@ -111,12 +114,7 @@ def test_baseline_is_loaded_model_without_a_train_stage(tmp_path, digits):
 def test_resume_skips_finished_stages(full_run):
     out, report = full_run
     again = run(
-        recipe(
-            {"train": {"epochs": 3, "lr": 0.003}},
-            {"finetune": {"epochs": 1}},
-            {"evaluate": {}},
-            {"export": {}},
-        ),
+        recipe(*FULL_STAGES),
         out,
         resume=True,
     )

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -163,34 +159,13 @@ def test_empty_data_and_frozen_model_are_refused(digits):
         fit(frozen, DatasetBatches(digits.train, 64), config=TrainConfig(progress=False))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, launch):
     """torchrun with 2 gloo processes and the same global batch ends with the same weights."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    subprocess.run([sys.executable, str(HELPER), str(one)], check=True, env=env, timeout=300)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-            str(HELPER),
-            str(two),
-        ],
-        check=True,
-        env=env,
-        timeout=300,
-    )
+    for nproc, out in ((1, one), (2, two)):
+        done = launch([str(HELPER), str(out)], nproc=nproc)
+        assert done.returncode == 0, done.stderr[-2000:]
     assert read_safetensors_metadata(two)["world_size"] == "2"
     a, b = load_tensors(one), load_tensors(two)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
