@@ -43,7 +43,8 @@ def test_eval_json_on_model_and_onnx(quick_demo, capsys):
         == 0
     )
     torch_metrics = json.loads(capsys.readouterr().out)
-    assert torch_metrics["params"] == 431_080
+    report = json.loads((quick_demo / "report.json").read_text())
+    assert torch_metrics["params"] == report["final"]["params"] < 431_080  # the demo pruned LeNet-5
     assert (
         main(["eval", str(quick_demo / "model.onnx"), "--data", "mnist5k", "--json", "--repeats", "3"]) == 0
     )
@@ -85,7 +86,8 @@ def test_eval_with_factory_and_weights(tmp_path, capsys, monkeypatch):
 def test_inspect_files(quick_demo, capsys):
     assert main(["inspect", str(quick_demo / "model.safetensors")]) == 0
     out = capsys.readouterr().out
-    assert '"zoo": "lenet5"' in out and "431,080 values" in out
+    final_params = json.loads((quick_demo / "report.json").read_text())["final"]["params"]
+    assert '"zoo": "lenet5"' in out and '"resized"' in out and f"{final_params:,} values" in out
     assert main(["inspect", str(quick_demo / "model.onnx")]) == 0
     out = capsys.readouterr().out
     assert "Conv x2" in out and "input: input ['batch', 1, 28, 28]" in out

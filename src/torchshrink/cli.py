@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ def _inspect_onnx(path: Path) -> None:
         for v in values:
             dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
             _out(f"{kind}: {v.name} {dims}")
-    params = sum(int(__import__("numpy").prod(t.dims)) for t in model.graph.initializer)
+    params = sum(math.prod(t.dims) for t in model.graph.initializer)
     _out(f"initializers: {len(model.graph.initializer)} tensors, {params:,} values")
     _out(
         "operators: "

@@ -169,6 +169,8 @@ def fit(
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     step = 0
+    resumed_sums: dict[str, float] = {}
+    resumed_count = 0
     result = TrainResult()
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -183,6 +185,7 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"].cpu())
         step = int(state["step"])
+        resumed_sums, resumed_count = dict(state["epoch_sums"]), int(state["epoch_count"])
         result.epoch_losses = [dict(e) for e in state["epoch_losses"]]
         result.resumed_from_step = step
         log.info("%s: resumed from %s at step %d of %d", cfg.desc, ckpt_path, step, total_steps)
@@ -228,9 +231,8 @@ def fit(
             epoch, skip = divmod(step, steps_per_epoch)
             sums: dict[str, float] = {}
             count = 0
-            if skip and result.resumed_from_step == step and ckpt_path is not None:
-                resumed = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-                sums, count = dict(resumed["epoch_sums"]), int(resumed["epoch_count"])
+            if skip and result.resumed_from_step == step:  # finish the epoch the checkpoint interrupted
+                sums, count = resumed_sums, resumed_count
             for index, batch in enumerate(batches.epoch(epoch)):
                 if index < skip:
                     continue

@@ -4,6 +4,7 @@ criteria, schedules, sparsity-inducing (L1) training and fine-tuning between ste
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -176,6 +177,20 @@ def _prune_unstructured_step(
     apply_masks(params, masks)
 
 
+def _target_reached(cfg: PruneConfig, fraction: float, base: tuple[int, int]) -> Callable[[int, int], bool]:
+    """``(params, macs) -> bool``: has this step's share of the structured target been reached?"""
+    base_params, base_macs = base
+    if cfg.macs_reduction is not None:
+        macs_goal = base_macs / cfg.macs_reduction**fraction
+        return lambda params, macs: macs <= macs_goal
+    if cfg.params_reduction is not None:
+        params_goal = base_params / cfg.params_reduction**fraction
+    else:
+        assert cfg.sparsity is not None
+        params_goal = base_params * (1 - cfg.sparsity * fraction)
+    return lambda params, macs: params <= params_goal
+
+
 def _prune_structured_step(
     model: nn.Module,
     cfg: PruneConfig,
@@ -191,17 +206,7 @@ def _prune_structured_step(
         return
     importance = make_importance(cfg.importance, model, batches, norm=cfg.norm, seed=seed)
     scores = [importance(g) for g in groups]
-    base_params, base_macs = base
-    if cfg.macs_reduction is not None:
-        goal = base_macs / cfg.macs_reduction**fraction
-        reached = lambda params, macs: macs <= goal  # noqa: E731
-    elif cfg.params_reduction is not None:
-        goal = base_params / cfg.params_reduction**fraction
-        reached = lambda params, macs: params <= goal  # noqa: E731
-    else:
-        assert cfg.sparsity is not None
-        goal = base_params * (1 - cfg.sparsity * fraction)
-        reached = lambda params, macs: params <= goal  # noqa: E731
+    reached = _target_reached(cfg, fraction, base)
     plan = search_plan(
         model,
         example,
