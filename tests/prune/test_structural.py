@@ -280,3 +280,16 @@ def test_group_macs_are_hand_counts_and_drive_cost_aware_ranking():
     aware = plan_global(groups, scores, 10, 0.9, cost_aware=True)
     assert names.index("0") not in plain  # by importance alone the weakest fc1 neurons go
     assert len(aware[names.index("0")]) == 10  # per MAC saved, conv1's channels are the cheapest to lose
+
+
+def test_batchnorm_recalibration_matches_the_calibration_statistics():
+    from torchshrink.prune.structural import recalibrate_batchnorm
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).eval()
+    batches = [torch.randn(8, 2, 4, 4) * 3 + 1 for _ in range(3)]
+    assert recalibrate_batchnorm(model, batches)
+    with torch.no_grad():
+        features = torch.cat([model[0](x) for x in batches])
+    torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training  # settings restored
+    assert not recalibrate_batchnorm(nn.Sequential(nn.Linear(2, 2)), batches)

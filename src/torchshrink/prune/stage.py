@@ -25,7 +25,7 @@ from torchshrink.prune.masks import (
     prunable_weights,
 )
 from torchshrink.prune.schedule import SCHEDULES
-from torchshrink.prune.structural import remove_channels, resized_shapes, search_plan
+from torchshrink.prune.structural import recalibrate_batchnorm, remove_channels, resized_shapes, search_plan
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
 from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit
@@ -218,6 +218,7 @@ def _prune_structured_step(
         cost_aware=cfg.cost_aware,
     )
     remove_channels(model, groups, plan)
+    recalibrate_batchnorm(model, [x for x, _ in batches])
 
 
 @register_stage("prune", PruneConfig, role="transform")
@@ -229,7 +230,9 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     base = (count_params(model)[0], count_macs(model, input_shape))
     if cfg.l1_regularization is not None:
         ctx.details.update(sparsity_inducing_training(model, cfg, ctx))
-    batches = _calibration(ctx, cfg) if cfg.importance in ("taylor", "snip", "entropy") else []
+    # data-driven criteria score on these batches; structured pruning re-estimates batch-norm statistics on them
+    needs_data = cfg.importance in ("taylor", "snip", "entropy") or cfg.granularity == "structured"
+    batches = _calibration(ctx, cfg) if needs_data else []
     steps = cfg.schedule.steps
     structured = cfg.granularity == "structured"
     trajectory = []
