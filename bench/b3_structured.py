@@ -134,7 +134,7 @@ def run_all(
         "## B3  Structured pruning: torchshrink vs Torch-Pruning",
         "",
         f"Command: `{command}`. Machine: {machine_line()}.",
-        "Trained with Adam + cosine (LeNet-5, ResNet: 8 epochs lr 1e-3; 1-D CNN: 30 epochs lr 1e-2), pruned to the MACs target, fine-tuned {FINETUNE_EPOCHS} epochs "
+        f"Trained with Adam + cosine (LeNet-5, ResNet: 8 epochs lr 1e-3; 1-D CNN: 30 epochs lr 1e-2), pruned to the MACs target, fine-tuned {FINETUNE_EPOCHS} epochs "
         f"(Adam 3e-4, cosine) for every row; seeds {list(seeds)}: accuracy median [min, max], latency ratios median over seeds. "
         "Latency: batch 32, 2 threads, median of 40 interleaved rounds of all rows of one case; speed-up vs the unpruned model "
         "in the same run. torchshrink: global scope, cost-aware ranking (defaults). Torch-Pruning 1.6: MetaPruner, "
