@@ -59,6 +59,8 @@ class RunContext:
         """Results worth reusing across runs into the same output folder (e.g. a trained teacher)."""
         return self.out_dir / "cache"
 
-    def calibration(self, n: int = 256) -> torch.Tensor:
-        """Up to ``n`` training inputs, the same for the same seed."""
-        return self.data.calibration(n, seed=self.seed)
+    def calibration_batches(self, batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Labelled training batches for calibration and importance scores, the same for the same seed."""
+        subset = self.data.subset("train", batches * batch_size, seed=self.seed)
+        x, y = subset.tensors[0], subset.tensors[1]
+        return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]

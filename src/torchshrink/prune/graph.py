@@ -304,7 +304,6 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             )
             opaque = opaque | {culprit}
     gm = fx.GraphModule(model, graph)
-    gm.opaque_modules = sorted(opaque)
     was_training = model.training
     gm.eval()
     with torch.no_grad():

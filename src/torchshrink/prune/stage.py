@@ -102,12 +102,6 @@ class PruneConfig(BaseModel, extra="forbid"):
         return self
 
 
-def _calibration(ctx: RunContext, cfg: PruneConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    subset = ctx.data.subset("train", cfg.calibration_batches * cfg.batch_size, seed=ctx.seed)
-    x, y = subset.tensors[0], subset.tensors[1]
-    return [(x[i : i + cfg.batch_size], y[i : i + cfg.batch_size]) for i in range(0, len(x), cfg.batch_size)]
-
-
 def _l1_penalty_params(model: nn.Module, cfg: PruneConfig) -> list[torch.Tensor]:
     if cfg.l1_regularization is not None and cfg.l1_regularization.target == "bn":
         return [
@@ -232,7 +226,7 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
         ctx.details.update(sparsity_inducing_training(model, cfg, ctx))
     # data-driven criteria score on these batches; structured pruning re-estimates batch-norm statistics on them
     needs_data = cfg.importance in ("taylor", "snip", "entropy") or cfg.granularity == "structured"
-    batches = _calibration(ctx, cfg) if needs_data else []
+    batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size) if needs_data else []
     steps = cfg.schedule.steps
     structured = cfg.granularity == "structured"
     trajectory = []
@@ -256,7 +250,7 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
             names = list(prunable_weights(model, cfg.ignore)) if not structured else []
             _finetune(model, cfg, ctx, step, MaskKeeper(model, names) if names else None)
             if batches:
-                batches = _calibration(ctx, cfg)
+                batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)
     ctx.details["steps"] = trajectory
     ctx.details["params_before"], ctx.details["macs_before"] = base
     architecture = state.architecture

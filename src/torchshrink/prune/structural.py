@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 Plan = dict[int, torch.Tensor]  # group position -> channel indices to remove
 # Cost-aware ranking divides importance by (relative MACs of a channel) ** COST_EXPONENT, i.e. it ranks
 # per MAC saved. Known weakness (B3): on a BN ResNet it strips the costly early stage to 2 channels
-# (89.6% after fine-tuning vs 95% with scope: layer); 0.5 did no better, because group-mean
+# (87.1% after fine-tuning vs Torch-Pruning's uniform 95.4%); 0.5 did no better, because group-mean
 # normalisation makes every group's scores centre on 1. Cross-group comparable scores are the fix.
 COST_EXPONENT = 1.0
+LAYER_STEPS = 1000  # resolution of the per-layer ratio search
 __all__ = [
     "Plan",
     "remove_channels",
@@ -200,45 +201,31 @@ def search_plan(
     real rebuilt architecture, not an estimate.
     """
     input_shape = tuple(example.shape[1:])
+    # One integer search for both scopes: global removes `amount` channels; layer removes the
+    # fraction amount / LAYER_STEPS * max_ratio of every group.
+    total = LAYER_STEPS if scope == "layer" else sum(_bounds(g, max_ratio) for g in groups)
 
-    def trial(amount: float) -> tuple[Plan, bool]:
+    def trial(amount: int) -> tuple[Plan, bool]:
         if scope == "layer":
-            plan = plan_layer(groups, scores, amount, max_ratio)
+            plan = plan_layer(groups, scores, amount / LAYER_STEPS * max_ratio, max_ratio)
         else:
-            plan = plan_global(groups, scores, int(amount), max_ratio, cost_aware)
+            plan = plan_global(groups, scores, amount, max_ratio, cost_aware)
         candidate = copy.deepcopy(model)
-        cand_groups = _rebind(groups, model, candidate)
-        remove_channels(candidate, cand_groups, plan)
-        params, _ = count_params(candidate)
-        return plan, reached(params, count_macs(candidate, input_shape))
+        remove_channels(candidate, _rebind(groups, model, candidate), plan)
+        return plan, reached(count_params(candidate)[0], count_macs(candidate, input_shape))
 
-    if scope == "layer":
-        lo, hi = 0.0, max_ratio
-        best, ok = trial(hi)
-        if not ok:
-            log.warning("target not reachable within max_channel_ratio=%.2f; pruning the maximum", max_ratio)
-            return best
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            plan, ok = trial(mid)
-            if ok:
-                hi, best = mid, plan
-            else:
-                lo = mid
-        return best
-    total = sum(_bounds(g, max_ratio) for g in groups)
-    lo_i, hi_i = 0, total
-    best, ok = trial(hi_i)
+    best, ok = trial(total)
     if not ok:
         log.warning("target not reachable within max_channel_ratio=%.2f; pruning the maximum", max_ratio)
         return best
-    while lo_i < hi_i:
-        mid_i = (lo_i + hi_i) // 2
-        plan, ok = trial(mid_i)
+    lo, hi = 0, total
+    while lo < hi:
+        mid = (lo + hi) // 2
+        plan, ok = trial(mid)
         if ok:
-            hi_i, best = mid_i, plan
+            hi, best = mid, plan
         else:
-            lo_i = mid_i + 1
+            lo = mid + 1
     return best
 
 
