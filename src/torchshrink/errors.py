@@ -46,6 +46,14 @@ class ExportError(TorchshrinkError, RuntimeError):
     """Export failed, or the exported model does not match PyTorch."""
 
 
+class StructureError(TorchshrinkError):
+    """A model cannot be traced or analysed (structured pruning, quantization placement)."""
+
+
+class QuantizationError(TorchshrinkError, ValueError):
+    """A model or setting cannot be quantized as asked (names the layer and the fix)."""
+
+
 class FileProblem(TorchshrinkError, OSError):
     """A file is missing, unreadable or corrupt; the message names the path."""
 

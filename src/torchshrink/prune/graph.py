@@ -21,17 +21,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from torchshrink.errors import TorchshrinkError
+from torchshrink.errors import StructureError
+from torchshrink.tracing import trace_model
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Member", "Group", "StructureError", "trace_model", "find_groups"]
-
-
-class StructureError(TorchshrinkError):
-    """The model cannot be traced or analysed for structured pruning."""
 
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -245,71 +241,6 @@ class _Layout:
 
     def width(self, spaces: _Spaces) -> int:
         return sum(spaces.size[s] * e for s, e in self.segs)
-
-
-class _LeafTracer(fx.Tracer):
-    """Trace through user modules; stop at torch.nn's own layers and at modules known to be opaque."""
-
-    def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
-        super().__init__()
-        self.opaque = opaque
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.opaque:
-            return True
-        return type(m).__module__.startswith("torch.nn") and not isinstance(
-            m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-        )
-
-
-def _first_untraceable(model: nn.Module, opaque: frozenset[str], prefix: str = "") -> str:
-    """The deepest submodule whose tracing fails (``prefix`` itself when no child is to blame)."""
-    for name, child in model.named_children():
-        path = f"{prefix}.{name}" if prefix else name
-        if path in opaque or type(child).__module__.startswith("torch.nn"):
-            continue
-        inner = frozenset(o[len(path) + 1 :] for o in opaque if o.startswith(path + "."))
-        try:
-            _LeafTracer(inner).trace(child)
-        except Exception:  # noqa: BLE001 - any tracing failure marks the culprit
-            return _first_untraceable(child, opaque, path)
-    return prefix
-
-
-def trace_model(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """Trace ``model`` with torch.fx and record every node's output shape for ``example``.
-
-    A submodule that cannot be traced (data-dependent control flow, checks on input shapes) is
-    kept as one opaque call: its inputs and outputs are pinned, everything around it stays prunable.
-    Only a top-level ``forward`` that cannot be traced is an error.
-    """
-    opaque: frozenset[str] = frozenset()
-    while True:
-        try:
-            graph = _LeafTracer(opaque).trace(model)
-            break
-        except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
-            culprit = _first_untraceable(model, opaque)
-            if not culprit or culprit in opaque:
-                raise StructureError(
-                    f"structured pruning needs a torch.fx-traceable model; the forward() of {type(model).__name__} "
-                    f"itself cannot be traced: {type(exc).__name__}: {exc}. Move data-dependent control flow "
-                    "into a submodule (which is then kept whole) or use unstructured pruning"
-                ) from exc
-            log.warning(
-                "module %r (%s) cannot be traced by torch.fx (%s); it is kept whole and its channels are pinned",
-                culprit,
-                type(model.get_submodule(culprit)).__name__,
-                type(exc).__name__,
-            )
-            opaque = opaque | {culprit}
-    gm = fx.GraphModule(model, graph)
-    was_training = model.training
-    gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example)
-    model.train(was_training)
-    return gm
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:

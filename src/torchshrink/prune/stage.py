@@ -68,7 +68,7 @@ class PruneConfig(BaseModel, extra="forbid"):
         0.02, ge=0, lt=1, description="unstructured: every layer keeps at least this fraction"
     )
     max_channel_ratio: float = Field(
-        0.9, gt=0, lt=1, description="structured: at most this fraction of a group goes"
+        0.5, gt=0, lt=1, description="structured: at most this fraction of a group goes"
     )
     cost_aware: bool = Field(
         True, description="structured, global scope: rank channels by importance per MAC they cost"

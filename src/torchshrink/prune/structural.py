@@ -23,9 +23,8 @@ log = logging.getLogger(__name__)
 
 Plan = dict[int, torch.Tensor]  # group position -> channel indices to remove
 # Cost-aware ranking divides importance by (relative MACs of a channel) ** COST_EXPONENT, i.e. it ranks
-# per MAC saved. Known weakness (B3): on a BN ResNet it strips the costly early stage to 2 channels
-# (87.1% after fine-tuning vs Torch-Pruning's uniform 95.4%); 0.5 did no better, because group-mean
-# normalisation makes every group's scores centre on 1. Cross-group comparable scores are the fix.
+# per MAC saved. Without a cap it strips the costliest group (a ResNet's first stage) to a couple of
+# channels and accuracy suffers; the prune stage's default max_channel_ratio 0.5 bounds that (B3).
 COST_EXPONENT = 1.0
 LAYER_STEPS = 1000  # resolution of the per-layer ratio search
 __all__ = [

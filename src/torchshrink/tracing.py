@@ -1,0 +1,91 @@
+"""Tracing a model into a torch.fx graph with recorded tensor shapes: the view of a model that
+structured pruning and quantization both work on.
+
+torch.nn's own layers stay leaves; user modules are traced through. A submodule that cannot be
+traced is kept as one opaque call, so one odd block does not stop the whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from torchshrink.errors import StructureError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["trace_model"]
+
+
+class _LeafTracer(fx.Tracer):
+    """Trace through user modules; stop at torch.nn's own layers and at modules known to be opaque."""
+
+    def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opaque:
+            return True
+        return type(m).__module__.startswith("torch.nn") and not isinstance(
+            m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+        )
+
+
+def _first_untraceable(model: nn.Module, opaque: frozenset[str], prefix: str = "") -> str:
+    """The deepest submodule whose tracing fails (``prefix`` itself when no child is to blame)."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if path in opaque or type(child).__module__.startswith("torch.nn"):
+            continue
+        inner = frozenset(o[len(path) + 1 :] for o in opaque if o.startswith(path + "."))
+        try:
+            _LeafTracer(inner).trace(child)
+        except Exception:  # noqa: BLE001 - any tracing failure marks the culprit
+            return _first_untraceable(child, opaque, path)
+    return prefix
+
+
+def trace_model(
+    model: nn.Module,
+    example: torch.Tensor,
+    purpose: str = "structured pruning",
+    advice: str = " or use unstructured pruning",
+) -> fx.GraphModule:
+    """Trace ``model`` with torch.fx and record every node's output shape for ``example``.
+
+    A submodule that cannot be traced (data-dependent control flow, checks on input shapes) is
+    kept as one opaque call: its inputs and outputs are pinned, everything around it stays prunable.
+    Only a top-level ``forward`` that cannot be traced is an error.
+    """
+    opaque: frozenset[str] = frozenset()
+    while True:
+        try:
+            graph = _LeafTracer(opaque).trace(model)
+            break
+        except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
+            culprit = _first_untraceable(model, opaque)
+            if not culprit or culprit in opaque:
+                raise StructureError(
+                    f"{purpose} needs a torch.fx-traceable model; the forward() of {type(model).__name__} "
+                    f"itself cannot be traced: {type(exc).__name__}: {exc}. Move data-dependent control flow "
+                    f"into a submodule (which is then kept whole){advice}"
+                ) from exc
+            log.warning(
+                "module %r (%s) cannot be traced by torch.fx (%s); it is kept whole (%s leaves it alone)",
+                culprit,
+                type(model.get_submodule(culprit)).__name__,
+                type(exc).__name__,
+                purpose,
+            )
+            opaque = opaque | {culprit}
+    gm = fx.GraphModule(model, graph)
+    was_training = model.training
+    gm.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    model.train(was_training)
+    return gm
