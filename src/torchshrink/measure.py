@@ -77,10 +77,19 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass on one sample (FLOPs / 2, by torch.utils.flop_counter)."""
     was_training = model.training
     model.eval()
+    # FlopCounterMode's module tracker hooks gradients of any module input that requires grad, which
+    # fails without autograd (e.g. a parametrized weight passed to its quantizer): switch them off.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.zeros(1, *input_shape))
-    model.train(was_training)
+    try:
+        with counter:
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)
     return counter.get_total_flops() // 2
 
 
@@ -171,8 +180,12 @@ def measure(
     latency_repeats: int = 30,
     threads: int = 2,
     reference: nn.Module | None = None,
+    runtime: nn.Module | None = None,
 ) -> dict[str, float | int]:
     """All metrics of ``model``: accuracy on ``test``, size (the ``artefact`` file if given), MACs, latency.
+
+    With a ``runtime`` (what executes the artefact, e.g. ONNX Runtime on an int8 file), accuracy and
+    latency are measured on it; parameters and MACs still come from ``model``.
 
     With a ``reference`` model, latency is timed interleaved with it and ``speedup_b1`` /
     ``speedup_b32`` (reference time / model time, from the same run) are added.
@@ -181,14 +194,15 @@ def measure(
     params, nonzero = count_params(model)
     size = Path(artefact).stat().st_size if artefact is not None else serialized_size(model)
     metrics: dict[str, float | int] = {
-        "accuracy": accuracy(model, test),
+        "accuracy": accuracy(runtime or model, test),
         "params": params,
         "nonzero_params": nonzero,
         "macs": count_macs(model, input_shape),
         "size_bytes": size,
     }
     for batch in (1, 32):
-        pair = {"model": model} if reference is None else {"model": model, "reference": reference}
+        runner = runtime or model
+        pair = {"model": runner} if reference is None else {"model": runner, "reference": reference}
         times = latencies_ms(pair, input_shape, batch, repeats=latency_repeats, threads=threads)
         metrics[f"latency_ms_b{batch}"] = times["model"]
         if reference is not None:

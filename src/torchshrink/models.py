@@ -98,8 +98,9 @@ def _call_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
 def build_architecture(architecture: dict[str, Any]) -> nn.Module:
     """Build an untrained module from an architecture reference.
 
-    ``{"zoo"|"factory": ..., "kwargs": {...}, "resized": {layer: shape}}``; ``resized`` (written by
-    structured pruning) replaces the named layers by smaller ones of the recorded shapes.
+    ``{"zoo"|"factory": ..., "kwargs": {...}, "resized": {layer: shape}, "quantized": {...}}``;
+    ``resized`` (written by structured pruning) replaces the named layers by smaller ones of the
+    recorded shapes; ``quantized`` (written by quantization) re-creates the fake-quant structure.
     """
     kwargs = dict(architecture.get("kwargs") or {})
     if "zoo" in architecture:
@@ -108,7 +109,12 @@ def build_architecture(architecture: dict[str, Any]) -> nn.Module:
         model = _call_factory(architecture["factory"], kwargs)
     else:
         raise ModelLoadError(f"architecture reference {architecture} names neither 'zoo' nor 'factory'")
-    return apply_resized(model, architecture.get("resized") or {})
+    model = apply_resized(model, architecture.get("resized") or {})
+    if architecture.get("quantized"):
+        from torchshrink.quantize.prepare import restore  # only quantized files need torch.fx
+
+        model = restore(model, architecture["quantized"])
+    return model
 
 
 def load_weights_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> nn.Module:

@@ -19,6 +19,7 @@ from torchshrink.errors import TorchshrinkError
 from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors
 from torchshrink.measure import check_model_fits, measure
 from torchshrink.models import build_architecture, load_weights_into, open_model, save_model
+from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel import ddp
 from torchshrink.recipe import Recipe, load_recipe, parse_recipe
 from torchshrink.registry import get_stage
@@ -49,6 +50,7 @@ def _save_stage(path: Path, state: ModelState, record: dict[str, Any], fingerpri
                 "artefact": str(state.artefact) if state.artefact else None,
                 "attachments": state.attachments,
                 "lineage": list(state.lineage),
+                "runtime": str(state.runtime.path) if isinstance(state.runtime, OnnxRuntimeModel) else None,
             },
             default=str,
         ),
@@ -63,12 +65,14 @@ def _load_stage(path: Path, current: ModelState) -> tuple[ModelState, dict[str, 
     load_weights_into(model, load_tensors(path), str(path))
     model.eval()
     saved = json.loads(meta["state"])
+    runtime = saved.get("runtime")
     state = ModelState(
         model=model,
         architecture=architecture,
         artefact=Path(saved["artefact"]) if saved["artefact"] else None,
         attachments=saved["attachments"],
         lineage=tuple(saved["lineage"]),
+        runtime=OnnxRuntimeModel(runtime) if runtime else None,
     )
     return state, json.loads(meta["record"])
 
@@ -128,6 +132,7 @@ def run(
         return measure(
             s.model,
             data.test,
+            runtime=s.runtime,
             artefact=s.artefact,
             latency_repeats=recipe.measure.latency_repeats,
             threads=recipe.measure.threads,

@@ -22,6 +22,8 @@ BUILTIN_STAGE_MODULES = (
     "torchshrink.stages.training",
     "torchshrink.stages.evaluate",
     "torchshrink.stages.export",
+    "torchshrink.prune.stage",
+    "torchshrink.quantize.stage",
 )
 
 

@@ -1,0 +1,113 @@
+"""Real int8 execution: export a fake-quant model as ONNX QDQ and run it on ONNX Runtime's int8 kernels.
+
+The exported file carries torchshrink's own scales and zero points (see
+:mod:`torchshrink.quantize.fakequant`); ONNX Runtime's graph optimiser fuses each
+``DequantizeLinear -> Conv/Gemm -> QuantizeLinear`` into ``QLinearConv`` / ``QGemm`` and keeps
+max-pool and reshapes in int8. The check after export runs the optimised session and compares it with
+the fake-quant model in PyTorch.
+
+Activations are u8 and weights s8. x86 CPUs without VNNI multiply u8 x s8 pairs with an
+instruction whose 16-bit sums saturate, so ONNX Runtime's results drift from exact int8 maths
+there; :func:`needs_reduced_range` detects this and 8-bit weights then use 7 bits (no saturation, the
+same speed). CPUs with AVX-512 VNNI / AVX-VNNI (and ARM) use the full 8 bits.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import platform
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torchshrink.errors import ExportError
+from torchshrink.onnx_export import export_onnx
+from torchshrink.quantize.prepare import activation_quantizers
+
+log = logging.getLogger(__name__)
+
+__all__ = ["needs_reduced_range", "export_int8", "int8_kernel_counts", "INT8_KERNELS"]
+
+INT8_KERNELS = (
+    "QLinearConv",
+    "QGemm",
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QLinearAdd",
+    "QLinearConcat",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "NhwcMaxPool",
+    "ConvInteger",
+    "MatMulInteger",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+)
+
+
+@cache
+def needs_reduced_range() -> bool:
+    """True on x86 CPUs without VNNI, where ONNX Runtime's u8 x s8 kernels can saturate."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown x86: the safe choice costs at most one bit of weight precision
+    return not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def int8_kernel_counts(path: str | Path) -> dict[str, int]:
+    """Which operators ONNX Runtime runs after graph optimisation (int8 kernels and the rest)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(options.optimized_model_filepath).graph.node
+    return dict(collections.Counter(n.op_type for n in nodes))
+
+
+def export_int8(
+    model: nn.Module, path: str | Path, input_shape: tuple[int, ...], check_inputs: torch.Tensor | None = None
+) -> dict[str, float | int | dict[str, int]]:
+    """Export the fake-quant ``model`` as ONNX QDQ and, with ``check_inputs``, verify ONNX Runtime.
+
+    The check requires ONNX Runtime's optimised int8 run to match the fake-quant model within one
+    quantization step (the largest activation step of the model), and at least one int8 kernel.
+    """
+    steps = [
+        float(fq.scale.detach().max())
+        for fq in activation_quantizers(model).values()
+        if fq.enabled and not fq.dynamic
+    ]
+    tolerance = max(steps, default=1e-3)
+    diff = export_onnx(model, path, input_shape, check_inputs=check_inputs, atol=tolerance)
+    kernels = int8_kernel_counts(path)
+    int8_ops = sum(n for op, n in kernels.items() if op in INT8_KERNELS)
+    if steps and int8_ops == 0:
+        raise ExportError(
+            f"{path}: ONNX Runtime fused no int8 kernel (operators after optimisation: {kernels}); "
+            "the model's layers may not be supported by its QDQ fusion"
+        )
+    log.info(
+        "int8 ONNX %s: %d int8 kernel(s), max diff vs fake-quant %.3g (step %.3g)",
+        path,
+        int8_ops,
+        diff or 0.0,
+        tolerance,
+    )
+    return {
+        "max_abs_diff_vs_fakequant": diff if diff is not None else float("nan"),
+        "tolerance": tolerance,
+        "int8_kernels": int8_ops,
+        "operators": kernels,
+    }

@@ -1,0 +1,327 @@
+"""Turn a float model into a fake-quant model that int8 kernels can run exactly.
+
+1. Trace it with torch.fx and fold every batch-norm that directly follows a conv into that conv.
+2. Quantize each conv/linear weight per output channel (signed, symmetric: zero point 0, as
+   ONNX Runtime's int8 kernels want), at the layer's bit width; layers planned as float keep theirs.
+3. Put activation quantization points where quantized operators read: the inputs of quantized
+   convs/linears, residual adds, concatenations and average pooling. A point sits on the *source* of the value
+   (after its ReLU, so the ReLU folds into the range), and is re-applied after shape-only or
+   max-pool steps in between (a no-op on values, but in ONNX it keeps those steps in int8).
+   A bias is rounded to int32 at scale ``input_scale * weight_scale``, as the int8 kernels store it.
+
+The plan is data (:class:`QuantPlan`), so a saved model rebuilds the same structure before its
+scales are loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from torchshrink.errors import QuantizationError
+from torchshrink.quantize.affine import QuantSpec
+from torchshrink.quantize.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
+from torchshrink.tracing import trace_model
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "QuantPlan",
+    "prepare",
+    "restore",
+    "quantization_record",
+    "quantizable_layers",
+    "weight_quantizers",
+    "activation_quantizers",
+]
+
+Mode = Literal["static", "dynamic", "weight_only", "qat"]
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+_PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity, nn.Unflatten)
+_PASS_FUNCTIONS = {
+    torch.flatten,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.dropout,
+    torch.squeeze,
+    torch.unsqueeze,
+}
+_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "permute", "transpose", "squeeze", "unsqueeze"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_AVG_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
+_CAT_FUNCTIONS = {torch.cat, torch.concat}
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """What gets quantized how. ``layers`` maps a conv/linear name to its weight bits (None = float)."""
+
+    mode: Mode = "static"
+    layers: dict[str, int | None] = field(default_factory=dict)
+    activation_bits: int = 8
+    per_channel: bool = True
+    observer: str = "minmax"
+    weight_observer: str = "mse"
+    reduce_range: bool = False  # 7-bit weights at 8 bits: exact int8 kernels on x86 without VNNI
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
+        return cls(**data)
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the conv/linear layers whose weights can be quantized, in model order."""
+    return [name for name, m in model.named_modules() if isinstance(m, WEIGHTED) and m.weight is not None]
+
+
+class _WeightQuant(nn.Module):
+    """Parametrization: the layer sees its weight fake-quantized (int8 codes + DequantizeLinear in ONNX)."""
+
+    def __init__(self, quantizer: FakeQuantize) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.constant_dq(weight)
+
+
+class _BiasQuant(nn.Module):
+    """Parametrization: the bias rounded to int32 at ``input_scale * weight_scale`` (what int8 kernels add)."""
+
+    def __init__(self, input_quant: FakeQuantize, weight_quant: FakeQuantize) -> None:
+        super().__init__()
+        # Plain references (a list hides them from the module tree): they are owned elsewhere.
+        self._refs = [input_quant, weight_quant]
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        inp, weight = self._refs
+        if not (inp.enabled and weight.enabled) or inp.dynamic:
+            return bias
+        if torch.onnx.is_in_onnx_export():
+            with untraced():
+                scale = (
+                    (inp.scale.detach() * weight.scale.detach())
+                    .reshape(-1)
+                    .expand(bias.shape)
+                    .clamp_min(1e-12)
+                )
+                codes = torch.round(bias.detach() / scale).to(torch.int32)
+            return export_constant_dq(bias, codes, scale, torch.zeros_like(codes), 0, _ONNX_INT32)
+        scale = (inp.scale.detach() * weight.scale.detach()).reshape(-1).expand(bias.shape).clamp_min(1e-12)
+        return bias + (torch.round(bias / scale) * scale - bias).detach()
+
+
+def _weight_spec(bits: int, plan: QuantPlan) -> QuantSpec:
+    if plan.reduce_range and bits == 8:
+        bits = 7
+    return QuantSpec(bits, signed=True, symmetric=True, per_channel=plan.per_channel, axis=0)
+
+
+def _activation_spec(bits: int) -> QuantSpec:
+    return QuantSpec(bits, signed=False, symmetric=False)
+
+
+def _fold_batchnorm(gm: fx.GraphModule) -> list[str]:
+    """Fold each batch-norm whose only input is a conv used nowhere else into that conv's weight and bias."""
+    modules = dict(gm.named_modules())
+    folded = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), tuple(_BN.values())):
+            continue
+        src = node.args[0]
+        conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if conv is None or type(conv) not in _BN or len(src.users) != 1:
+            continue
+        bn = modules[node.target]
+        if not isinstance(bn, _BN[type(conv)]) or bn.running_mean is None:
+            continue
+        with torch.no_grad():
+            factor = (
+                bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                if bn.affine
+                else 1 / torch.sqrt(bn.running_var + bn.eps)
+            )
+            shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            new_bias = (bias - bn.running_mean) * factor + shift
+            conv.bias = nn.Parameter(new_bias.clone())
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        _delete_submodule(gm, node.target)
+        folded.append(str(node.target))
+    gm.graph.lint()
+    gm.recompile()
+    return folded
+
+
+def _delete_submodule(gm: fx.GraphModule, target: str) -> None:
+    parent_name, _, leaf = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, leaf, nn.Identity())
+
+
+def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _PASS_MODULES)
+    if node.op == "call_function":
+        return node.target in _PASS_FUNCTIONS
+    return node.op == "call_method" and node.target in _PASS_METHODS
+
+
+def _quantized_inputs(node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan) -> list[fx.Node]:
+    """The tensor inputs of ``node`` that must arrive quantized for its int8 kernel."""
+    if node.op == "call_module" and isinstance(modules.get(node.target), WEIGHTED):
+        if plan.layers.get(node.target) is None:
+            return []
+        return [a for a in node.args[:1] if isinstance(a, fx.Node)]
+    if plan.mode == "dynamic":
+        return []
+    is_avg = (node.op == "call_module" and isinstance(modules.get(node.target), _AVG_MODULES)) or (
+        node.op == "call_function" and node.target in _AVG_FUNCTIONS
+    )
+    if is_avg:  # int8 average pooling kernels (QLinearAveragePool / QLinearGlobalAveragePool)
+        return [a for a in node.args[:1] if isinstance(a, fx.Node)]
+    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+    if is_add:
+        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        return [a for a in tensors if isinstance(a, fx.Node)]
+    return []
+
+
+def _make_activation_quantizer(plan: QuantPlan) -> FakeQuantize:
+    if plan.mode == "dynamic":
+        fq = FakeQuantize(_activation_spec(8), "minmax")
+        fq.set_dynamic()
+        return fq
+    return FakeQuantize(_activation_spec(plan.activation_bits), plan.observer)
+
+
+def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, fx.Node]:
+    """Add activation quantizers; returns, per quantized conv/linear, the quantizer node feeding it."""
+    modules = dict(gm.named_modules())
+    # source node -> nodes between source and consumers that need the same point re-applied
+    sources: dict[fx.Node, set[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        for inp in _quantized_inputs(node, modules, plan):
+            chain = []
+            src = inp
+            # Dynamic points quantize right before the kernel: re-applying them after a max-pool
+            # would re-measure the range, not pass the codes through.
+            while (
+                plan.mode != "dynamic" and _is_passthrough(src, modules) and isinstance(src.args[0], fx.Node)
+            ):
+                chain.append(src)
+                src = src.args[0]
+            sources.setdefault(src, set()).update(chain)
+    point_of: dict[fx.Node, str] = {}
+    for src in [n for n in gm.graph.nodes if n in sources]:  # graph order: deterministic names
+        name = f"quant_{src.name}"
+        gm.add_submodule(name, _make_activation_quantizer(plan))
+        for where in [src, *sorted(sources[src], key=lambda n: list(gm.graph.nodes).index(n))]:
+            with gm.graph.inserting_after(where):
+                point = gm.graph.call_module(name, (where,))
+            where.replace_all_uses_with(
+                point, delete_user_cb=lambda user, p=point: user is not p and user.op != "output"
+            )
+            point_of[where] = name
+    gm.graph.lint()
+    gm.recompile()
+    feeding: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), WEIGHTED):
+            arg = node.args[0]
+            if isinstance(arg, fx.Node) and arg.op == "call_module" and str(arg.target).startswith("quant_"):
+                feeding[str(node.target)] = str(arg.target)
+    return feeding  # type: ignore[return-value]
+
+
+def prepare(model: nn.Module, example: torch.Tensor, plan: QuantPlan) -> fx.GraphModule:
+    """A fake-quant copy of ``model`` (BN folded, quantizers placed, weights' ranges fixed).
+
+    Activation quantizers start in calibration mode (observing, values unchanged) unless the plan
+    is dynamic; call :func:`torchshrink.quantize.ptq.calibrate` next.
+    """
+    model = copy.deepcopy(model).eval()
+    unknown = sorted(set(plan.layers) - set(quantizable_layers(model)))
+    if unknown:
+        raise QuantizationError(
+            f"quantization plan names layers the model does not have: {unknown[:5]}; "
+            f"quantizable layers: {quantizable_layers(model)[:10]}"
+        )
+    gm = trace_model(model, example, purpose="quantization", advice=" or use mode: weight_only")
+    folded = _fold_batchnorm(gm)
+    if folded:
+        log.info("folded %d batch-norm layer(s) into convolutions", len(folded))
+    feeding = _insert_activation_points(gm, plan) if plan.mode != "weight_only" else {}
+    for name, bits in plan.layers.items():
+        if bits is None:
+            continue
+        layer = gm.get_submodule(name)
+        quantizer = FakeQuantize(
+            _weight_spec(bits, plan), plan.weight_observer, channels=layer.weight.shape[0]
+        )
+        quantizer.calibrate()
+        quantizer(layer.weight.detach())
+        quantizer.freeze()
+        parametrize.register_parametrization(layer, "weight", _WeightQuant(quantizer), unsafe=True)
+        if layer.bias is not None and name in feeding and plan.mode != "dynamic":
+            act = gm.get_submodule(feeding[name])
+            parametrize.register_parametrization(layer, "bias", _BiasQuant(act, quantizer), unsafe=True)
+    for fq in activation_quantizers(gm).values():
+        if not fq.dynamic:
+            fq.calibrate()
+    return gm
+
+
+def weight_quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
+    """The weight quantizer of each quantized layer, by layer name."""
+    out = {}
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            for p in m.parametrizations["weight"]:
+                if isinstance(p, _WeightQuant):
+                    out[name] = p.quantizer
+    return out
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
+    """The activation quantization points, by name."""
+    return {n: m for n, m in model.named_children() if isinstance(m, FakeQuantize)}
+
+
+def restore(model: nn.Module, record: dict[str, Any]) -> fx.GraphModule:
+    """Rebuild the fake-quant structure a saved model was made with (scales come from its weights file).
+
+    ``record`` is what :func:`quantization_record` wrote into the architecture reference.
+    """
+    plan = QuantPlan.from_dict(record["plan"])
+    example = torch.zeros(2, *record["input_shape"])
+    gm = prepare(model, example, plan)
+    for fq in activation_quantizers(gm).values():
+        if not fq.dynamic:
+            fq.observing, fq.enabled = False, True
+    return gm
+
+
+def quantization_record(plan: QuantPlan, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The JSON-able description under which a quantized model's architecture is saved."""
+    return {"plan": plan.to_dict(), "input_shape": list(input_shape)}

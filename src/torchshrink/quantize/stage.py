@@ -1,0 +1,152 @@
+"""Stage ``quantize``: static / dynamic / weight-only PTQ, QAT, or mixed precision, shipped as int8 ONNX."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from torchshrink.onnx_export import OnnxRuntimeModel
+from torchshrink.parallel import ddp
+from torchshrink.prune.stage import PRUNED_WEIGHTS
+from torchshrink.quantize.mixed import MixedConfig, choose_plan, describe_plan
+from torchshrink.quantize.observers import ObserverName
+from torchshrink.quantize.onnx_int8 import export_int8, needs_reduced_range
+from torchshrink.quantize.prepare import activation_quantizers, quantization_record, weight_quantizers
+from torchshrink.quantize.ptq import quantize_model, uniform_plan
+from torchshrink.registry import register_stage
+from torchshrink.stages.training import FinetuneStageConfig, run_training
+from torchshrink.state import ModelState, RunContext
+
+log = logging.getLogger(__name__)
+
+__all__ = ["QuantizeConfig", "quantize_stage"]
+
+
+class QuantizeConfig(BaseModel, extra="forbid"):
+    """Options of the ``quantize`` stage."""
+
+    mode: Literal["static", "dynamic", "qat", "weight_only"] = "static"
+    bits: int = Field(
+        8, ge=2, le=8, description="weight bits of every quantized layer (mixed: the starting point)"
+    )
+    activation_bits: int = Field(8, ge=2, le=8, description="static/qat: activation bits")
+    per_channel: bool = Field(True, description="one weight scale per output channel")
+    observer: ObserverName = Field(
+        "minmax", description="activation range: minmax|moving_average|percentile|mse"
+    )
+    weight_observer: ObserverName = Field("mse", description="weight range per channel")
+    calibration_batches: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1, description="calibration batch size")
+    epochs: int = Field(3, ge=1, description="qat: training epochs")
+    lr: float = Field(1e-4, gt=0, description="qat: learning rate")
+    learn_scales: bool = Field(True, description="qat: train the scales too (LSQ)")
+    skip: list[str] = Field(default_factory=list, description="conv/linear layers that stay float")
+    mixed: MixedConfig | None = None
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto",
+        description="7-bit weights at 8 bits (auto: on x86 CPUs without VNNI, where int8 kernels saturate)",
+    )
+    backend: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime", description="onnxruntime: write and measure the int8 ONNX file; torch: fake-quant only"
+    )
+    file: str = Field("model.int8.onnx", pattern=r"^[^/\\]+\.onnx$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> QuantizeConfig:
+        if self.mode == "dynamic" and self.activation_bits != 8:
+            raise ValueError(
+                "dynamic quantization computes 8-bit activation ranges at run time; leave activation_bits at 8"
+            )
+        if self.mixed is not None and self.mode not in ("static", "weight_only"):
+            raise ValueError("mixed precision chooses bits for static or weight_only quantization")
+        return self
+
+
+def _rename_pruned(names: list[str], model) -> list[str]:  # noqa: ANN001
+    """Pruned-weight names after quantization (a quantized layer's weight lives under its parametrization)."""
+    own = {n for n, _ in model.named_parameters()}
+    out = []
+    for n in names:
+        layer, _, leaf = n.rpartition(".")
+        moved = f"{layer}.parametrizations.{leaf}.original"
+        if moved in own:
+            out.append(moved)
+        elif n in own:
+            out.append(n)
+    return out
+
+
+@register_stage("quantize", QuantizeConfig, role="transform")
+def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> ModelState:
+    """Quantize ``state.model``; with the ONNX Runtime backend the int8 file is what the report measures."""
+    if state.architecture is None:
+        log.warning(
+            "the model has no architecture reference: the quantized model can be exported but not reloaded"
+        )
+    reduce_range = needs_reduced_range() if cfg.reduce_range == "auto" else cfg.reduce_range
+    calibration = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)
+    example = calibration[0][0][:2]
+    options = dict(
+        activation_bits=cfg.activation_bits,
+        per_channel=cfg.per_channel,
+        observer=cfg.observer,
+        weight_observer=cfg.weight_observer,
+        reduce_range=reduce_range,
+    )
+    mode = "static" if cfg.mode == "qat" else cfg.mode
+    if cfg.mixed is not None:
+        plan = choose_plan(
+            state.model,
+            example,
+            calibration,
+            ctx,
+            cfg.mixed,
+            mode=mode,
+            bits=cfg.bits,
+            skip=cfg.skip,
+            **options,
+        )
+    else:
+        plan = uniform_plan(state.model, mode, cfg.bits, skip=cfg.skip, **options)
+    model = quantize_model(state.model, example, plan, calibration)
+    if cfg.mode == "qat":
+        model = _train_aware(model, state, cfg, ctx)
+    ctx.details.update(describe_plan(model, plan))
+    log.info("quantization plan:\n%s", ctx.details["plan_table"])
+    attachments = dict(state.attachments)
+    if attachments.get(PRUNED_WEIGHTS):
+        attachments[PRUNED_WEIGHTS] = _rename_pruned(attachments[PRUNED_WEIGHTS], model)
+    architecture = None
+    if state.architecture is not None:
+        architecture = {**state.architecture, "quantized": quantization_record(plan, ctx.data.input_shape)}
+    new = state.replace(
+        model=model.eval(),
+        architecture=architecture,
+        attachments=attachments,
+        lineage=(*state.lineage, ctx.stage_name),
+    )
+    if cfg.backend == "torch":
+        return new.replace(artefact=None, runtime=None)
+    path = ctx.out_dir / cfg.file
+    if ctx.dist.is_main:
+        ctx.details.update(export_int8(model, path, ctx.data.input_shape, ctx.data.test.tensors[0][:64]))
+    ddp.barrier()
+    ctx.artefacts["int8_onnx"] = cfg.file
+    return new.replace(artefact=path, runtime=OnnxRuntimeModel(path))
+
+
+def _train_aware(model, state: ModelState, cfg: QuantizeConfig, ctx: RunContext):  # noqa: ANN001, ANN202
+    """Quantization-aware training: the fake-quant model through the one training loop (the finetune stage's)."""
+    if cfg.learn_scales:
+        for fq in [*activation_quantizers(model).values(), *weight_quantizers(model).values()]:
+            fq.learn_scale()
+    train_state = state.replace(
+        model=model,
+        attachments={
+            k: (_rename_pruned(v, model) if k == PRUNED_WEIGHTS else v) for k, v in state.attachments.items()
+        },
+    )
+    run_training(train_state, FinetuneStageConfig(epochs=cfg.epochs, lr=cfg.lr), ctx)
+    return model

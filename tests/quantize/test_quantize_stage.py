@@ -1,0 +1,104 @@
+"""The ``quantize`` recipe stage: int8 ONNX shipped and measured, saved models reload, resume, mixed
+precision budgets, QAT through the one training loop, config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchshrink import load_model, run
+from torchshrink.errors import RecipeError
+from torchshrink.measure import accuracy
+from torchshrink.onnx_export import OnnxRuntimeModel
+from torchshrink.recipe import parse_recipe
+
+CNN = {"zoo": "resnet", "kwargs": {"width": 8}}
+
+
+def recipe(*stages, model=CNN):
+    return {
+        "seed": 0,
+        "model": model,
+        "data": {"name": "digits"},
+        "measure": {"latency_repeats": 3},
+        "stages": list(stages),
+    }
+
+
+@pytest.fixture(scope="module")
+def static(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static")
+    report = run(recipe({"train": {"epochs": 6, "lr": 0.003}}, {"quantize": {"mode": "static"}}), out)
+    return out, report
+
+
+def test_static_stage_ships_an_int8_file_measured_on_onnx_runtime(static) -> None:
+    out, report = static
+    trained, quantized = report.stages
+    details = quantized["details"]
+    assert (out / "model.int8.onnx").is_file()
+    assert details["int8_kernels"] >= 9 and details["operators"].get("QLinearAdd") == 3
+    assert details["max_abs_diff_vs_fakequant"] <= details["tolerance"]
+    metrics = quantized["metrics"]
+    assert metrics["size_bytes"] == (out / "model.int8.onnx").stat().st_size
+    assert metrics["size_bytes"] < 0.6 * trained["metrics"]["size_bytes"]  # int8 weights + graph overhead
+    assert metrics["accuracy"] == accuracy(OnnxRuntimeModel(out / "model.int8.onnx"), _digits_test())
+    assert metrics["accuracy"] >= trained["metrics"]["accuracy"] - 0.02
+    assert details["plan"] and set(details["plan"].values()) == {8}
+
+
+def _digits_test():
+    from torchshrink.data import load_data
+
+    return load_data("digits").test
+
+
+def test_saved_quantized_model_reloads_with_identical_outputs(static) -> None:
+    out, _ = static
+    reloaded = load_model(out / "model.safetensors")
+    runtime = OnnxRuntimeModel(out / "model.int8.onnx")
+    x = _digits_test().tensors[0][:64]
+    with torch.no_grad():
+        diff = (reloaded(x) - runtime(x)).abs().max()
+    assert float(diff) < 0.05
+
+
+def test_resume_restores_the_quantized_stage(static, tmp_path) -> None:
+    out, first = static
+    again = run(
+        recipe({"train": {"epochs": 6, "lr": 0.003}}, {"quantize": {"mode": "static"}}), out, resume=True
+    )
+    assert [s["resumed"] for s in again.stages] == [True, True]
+    assert again.final["accuracy"] == first.final["accuracy"]
+
+
+def test_qat_and_mixed_precision_stages(tmp_path) -> None:
+    report = run(
+        recipe(
+            {"train": {"epochs": 6, "lr": 0.003}},
+            {"quantize": {"mode": "qat", "bits": 4, "activation_bits": 4, "epochs": 2, "lr": 0.001}},
+        ),
+        tmp_path / "qat",
+    )
+    trained, qat = report.stages
+    assert qat["details"]["average_weight_bits"] == 4
+    assert qat["metrics"]["accuracy"] >= trained["metrics"]["accuracy"] - 0.05
+    mixed = run(
+        recipe(
+            {"train": {"epochs": 6, "lr": 0.003}}, {"quantize": {"mixed": {"max_drop": 1.0, "samples": 5000}}}
+        ),
+        tmp_path / "mixed",
+    )
+    trained, quantized = mixed.stages
+    assert quantized["details"]["average_weight_bits"] < 8
+    # the budget was measured on the whole test split here; ONNX Runtime may differ by a sample or two
+    assert quantized["metrics"]["accuracy"] >= trained["metrics"]["accuracy"] - 0.01 - 2 / 360
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(RecipeError, match="mixed"):
+        parse_recipe(recipe({"quantize": {"mode": "qat", "mixed": {"avg_bits": 4}}}))
+    with pytest.raises(RecipeError, match="exactly one budget"):
+        parse_recipe(recipe({"quantize": {"mixed": {}}}))
+    with pytest.raises(RecipeError, match="bits"):
+        parse_recipe(recipe({"quantize": {"bits": 1}}))
