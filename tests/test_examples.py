@@ -26,7 +26,15 @@ def test_example_recipe_validates(path):
 
 
 @pytest.mark.parametrize(
-    "name", ["lenet5_basic.yaml", "mnist1d_cnn.yaml", "prune_structured.yaml", "prune_unstructured.yaml"]
+    "name",
+    [
+        "lenet5_basic.yaml",
+        "mnist1d_cnn.yaml",
+        "prune_structured.yaml",
+        "prune_unstructured.yaml",
+        "quantize_int8.yaml",
+        "quantize_qat_mixed.yaml",
+    ],
 )
 def test_example_runs_quick(name, tmp_path):
     path = next(p for p in RECIPES if p.name == name)

@@ -101,6 +101,11 @@ def _markdown(report: Report) -> str:
         *[f"- {name}: `{file}`" for name, file in report.artefacts.items()],
         "",
     ]
+    for stage in report.stages:  # plans a stage chose (e.g. quantization bits per layer), as it printed them
+        for key, value in (stage.get("details") or {}).items():
+            if key.endswith("_table") and isinstance(value, str):
+                title = key[: -len("_table")].replace("_", " ")
+                lines += [f"## {stage['name']}: {title}", "", "```", value, "```", ""]
     return "\n".join(lines)
 
 

@@ -85,3 +85,25 @@ def test_weight_only_low_bit_file_matches(tmp_path, images) -> None:
     assert info["max_abs_diff_vs_fakequant"] < 1e-4
     # int8 storage of the weights: the file is about 4x smaller than float
     assert (tmp_path / "w3.onnx").stat().st_size < 0.3 * 431_080 * 4
+
+
+ZOO_INPUTS = {
+    "lenet300": (1, 28, 28),
+    "lenet5": (1, 28, 28),
+    "lenet5_half": (1, 28, 28),
+    "resnet": (1, 28, 28),
+    "cnn1d": (1, 40),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_INPUTS))
+def test_every_zoo_model_quantizes_to_int8_kernels_that_match(tmp_path, name) -> None:
+    from torchshrink.zoo import ZOO
+
+    assert set(ZOO) == set(ZOO_INPUTS)  # a new zoo model must be added here
+    model = build(name).eval()
+    x = torch.rand(64, *ZOO_INPUTS[name], generator=torch.Generator().manual_seed(1))
+    gm = quantize_model(model, x[:2], uniform_plan(model, "static", 8, reduce_range=True), [x[:32]])
+    info = export_int8(gm, tmp_path / f"{name}.onnx", ZOO_INPUTS[name], check_inputs=x[32:])
+    assert info["int8_kernels"] >= len(weight_quantizers(gm))
+    assert info["max_abs_diff_vs_fakequant"] <= _max_step(gm)

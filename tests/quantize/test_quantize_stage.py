@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torchshrink import load_model, run
-from torchshrink.errors import RecipeError
+from torchshrink.errors import QuantizationError, RecipeError
 from torchshrink.measure import accuracy
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.recipe import parse_recipe
@@ -45,6 +45,8 @@ def test_static_stage_ships_an_int8_file_measured_on_onnx_runtime(static) -> Non
     assert metrics["accuracy"] == accuracy(OnnxRuntimeModel(out / "model.int8.onnx"), _digits_test())
     assert metrics["accuracy"] >= trained["metrics"]["accuracy"] - 0.02
     assert details["plan"] and set(details["plan"].values()) == {8}
+    md = (out / "report.md").read_text()
+    assert "## quantize: plan" in md and "8-bit" in md  # the chosen plan, as printed
 
 
 def _digits_test():
@@ -91,8 +93,31 @@ def test_qat_and_mixed_precision_stages(tmp_path) -> None:
     )
     trained, quantized = mixed.stages
     assert quantized["details"]["average_weight_bits"] < 8
+    assert any(b != 8 for b in quantized["details"]["plan"].values())
     # the budget was measured on the whole test split here; ONNX Runtime may differ by a sample or two
     assert quantized["metrics"]["accuracy"] >= trained["metrics"]["accuracy"] - 0.01 - 2 / 360
+
+
+def test_avg_bits_budget_is_met_by_a_mixed_plan(tmp_path) -> None:
+    report = run(
+        recipe(
+            {"train": {"epochs": 4, "lr": 0.003}},
+            {
+                "quantize": {
+                    "mode": "weight_only",
+                    "mixed": {"avg_bits": 4.5, "samples": 200},
+                    "backend": "torch",
+                }
+            },
+            model={"zoo": "lenet300", "kwargs": {"in_features": 64}},
+        ),
+        tmp_path,
+    )
+    details = report.stages[-1]["details"]
+    # the budget is met, and the search stops there instead of dropping everything to 2 bits
+    assert 3.0 < details["average_weight_bits"] <= 4.5
+    assert len(set(details["plan"].values())) > 1
+    assert report.final["size_bytes"] > 0 and "int8_onnx" not in report.artefacts
 
 
 def test_config_errors_name_the_key() -> None:
@@ -102,3 +127,8 @@ def test_config_errors_name_the_key() -> None:
         parse_recipe(recipe({"quantize": {"mixed": {}}}))
     with pytest.raises(RecipeError, match="bits"):
         parse_recipe(recipe({"quantize": {"bits": 1}}))
+
+
+def test_skipping_an_unknown_layer_names_the_real_ones(tmp_path) -> None:
+    with pytest.raises(QuantizationError, match=r"\['nope'\].*quantizable layers are \['stem.0'"):
+        run(recipe({"quantize": {"skip": ["nope"]}}), tmp_path)

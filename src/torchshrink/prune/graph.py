@@ -190,9 +190,18 @@ class Group:
     macs: float = 0.0
 
     @property
+    def producers(self) -> list[str]:
+        """The layers whose outputs are these channels."""
+        return [m.module_name for m in self.members if m.role == "out" and m.attr == "weight"]
+
+    @property
+    def joined(self) -> bool:
+        """Several layers write into these channels (a residual stream joined by adds)."""
+        return len(self.producers) > 1
+
+    @property
     def name(self) -> str:
-        producers = [m.module_name for m in self.members if m.role == "out" and m.attr == "weight"]
-        return "+".join(producers) or self.members[0].module_name
+        return "+".join(self.producers) or self.members[0].module_name
 
 
 # --- channel spaces -------------------------------------------------------------------------------

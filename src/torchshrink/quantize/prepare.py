@@ -215,7 +215,7 @@ def _make_activation_quantizer(plan: QuantPlan) -> FakeQuantize:
     return FakeQuantize(_activation_spec(plan.activation_bits), plan.observer)
 
 
-def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, fx.Node]:
+def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, str]:
     """Add activation quantizers; returns, per quantized conv/linear, the quantizer node feeding it."""
     modules = dict(gm.named_modules())
     # source node -> nodes between source and consumers that need the same point re-applied
@@ -232,7 +232,6 @@ def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, 
                 chain.append(src)
                 src = src.args[0]
             sources.setdefault(src, set()).update(chain)
-    point_of: dict[fx.Node, str] = {}
     for src in [n for n in gm.graph.nodes if n in sources]:  # graph order: deterministic names
         name = f"quant_{src.name}"
         gm.add_submodule(name, _make_activation_quantizer(plan))
@@ -242,7 +241,6 @@ def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, 
             where.replace_all_uses_with(
                 point, delete_user_cb=lambda user, p=point: user is not p and user.op != "output"
             )
-            point_of[where] = name
     gm.graph.lint()
     gm.recompile()
     feeding: dict[str, str] = {}
@@ -251,7 +249,7 @@ def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, 
             arg = node.args[0]
             if isinstance(arg, fx.Node) and arg.op == "call_module" and str(arg.target).startswith("quant_"):
                 feeding[str(node.target)] = str(arg.target)
-    return feeding  # type: ignore[return-value]
+    return feeding
 
 
 def prepare(model: nn.Module, example: torch.Tensor, plan: QuantPlan) -> fx.GraphModule:

@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from torchshrink.errors import QuantizationError
 from torchshrink.quantize.prepare import QuantPlan, activation_quantizers, prepare, quantizable_layers
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,12 @@ __all__ = ["uniform_plan", "calibrate", "quantize_model"]
 def uniform_plan(model: nn.Module, mode: str = "static", bits: int = 8, **options) -> QuantPlan:
     """Every conv/linear at ``bits`` (``skip`` layers stay float)."""
     skip = set(options.pop("skip", ()))
+    unknown = sorted(skip - set(quantizable_layers(model)))
+    if unknown:
+        raise QuantizationError(
+            f"quantize.skip names {unknown}, which are not conv/linear layers of the model; "
+            f"its quantizable layers are {quantizable_layers(model)[:12]}"
+        )
     layers = {name: (None if name in skip else bits) for name in quantizable_layers(model)}
     return QuantPlan(mode=mode, layers=layers, **options)  # type: ignore[arg-type]
 

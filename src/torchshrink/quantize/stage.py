@@ -6,6 +6,7 @@ import logging
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
+from torch import nn
 
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel import ddp
@@ -64,7 +65,7 @@ class QuantizeConfig(BaseModel, extra="forbid"):
         return self
 
 
-def _rename_pruned(names: list[str], model) -> list[str]:  # noqa: ANN001
+def _rename_pruned(names: list[str], model: nn.Module) -> list[str]:
     """Pruned-weight names after quantization (a quantized layer's weight lives under its parametrization)."""
     own = {n for n, _ in model.named_parameters()}
     out = []
@@ -137,7 +138,7 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
     return new.replace(artefact=path, runtime=OnnxRuntimeModel(path))
 
 
-def _train_aware(model, state: ModelState, cfg: QuantizeConfig, ctx: RunContext):  # noqa: ANN001, ANN202
+def _train_aware(model: nn.Module, state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> nn.Module:
     """Quantization-aware training: the fake-quant model through the one training loop (the finetune stage's)."""
     if cfg.learn_scales:
         for fq in [*activation_quantizers(model).values(), *weight_quantizers(model).values()]:
