@@ -20,13 +20,19 @@ TABLES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("tables", nargs="*", help=f"tables to run: {', '.join(TABLES)} (default: all)")
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="b3: rerun only these models, keep the other rows"
+    )
     args = parser.parse_args()
     unknown = [t for t in args.tables if t not in TABLES]
     if unknown:
         parser.error(f"unknown table(s) {unknown}; known: {', '.join(TABLES)}")
     logging.basicConfig(level=logging.WARNING)
     for name in args.tables or TABLES:
-        TABLES[name](command=f"python -m bench {name}")
+        if name == "b3" and args.only:
+            TABLES[name](command=f"python -m bench b3 --only {' '.join(args.only)}", only=tuple(args.only))
+        else:
+            TABLES[name](command=f"python -m bench {name}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def ort_peers(fp32: Path, data: DatasetBundle, seed: int, tmp: Path) -> dict[str
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     images = _calibration(data, seed)
+    fp32, tmp = fp32.resolve(), tmp.resolve()
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.common import finetune, machine_line, trained, write_section
+from bench.common import RESULTS, finetune, machine_line, trained, write_section
 from torchshrink import load_model, run
 from torchshrink.data import load_data
 from torchshrink.measure import accuracy, count_macs, count_params, interleaved_medians
@@ -124,11 +125,24 @@ def run_case(name: str, data_name: str, epochs: int, lr: float, ratio: float, se
 
 
 def run_all(
-    seeds: tuple[int, ...] = (0, 1, 2), ratios: tuple[float, ...] = (2.0, 3.0), command: str = "make bench"
+    seeds: tuple[int, ...] = (0, 1, 2),
+    ratios: tuple[float, ...] = (2.0, 3.0),
+    command: str = "make bench",
+    only: tuple[str, ...] = (),
 ) -> dict:
+    """All cases, or with ``only`` just those models, keeping the other rows of the last run."""
     torch.set_num_threads(2)
     results: dict = {}
+    previous = RESULTS / "b3_structured.json"
+    if only and previous.is_file():
+        results = {
+            k: v
+            for k, v in json.loads(previous.read_text())["results"].items()
+            if k.split("@")[0] not in only
+        }
     for name, data_name, epochs, lr in CASES:
+        if only and name not in only:
+            continue
         for ratio in ratios:
             per_seed = [run_case(name, data_name, epochs, lr, ratio, seed) for seed in seeds]
             results[f"{name}@{ratio:g}x"] = per_seed
@@ -145,6 +159,8 @@ def run_all(
         "| case | method | accuracy | params | MACs | fewer MACs | eager speed-up | ORT fp32 speed-up |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    order = [f"{name}@{ratio:g}x" for name, *_ in CASES for ratio in ratios]
+    results = {case: results[case] for case in order if case in results}
     for case, per_seed in results.items():
         for method in per_seed[0]:
             accs = [r[method]["accuracy"] * 100 for r in per_seed]

@@ -79,3 +79,12 @@ def test_reduce_range_uses_seven_bit_weights() -> None:
     model = build("lenet300", in_features=64).eval()
     gm = prepare(model, torch.rand(2, 64), uniform_plan(model, "static", 8, reduce_range=True))
     assert {fq.spec.bits for fq in weight_quantizers(gm).values()} == {7}
+
+
+def test_stem_layer_is_a_first_conv_on_few_channels() -> None:
+    from torchshrink.quantize.ptq import stem_layer
+
+    assert stem_layer(build("lenet5")) == "0"
+    assert stem_layer(build("resnet", width=4)) == "stem.0"
+    assert stem_layer(build("resnet", width=4, in_channels=8)) is None  # wide input: int8 pays off
+    assert stem_layer(build("lenet300")) is None  # a linear first layer

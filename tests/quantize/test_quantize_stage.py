@@ -37,14 +37,16 @@ def test_static_stage_ships_an_int8_file_measured_on_onnx_runtime(static) -> Non
     trained, quantized = report.stages
     details = quantized["details"]
     assert (out / "model.int8.onnx").is_file()
-    assert details["int8_kernels"] >= 9 and details["operators"].get("QLinearAdd") == 3
+    assert details["int8_kernels"] >= 8 and details["operators"].get("QLinearAdd") == 3
     assert details["max_abs_diff_vs_fakequant"] <= details["tolerance"]
     metrics = quantized["metrics"]
     assert metrics["size_bytes"] == (out / "model.int8.onnx").stat().st_size
     assert metrics["size_bytes"] < 0.6 * trained["metrics"]["size_bytes"]  # int8 weights + graph overhead
     assert metrics["accuracy"] == accuracy(OnnxRuntimeModel(out / "model.int8.onnx"), _digits_test())
     assert metrics["accuracy"] >= trained["metrics"]["accuracy"] - 0.02
-    assert details["plan"] and set(details["plan"].values()) == {8}
+    # every layer is 8-bit except the 1-channel stem conv, kept float because its int8 kernel is slower
+    assert details["plan"]["stem.0"] == "float" and set(details["plan"].values()) == {8, "float"}
+    assert details["operators"].get("Conv") == 1
     md = (out / "report.md").read_text()
     assert "## quantize: plan" in md and "8-bit" in md  # the chosen plan, as printed
 
@@ -83,7 +85,8 @@ def test_qat_and_mixed_precision_stages(tmp_path) -> None:
         tmp_path / "qat",
     )
     trained, qat = report.stages
-    assert qat["details"]["average_weight_bits"] == 4
+    assert set(qat["details"]["plan"].values()) == {4, "float"}  # the 72-weight stem stays float
+    assert 4 < qat["details"]["average_weight_bits"] < 4.5
     assert qat["metrics"]["accuracy"] >= trained["metrics"]["accuracy"] - 0.05
     mixed = run(
         recipe(

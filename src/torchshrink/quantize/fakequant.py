@@ -146,6 +146,7 @@ class FakeQuantize(nn.Module):
         self.observing = False
         self.enabled = False
         self.dynamic = False
+        self.last_scale = 0.0
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -206,6 +207,7 @@ class FakeQuantize(nn.Module):
             spec = self.spec
             with torch.no_grad():
                 scale, zero_point = qparams(x.min(), x.max(), QuantSpec(8, signed=False, symmetric=False))
+            self.last_scale = float(scale)  # the step of the latest batch (export checks compare within it)
             return self._ste(
                 x, scale, zero_point, QuantSpec(8, signed=False, symmetric=False, axis=spec.axis)
             )

@@ -84,16 +84,17 @@ def export_int8(
     The check requires ONNX Runtime's optimised int8 run to match the fake-quant model within one
     quantization step (the largest activation step of the model), and at least one int8 kernel.
     """
-    steps = [
-        float(fq.scale.detach().max())
-        for fq in activation_quantizers(model).values()
-        if fq.enabled and not fq.dynamic
-    ]
+    points = [fq for fq in activation_quantizers(model).values() if fq.enabled]
+    if check_inputs is not None and any(fq.dynamic for fq in points):
+        model.eval()
+        with torch.no_grad():
+            model(check_inputs)  # dynamic points record the step of this very batch
+    steps = [fq.last_scale if fq.dynamic else float(fq.scale.detach().max()) for fq in points]
     tolerance = max(steps, default=1e-3)
     diff = export_onnx(model, path, input_shape, check_inputs=check_inputs, atol=tolerance)
     kernels = int8_kernel_counts(path)
     int8_ops = sum(n for op, n in kernels.items() if op in INT8_KERNELS)
-    if steps and int8_ops == 0:
+    if any(not fq.dynamic for fq in points) and int8_ops == 0:
         raise ExportError(
             f"{path}: ONNX Runtime fused no int8 kernel (operators after optimisation: {kernels}); "
             "the model's layers may not be supported by its QDQ fusion"

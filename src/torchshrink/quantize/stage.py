@@ -15,7 +15,7 @@ from torchshrink.quantize.mixed import MixedConfig, choose_plan, describe_plan
 from torchshrink.quantize.observers import ObserverName
 from torchshrink.quantize.onnx_int8 import export_int8, needs_reduced_range
 from torchshrink.quantize.prepare import activation_quantizers, quantization_record, weight_quantizers
-from torchshrink.quantize.ptq import quantize_model, uniform_plan
+from torchshrink.quantize.ptq import quantize_model, stem_layer, uniform_plan
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import FinetuneStageConfig, run_training
 from torchshrink.state import ModelState, RunContext
@@ -44,6 +44,10 @@ class QuantizeConfig(BaseModel, extra="forbid"):
     lr: float = Field(1e-4, gt=0, description="qat: learning rate")
     learn_scales: bool = Field(True, description="qat: train the scales too (LSQ)")
     skip: list[str] = Field(default_factory=list, description="conv/linear layers that stay float")
+    float_stem: bool = Field(
+        True,
+        description="static/qat: a first conv reading at most 4 channels stays float (its int8 kernel is slower)",
+    )
     mixed: MixedConfig | None = None
     reduce_range: bool | Literal["auto"] = Field(
         "auto",
@@ -97,6 +101,11 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
         reduce_range=reduce_range,
     )
     mode = "static" if cfg.mode == "qat" else cfg.mode
+    skip = list(cfg.skip)
+    stem = stem_layer(state.model) if cfg.float_stem and mode == "static" else None
+    if stem is not None and stem not in skip:
+        skip.append(stem)
+        log.info("layer %r (first conv, few input channels) stays float: its int8 kernel is slower", stem)
     if cfg.mixed is not None:
         plan = choose_plan(
             state.model,
@@ -106,11 +115,11 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
             cfg.mixed,
             mode=mode,
             bits=cfg.bits,
-            skip=cfg.skip,
+            skip=skip,
             **options,
         )
     else:
-        plan = uniform_plan(state.model, mode, cfg.bits, skip=cfg.skip, **options)
+        plan = uniform_plan(state.model, mode, cfg.bits, skip=skip, **options)
     model = quantize_model(state.model, example, plan, calibration)
     if cfg.mode == "qat":
         model = _train_aware(model, state, cfg, ctx)
