@@ -149,7 +149,8 @@ def run_all(
     lines = [
         "## B3  Structured pruning: torchshrink vs Torch-Pruning",
         "",
-        f"Command: `{command}`. Machine: {machine_line()}.",
+        f"Command: `{command}`{' (other rows: the previous full run, `python -m bench b3`)' if only else ''}. "
+        f"Machine: {machine_line()}.",
         f"Trained with Adam + cosine (LeNet-5, ResNet: 8 epochs lr 1e-3; 1-D CNN: 30 epochs lr 1e-2), pruned to the MACs target, fine-tuned {FINETUNE_EPOCHS} epochs "
         f"(Adam 3e-4, cosine) for every row; seeds {list(seeds)}: accuracy median [min, max], latency ratios median over seeds. "
         "Latency: batch 32, 2 threads, median of 40 interleaved rounds of all rows of one case; speed-up vs the unpruned model "
