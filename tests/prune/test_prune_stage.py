@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testkit import digits_recipe
 
 from torchshrink import load_model, run
 from torchshrink.errors import RecipeError
@@ -16,13 +17,7 @@ RESNET = {"zoo": "resnet", "kwargs": {"width": 8}}
 
 
 def recipe(*stages, model=MLP):
-    return {
-        "seed": 0,
-        "model": model,
-        "data": {"name": "digits"},
-        "measure": {"latency_repeats": 3},
-        "stages": list(stages),
-    }
+    return digits_recipe(*stages, model=model)
 
 
 @pytest.fixture(scope="module")

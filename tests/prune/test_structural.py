@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from testkit import ZOO_INPUTS, randomise_bn
 from torch import nn
 
 from torchshrink import zoo
@@ -25,17 +26,6 @@ from torchshrink.prune.structural import (
 )
 
 
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-    return model.eval()
-
-
 def _twin_and_small(model, example, ratio=0.5, seed=0):
     groups = find_groups(model, example)
     gen = torch.Generator().manual_seed(seed)
@@ -46,19 +36,10 @@ def _twin_and_small(model, example, ratio=0.5, seed=0):
     return groups, twin, small
 
 
-ZOO_INPUTS = {
-    "lenet300": (1, 28, 28),
-    "lenet5": (1, 28, 28),
-    "lenet5_half": (1, 28, 28),
-    "resnet": (1, 28, 28),
-    "cnn1d": (1, 40),
-}
-
-
 @pytest.mark.parametrize("name", sorted(ZOO_INPUTS))
 def test_every_zoo_model_shrinks_and_equals_its_masked_twin(name):
     torch.manual_seed(0)
-    model = _randomise_bn(zoo.build(name))
+    model = randomise_bn(zoo.build(name))
     x = torch.randn(6, *ZOO_INPUTS[name])
     groups, twin, small = _twin_and_small(model, x[:2])
     assert groups
@@ -118,7 +99,7 @@ class InvertedResidual(nn.Module):
 
 
 def test_concatenation_is_cut_consistently():
-    model = _randomise_bn(InceptionLike())
+    model = randomise_bn(InceptionLike())
     x = torch.randn(4, 3, 9, 9)
     groups, twin, small = _twin_and_small(model, x[:2], ratio=0.5)
     assert {g.name for g in groups} == {"a", "b", "c"}
@@ -130,7 +111,7 @@ def test_concatenation_is_cut_consistently():
 
 
 def test_depthwise_conv_follows_its_input_channels():
-    model = _randomise_bn(InvertedResidual())
+    model = randomise_bn(InvertedResidual())
     x = torch.randn(4, 3, 8, 8)
     groups, twin, small = _twin_and_small(model, x[:2], ratio=0.5)
     expand_group = next(g for g in groups if g.name == "expand.0")
@@ -249,7 +230,7 @@ def test_search_reaches_the_macs_target(scope):
 
 def test_pruned_model_saves_smaller_and_loads_back_exactly(tmp_path):
     loaded = open_model("resnet")
-    model = _randomise_bn(loaded.module)
+    model = randomise_bn(loaded.module)
     x = torch.randn(4, 1, 28, 28)
     original = copy.deepcopy(model)
     groups, _, _ = _twin_and_small(model, x[:2])

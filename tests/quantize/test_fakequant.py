@@ -66,3 +66,17 @@ def test_dynamic_points_must_be_8_bit_unsigned() -> None:
 def test_per_channel_quantizer_needs_channels() -> None:
     with pytest.raises(ValueError, match="channels"):
         FakeQuantize(QuantSpec(8, per_channel=True))
+
+
+def test_a_learned_scale_that_crossed_zero_quantizes_by_its_magnitude() -> None:
+    fq = FakeQuantize(QuantSpec(8, per_channel=True), channels=2)
+    w = torch.tensor([[0.5, -1.0], [0.2, 0.1]])
+    fq.calibrate()
+    fq(w)
+    fq.freeze()
+    fq.learn_scale()
+    expected = fq(w).detach()
+    with torch.no_grad():
+        fq.scale[1] = -fq.scale[1]  # an LSQ step overshot zero (seen in QAT at 8 bits)
+    assert torch.allclose(fq(w), expected)
+    assert torch.equal(fq.dequantized(w), expected)  # what export stores agrees with the forward pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from testkit import ZOO_INPUTS
 
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.quantize.onnx_int8 import export_int8, int8_kernel_counts
@@ -85,15 +86,6 @@ def test_weight_only_low_bit_file_matches(tmp_path, images) -> None:
     assert info["max_abs_diff_vs_fakequant"] < 1e-4
     # int8 storage of the weights: the file is about 4x smaller than float
     assert (tmp_path / "w3.onnx").stat().st_size < 0.3 * 431_080 * 4
-
-
-ZOO_INPUTS = {
-    "lenet300": (1, 28, 28),
-    "lenet5": (1, 28, 28),
-    "lenet5_half": (1, 28, 28),
-    "resnet": (1, 28, 28),
-    "cnn1d": (1, 40),
-}
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_INPUTS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from testkit import randomise_bn
 from torch import nn
 
 from torchshrink.quantize.prepare import (
@@ -16,20 +17,8 @@ from torchshrink.quantize.ptq import calibrate, uniform_plan
 from torchshrink.zoo import build
 
 
-def _trained_bn(model: nn.Module) -> nn.Module:
-    """Give batch-norm layers non-trivial statistics and affine parameters."""
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-    return model.eval()
-
-
 def test_batchnorm_folds_exactly_into_convolutions() -> None:
-    model = _trained_bn(build("resnet", width=4))
+    model = randomise_bn(build("resnet", width=4))
     x = torch.randn(4, 1, 28, 28)
     folded = prepare(model, x[:2], QuantPlan(mode="weight_only", layers={}))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())

@@ -27,6 +27,7 @@ __all__ = ["FakeQuantize", "fake_quant_points"]
 _ONNX_INT8 = 3  # onnx.TensorProto.INT8
 _ONNX_UINT8 = 2  # onnx.TensorProto.UINT8
 _ONNX_INT32 = 6  # onnx.TensorProto.INT32
+_MIN_SCALE = 1e-8
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -188,6 +189,11 @@ class FakeQuantize(nn.Module):
     def learned(self) -> bool:
         return isinstance(self.scale, nn.Parameter)
 
+    def step(self) -> torch.Tensor:
+        """The scale in use, without gradient. A learned scale may cross zero during training; its
+        magnitude is what quantizes (forward, export and stored codes alike)."""
+        return self.scale.detach().abs().clamp_min(_MIN_SCALE)
+
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
@@ -199,7 +205,7 @@ class FakeQuantize(nn.Module):
                 return _ExportDynamicQDQ.apply(x)
             with untraced():
                 scale, zero_point = (
-                    self.scale.detach().reshape(-1).tolist(),
+                    self.step().reshape(-1).tolist(),
                     self.zero_point.reshape(-1).tolist(),
                 )
             return _ExportQDQ.apply(x, scale, zero_point, self.spec.bits, self.spec.signed)
@@ -213,7 +219,7 @@ class FakeQuantize(nn.Module):
             )
         if self.learned:
             return self._lsq(x)
-        return self._ste(x, self.scale, self.zero_point, self.spec)
+        return self._ste(x, self.step(), self.zero_point, self.spec)
 
     def _ste(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
@@ -229,7 +235,7 @@ class FakeQuantize(nn.Module):
         shape = self._broadcast_shape(x)
         per_scale = x.numel() / self.scale.numel()
         s = _scaled_grad(
-            self.scale.clamp_min(1e-8), 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
+            self.scale.abs().clamp_min(_MIN_SCALE), 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
         ).reshape(shape)
         zp = self.zero_point.reshape(shape).float()
         v = torch.clamp(x / s + zp, self.spec.qmin, self.spec.qmax)
@@ -244,7 +250,7 @@ class FakeQuantize(nn.Module):
     # --- integer view (export, storage) -----------------------------------------------------------
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` under the frozen (or learned) parameters."""
-        return quantize(x.detach(), self.scale.detach(), self.zero_point, self.spec)
+        return quantize(x.detach(), self.step(), self.zero_point, self.spec)
 
     def constant_dq(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as it will be stored: int8 codes + DequantizeLinear when exporting, fake-quant otherwise."""
@@ -253,11 +259,11 @@ class FakeQuantize(nn.Module):
         with untraced():
             codes = self.codes(x)
         dtype = _ONNX_INT8 if self.spec.signed else _ONNX_UINT8
-        return export_constant_dq(x, codes, self.scale, self.zero_point, self.spec.axis, dtype)
+        return export_constant_dq(x, codes, self.step(), self.zero_point, self.spec.axis, dtype)
 
     def dequantized(self, x: torch.Tensor) -> torch.Tensor:
         """Float values of ``x`` on the grid, without autograd (for folding into plain layers)."""
-        return dequantize(self.codes(x), self.scale.detach(), self.zero_point, self.spec)
+        return dequantize(self.codes(x), self.step(), self.zero_point, self.spec)
 
 
 def fake_quant_points(model: nn.Module) -> dict[str, FakeQuantize]:

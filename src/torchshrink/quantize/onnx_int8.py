@@ -89,7 +89,7 @@ def export_int8(
         model.eval()
         with torch.no_grad():
             model(check_inputs)  # dynamic points record the step of this very batch
-    steps = [fq.last_scale if fq.dynamic else float(fq.scale.detach().max()) for fq in points]
+    steps = [fq.last_scale if fq.dynamic else float(fq.step().max()) for fq in points]
     tolerance = max(steps, default=1e-3)
     diff = export_onnx(model, path, input_shape, check_inputs=check_inputs, atol=tolerance)
     kernels = int8_kernel_counts(path)

@@ -113,15 +113,10 @@ class _BiasQuant(nn.Module):
             return bias
         if torch.onnx.is_in_onnx_export():
             with untraced():
-                scale = (
-                    (inp.scale.detach() * weight.scale.detach())
-                    .reshape(-1)
-                    .expand(bias.shape)
-                    .clamp_min(1e-12)
-                )
+                scale = (inp.step() * weight.step()).reshape(-1).expand(bias.shape).clamp_min(1e-12)
                 codes = torch.round(bias.detach() / scale).to(torch.int32)
             return export_constant_dq(bias, codes, scale, torch.zeros_like(codes), 0, _ONNX_INT32)
-        scale = (inp.scale.detach() * weight.scale.detach()).reshape(-1).expand(bias.shape).clamp_min(1e-12)
+        scale = (inp.step() * weight.step()).reshape(-1).expand(bias.shape).clamp_min(1e-12)
         return bias + (torch.round(bias / scale) * scale - bias).detach()
 
 

@@ -1,0 +1,40 @@
+"""Helpers several test folders share (importable because pytest puts ``tests/`` on the path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# Per-sample input shape of every zoo model in its default configuration.
+ZOO_INPUTS: dict[str, tuple[int, ...]] = {
+    "lenet300": (1, 28, 28),
+    "lenet5": (1, 28, 28),
+    "lenet5_half": (1, 28, 28),
+    "resnet": (1, 28, 28),
+    "cnn1d": (1, 40),
+}
+
+
+def digits_recipe(*stages: dict, model: dict) -> dict[str, Any]:
+    """A recipe on scikit-learn's digits with few latency repeats: fast pipeline tests."""
+    return {
+        "seed": 0,
+        "model": model,
+        "data": {"name": "digits"},
+        "measure": {"latency_repeats": 3},
+        "stages": list(stages),
+    }
+
+
+def randomise_bn(model: nn.Module) -> nn.Module:
+    """Give every batch-norm non-trivial statistics and affine parameters (as after training)."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return model.eval()
