@@ -46,7 +46,8 @@ class QuantizeConfig(BaseModel, extra="forbid"):
     skip: list[str] = Field(default_factory=list, description="conv/linear layers that stay float")
     float_stem: bool = Field(
         True,
-        description="static/qat: a first conv reading at most 4 channels stays float (its int8 kernel is slower)",
+        description="static/qat: a first conv reading at most 4 channels stays float (its int8 kernel is "
+        "slower), unless a max-pool follows it",
     )
     mixed: MixedConfig | None = None
     reduce_range: bool | Literal["auto"] = Field(
