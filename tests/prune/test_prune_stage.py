@@ -3,6 +3,8 @@ L1 training, sparse files, resume of a pruned architecture, config errors."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from testkit import digits_recipe
@@ -16,8 +18,7 @@ MLP = {"zoo": "lenet300", "kwargs": {"in_features": 64}}
 RESNET = {"zoo": "resnet", "kwargs": {"width": 8}}
 
 
-def recipe(*stages, model=MLP):
-    return digits_recipe(*stages, model=model)
+recipe = functools.partial(digits_recipe, model=MLP)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ precision budgets, QAT through the one training loop, config errors."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from testkit import digits_recipe
@@ -16,8 +18,7 @@ from torchshrink.recipe import parse_recipe
 CNN = {"zoo": "resnet", "kwargs": {"width": 8}}
 
 
-def recipe(*stages, model=CNN):
-    return digits_recipe(*stages, model=model)
+recipe = functools.partial(digits_recipe, model=CNN)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def static(tmp_path_factory):
     return out, report
 
 
-def test_static_stage_ships_an_int8_file_measured_on_onnx_runtime(static) -> None:
+def test_static_stage_ships_an_int8_file_measured_on_onnx_runtime(static, digits) -> None:
     out, report = static
     trained, quantized = report.stages
     details = quantized["details"]
@@ -37,7 +38,7 @@ def test_static_stage_ships_an_int8_file_measured_on_onnx_runtime(static) -> Non
     metrics = quantized["metrics"]
     assert metrics["size_bytes"] == (out / "model.int8.onnx").stat().st_size
     assert metrics["size_bytes"] < 0.6 * trained["metrics"]["size_bytes"]  # int8 weights + graph overhead
-    assert metrics["accuracy"] == accuracy(OnnxRuntimeModel(out / "model.int8.onnx"), _digits_test())
+    assert metrics["accuracy"] == accuracy(OnnxRuntimeModel(out / "model.int8.onnx"), digits.test)
     assert metrics["accuracy"] >= trained["metrics"]["accuracy"] - 0.02
     # every layer is 8-bit except the 1-channel stem conv, kept float because its int8 kernel is slower
     assert details["plan"]["stem.0"] == "float" and set(details["plan"].values()) == {8, "float"}
@@ -46,17 +47,11 @@ def test_static_stage_ships_an_int8_file_measured_on_onnx_runtime(static) -> Non
     assert "## quantize: plan" in md and "8-bit" in md  # the chosen plan, as printed
 
 
-def _digits_test():
-    from torchshrink.data import load_data
-
-    return load_data("digits").test
-
-
-def test_saved_quantized_model_reloads_with_identical_outputs(static) -> None:
+def test_saved_quantized_model_reloads_with_identical_outputs(static, digits) -> None:
     out, _ = static
     reloaded = load_model(out / "model.safetensors")
     runtime = OnnxRuntimeModel(out / "model.int8.onnx")
-    x = _digits_test().tensors[0][:64]
+    x = digits.test.tensors[0][:64]
     with torch.no_grad():
         diff = (reloaded(x) - runtime(x)).abs().max()
     assert float(diff) < 0.05

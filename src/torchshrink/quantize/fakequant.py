@@ -22,7 +22,7 @@ from torch import nn
 from torchshrink.quantize.affine import QuantSpec, dequantize, fake_quantize, qparams, quantize
 from torchshrink.quantize.observers import make_observer
 
-__all__ = ["FakeQuantize", "fake_quant_points"]
+__all__ = ["FakeQuantize"]
 
 _ONNX_INT8 = 3  # onnx.TensorProto.INT8
 _ONNX_UINT8 = 2  # onnx.TensorProto.UINT8
@@ -264,8 +264,3 @@ class FakeQuantize(nn.Module):
     def dequantized(self, x: torch.Tensor) -> torch.Tensor:
         """Float values of ``x`` on the grid, without autograd (for folding into plain layers)."""
         return dequantize(self.codes(x), self.step(), self.zero_point, self.spec)
-
-
-def fake_quant_points(model: nn.Module) -> dict[str, FakeQuantize]:
-    """Every :class:`FakeQuantize` in ``model`` by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantize)}

@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
+from torchshrink.data import DatasetBundle
 from torchshrink.measure import accuracy
 from torchshrink.quantize.prepare import QuantPlan, quantizable_layers
 from torchshrink.quantize.ptq import quantize_model
@@ -100,16 +101,17 @@ def choose_plan(
     model: nn.Module,
     example: torch.Tensor,
     calibration: list,
-    ctx: Any,
+    data: DatasetBundle,
     cfg: MixedConfig,
     *,
     mode: str,
     bits: int,
     skip: Sequence[str] = (),
+    seed: int = 0,
     **options: Any,
 ) -> QuantPlan:
     """The per-layer plan meeting ``cfg``'s budget (see the module docstring)."""
-    split = ctx.data.subset(cfg.split, cfg.samples, seed=ctx.seed)
+    split = data.subset(cfg.split, cfg.samples, seed=seed)
     inputs = split.tensors[0]
     layers = [n for n in quantizable_layers(model) if n not in skip]
     candidates = sorted({b for b in cfg.candidates if b <= bits} | {bits}, reverse=True)

@@ -112,11 +112,12 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
             state.model,
             example,
             calibration,
-            ctx,
+            ctx.data,
             cfg.mixed,
             mode=mode,
             bits=cfg.bits,
             skip=skip,
+            seed=ctx.seed,
             **options,
         )
     else:
