@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
 
 from torchshrink import load_model
-from torchshrink.cli import main
+from torchshrink.cli import _print_report, main
+from torchshrink.data import load_data
 from torchshrink.demo import demo_recipe, demo_recipe_dict, quick_variant
+from torchshrink.io import load_tensors
+from torchshrink.measure import accuracy
 from torchshrink.models import open_model, save_model
+from torchshrink.onnx_export import OnnxRuntimeModel
+from torchshrink.report import read_report
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +27,28 @@ def quick_demo(tmp_path_factory):
 
 
 def test_demo_quick_writes_report_and_prints_table(quick_demo, capsys):
-    for name in ("report.json", "report.md", "pareto.png", "model.safetensors", "model.onnx"):
+    for name in (
+        "report.json",
+        "report.md",
+        "pareto.png",
+        "model.safetensors",
+        "model.onnx",
+        "model.tshrink",
+    ):
         assert (quick_demo / name).is_file()
     report = json.loads((quick_demo / "report.json").read_text())
     assert report["recipe"]["name"] == "demo-quick"
     assert report["final"]["accuracy"] > 0.3  # one epoch on 1,000 real digits beats chance (0.1) clearly
     assert list((quick_demo / "cache").glob("train-*.safetensors"))  # the trained teacher is cached
+    kinds = [(s["kind"], s["branch"]) for s in report["stages"]]
+    assert ("quantize", True) in kinds and kinds[-2:] == [("encode", False), ("evaluate", False)]
+    _print_report(read_report(quick_demo / "report.json"), quick_demo)  # what `torchshrink demo` printed
+    out = capsys.readouterr().out
+    assert "| encode | encode |" in out and "| quantize (branch) | quantize |" in out
+    assert re.search(
+        r"encode: [\d,]+ bytes packed, [\d.]+x smaller than the [\d,]+ bytes of float32 weights", out
+    )
+    assert f"files:  {quick_demo / 'model.onnx'}  ·  {quick_demo / 'model.tshrink'}" in out
 
 
 def test_demo_recipe_is_valid_and_quick_variant_shrinks_it():
@@ -51,7 +73,21 @@ def test_eval_json_on_model_and_onnx(quick_demo, capsys):
     )
     onnx_metrics = json.loads(capsys.readouterr().out)
     assert onnx_metrics["size_bytes"] == (quick_demo / "model.onnx").stat().st_size
-    assert abs(onnx_metrics["accuracy"] - torch_metrics["accuracy"]) < 0.002  # same model, other runtime
+    # the int8 file is the quantize branch's model; the report measured it on the quick demo's test split
+    quick_data = load_data(quick_variant(demo_recipe_dict())["data"])
+    branch = next(s for s in report["stages"] if s["kind"] == "quantize")
+    assert (
+        accuracy(OnnxRuntimeModel(quick_demo / "model.onnx"), quick_data.test)
+        == branch["metrics"]["accuracy"]
+    )
+    assert (
+        main(["eval", str(quick_demo / "model.tshrink"), "--data", "mnist5k", "--json", "--repeats", "3"])
+        == 0
+    )
+    packed_metrics = json.loads(capsys.readouterr().out)
+    assert packed_metrics["accuracy"] == torch_metrics["accuracy"]  # the same model, from the packed file
+    assert accuracy(load_model(quick_demo / "model.tshrink"), quick_data.test) == report["final"]["accuracy"]
+    assert packed_metrics["size_bytes"] == report["final"]["size_bytes"]
 
 
 def test_eval_with_factory_and_weights(tmp_path, capsys, monkeypatch):
@@ -87,14 +123,11 @@ def test_eval_with_factory_and_weights(tmp_path, capsys, monkeypatch):
 def test_inspect_files(quick_demo, capsys):
     assert main(["inspect", str(quick_demo / "model.safetensors")]) == 0
     out = capsys.readouterr().out
-    # the demo's model is pruned (resized layers) and quantized: the file holds weights plus scales
-    stored = sum(t.numel() for t in load_model(quick_demo / "model.safetensors").state_dict().values())
-    assert (
-        '"zoo": "lenet5"' in out
-        and '"resized"' in out
-        and '"quantized"' in out
-        and f"{stored:,} values" in out
-    )
+    # the demo's final model is structurally pruned (resized layers), then sparse and weight-shared
+    stored = sum(
+        t.numel() for t in load_tensors(quick_demo / "model.safetensors").values()
+    )  # sparse: values + masks
+    assert '"zoo": "lenet5"' in out and '"resized"' in out and f"{stored:,} values" in out
     assert main(["inspect", str(quick_demo / "model.onnx")]) == 0
     out = capsys.readouterr().out
     assert "Conv x2" in out and "input: input ['batch', 1, 28, 28]" in out

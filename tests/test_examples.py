@@ -28,6 +28,7 @@ def test_example_recipe_validates(path):
 @pytest.mark.parametrize(
     "name",
     [
+        "deep_compression.yaml",
         "lenet5_basic.yaml",
         "mnist1d_cnn.yaml",
         "prune_structured.yaml",

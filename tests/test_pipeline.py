@@ -185,3 +185,36 @@ def test_model_data_shape_mismatch_names_both(tmp_path):
             ),
             tmp_path,
         )
+
+
+def test_branch_stage_is_reported_but_the_model_goes_on_unchanged(tmp_path, digits):
+    branched = recipe(
+        {"train": {"epochs": 3, "lr": 0.003}},
+        {"prune": {"sparsity": 0.9}, "branch": True},
+        {"finetune": {"epochs": 1}},
+    )
+    report = run(branched, tmp_path / "a")
+    train, prune, finetune = report.stages
+    assert prune["branch"] and not finetune["branch"]
+    assert prune["metrics"]["nonzero_params"] < 0.2 * train["metrics"]["nonzero_params"]
+    # the fine-tune started from the trained (unpruned) model, exactly as with an observing stage there
+    run(
+        recipe({"train": {"epochs": 3, "lr": 0.003}}, {"evaluate": {}}, {"finetune": {"epochs": 1}}),
+        tmp_path / "b",
+    )
+    assert finetune["metrics"]["nonzero_params"] == train["metrics"]["nonzero_params"]
+    a, b = load_model(tmp_path / "a" / "model.safetensors"), load_model(tmp_path / "b" / "model.safetensors")
+    assert all(t.equal(b.state_dict()[k]) for k, t in a.state_dict().items())
+    assert report.final == finetune["metrics"]
+    assert "| prune (branch) | prune |" in (tmp_path / "a" / "report.md").read_text()
+    # resume restores the continuing model, not the branch's
+    resumed = run(branched, tmp_path / "a", resume=True)
+    assert [s["resumed"] for s in resumed.stages] == [True, True, True]
+    assert resumed.final == report.final
+
+
+def test_branch_ending_a_recipe_leaves_the_final_model_before_it(tmp_path):
+    report = run(
+        recipe({"train": {"epochs": 2, "lr": 0.003}}, {"prune": {"sparsity": 0.9}, "branch": True}), tmp_path
+    )
+    assert report.final == report.stages[0]["metrics"]

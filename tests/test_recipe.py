@@ -64,7 +64,7 @@ def test_unknown_option_lists_allowed_keys():
 def test_unknown_stage_kind_lists_known_kinds():
     with pytest.raises(
         UnknownStageError,
-        match=r"stages\[0\].*'shrinkify'.*known kinds: evaluate, export, finetune, (.*, )?train",
+        match=r"stages\[0\].*'shrinkify'.*known kinds: encode, evaluate, export, finetune, (.*, )?train",
     ):
         parse_recipe({**GOOD, "stages": [{"shrinkify": {}}]})
 
@@ -117,3 +117,22 @@ def test_yaml_file_errors_and_relative_paths(tmp_path):
     recipe = load_recipe(ok)
     assert recipe.model.weights == tmp_path / "sub" / "w.safetensors"
     assert recipe.data.npz == tmp_path / "sub" / "d.npz"
+
+
+def test_branch_key_is_validated():
+    from torchshrink.errors import RecipeError
+    from torchshrink.recipe import parse_recipe
+
+    base = {"model": {"zoo": "lenet5"}, "data": {"name": "digits"}}
+    recipe = parse_recipe(base | {"stages": [{"train": {}}, {"prune": {"sparsity": 0.5}, "branch": True}]})
+    assert [s.branch for s in recipe.stages] == [False, True]
+    assert parse_recipe(recipe.to_dict()).stages[1].branch  # survives the round trip (and the fingerprint)
+    assert recipe.fingerprint(1) != parse_recipe(
+        base | {"stages": [{"train": {}}, {"prune": {"sparsity": 0.5}}]}
+    ).fingerprint(1)
+    with pytest.raises(RecipeError, match=r"stages\[1\].branch = 'yes': must be true or false"):
+        parse_recipe(base | {"stages": [{"train": {}}, {"prune": {}, "branch": "yes"}]})
+    with pytest.raises(RecipeError, match="makes the reference model; it cannot branch"):
+        parse_recipe(base | {"stages": [{"train": {}, "branch": True}]})
+    with pytest.raises(RecipeError, match="one-key mapping"):
+        parse_recipe(base | {"stages": [{"train": {}, "prune": {}}]})

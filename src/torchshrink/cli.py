@@ -56,10 +56,20 @@ def _print_report(report: Any, out_dir: str | Path) -> None:
         return
     _out(format_table(report))
     _out()
+    for stage in report.stages:
+        details = stage.get("details") or {}
+        if "compression_ratio" in details:
+            _out(
+                f"{stage['name']}: {details['file_bytes']:,} bytes packed, {details['compression_ratio']:.1f}x smaller "
+                f"than the {details['float_bytes']:,} bytes of float32 weights"
+            )
     _out(
         f"report: {Path(out_dir) / 'report.md'}  ·  json: {Path(out_dir) / 'report.json'}  ·  plot: {Path(out_dir) / 'pareto.png'}"
     )
     _out(f"model:  {Path(out_dir) / report.artefacts['model']}")
+    shipped = [f for k, f in report.artefacts.items() if k != "model" and not k.startswith(("report", "pareto"))]
+    if shipped:
+        _out("files:  " + "  ·  ".join(str(Path(out_dir) / f) for f in shipped))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -129,6 +139,15 @@ def _inspect_onnx(path: Path) -> None:
     _out(f"{path.stat().st_size:,} bytes on disk")
 
 
+def _inspect_packed(path: Path) -> None:
+    from torchshrink.encode.packfile import format_layer_table, read_packed
+
+    packed = read_packed(path)
+    _out(f"architecture: {json.dumps(packed.architecture, sort_keys=True)}")
+    _out(f"input shape: {list(packed.input_shape) if packed.input_shape else 'unknown'}")
+    _out(format_layer_table(packed))
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from torchshrink.io import file_kind
     from torchshrink.report import format_table, read_report
@@ -139,7 +158,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     kind = file_kind(path)
     _out(f"{path}: {kind}")
-    if kind == "safetensors":
+    if kind == "packed":
+        _inspect_packed(path)
+    elif kind == "safetensors":
         _inspect_safetensors(path)
     elif kind == "onnx":
         _inspect_onnx(path)
@@ -198,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("eval", "measure a model on a dataset"), ("export", "export a model to ONNX")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("model", help="model file (.safetensors, .onnx, TorchScript, .pt) or a zoo name")
+        p.add_argument("model", help="model file (.safetensors, .tshrink, .onnx, TorchScript, .pt) or a zoo name")
         p.add_argument(
             "--factory", help="'pkg.module:function' that builds the model; MODEL is then its weights"
         )
@@ -219,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--opset", type=int, default=17)
             p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", help="describe a model file, ONNX file or report.json")
+    p = sub.add_parser("inspect", help="describe a model file (.safetensors, .tshrink, .onnx) or report.json")
     p.add_argument("file")
     p.set_defaults(func=cmd_inspect)
     return parser

@@ -26,15 +26,17 @@ def quick_variant(data: dict[str, Any]) -> dict[str, Any]:
     quick["measure"] = dict(data.get("measure") or {}, latency_repeats=5)
     stages = []
     for item in data["stages"]:
-        ((kind, options),) = item.items()
-        options = dict(options or {})
+        kind = next(k for k in item if k != "branch")
+        options = dict(item[kind] or {})
         if "epochs" in options or kind in ("train", "finetune"):
             options["epochs"] = 1
+        if options.get("finetune_epochs"):
+            options["finetune_epochs"] = 1
         if isinstance(options.get("schedule"), dict):
             options["schedule"] = dict(
                 options["schedule"], epochs_between=min(1, options["schedule"].get("epochs_between", 1))
             )
-        stages.append({kind: options})
+        stages.append({**item, kind: options})
     quick["stages"] = stages
     return quick
 

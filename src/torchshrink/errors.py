@@ -54,6 +54,10 @@ class QuantizationError(TorchshrinkError, ValueError):
     """A model or setting cannot be quantized as asked (names the layer and the fix)."""
 
 
+class EncodeError(TorchshrinkError, ValueError):
+    """Weight sharing or packing cannot be done as asked: names the layer and what to change."""
+
+
 class FileProblem(TorchshrinkError, OSError):
     """A file is missing, unreadable or corrupt; the message names the path."""
 

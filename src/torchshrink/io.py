@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 
+PACKED_MAGIC = b"TSHRINK\x00"  # first bytes of a packed .tshrink file (torchshrink.encode.packfile)
 SPARSE_KEY = "sparse"
 _MASK_SUFFIX = ".__mask__"
 SPARSE_MAX_DENSITY = 0.9  # above this a bitmask plus values is not smaller than the dense tensor
@@ -160,7 +161,7 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 
 def file_kind(path: str | Path) -> str:
-    """Guess what a model file is from its content: safetensors, onnx, torchscript, torch or unknown."""
+    """Guess what a model file is from its content: safetensors, packed, onnx, torchscript, torch or unknown."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(path, "model file")
@@ -168,6 +169,8 @@ def file_kind(path: str | Path) -> str:
         return "onnx"
     with path.open("rb") as fh:
         head = fh.read(9)
+    if head[:8] == PACKED_MAGIC:
+        return "packed"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if zipfile.is_zipfile(path):
@@ -182,13 +185,17 @@ def file_kind(path: str | Path) -> str:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state_dict from safetensors or a ``torch.save`` file, never executing code.
+    """Load a state_dict from safetensors, a packed ``.tshrink`` or a ``torch.save`` file, never executing code.
 
     A file that holds a whole pickled module (not a state_dict) is refused with
     :class:`UntrustedPickleError`; load it through ``load_model(..., trust_pickle=True)`` instead.
     """
     path = Path(path)
     kind = file_kind(path)
+    if kind == "packed":
+        from torchshrink.encode.packfile import read_packed  # the packed format builds on this module
+
+        return read_packed(path).state_dict
     if kind == "safetensors":
         tensors = load_tensors(path)
         metadata = read_safetensors_metadata(path)

@@ -137,8 +137,37 @@ def load_weights_into(model: nn.Module, state_dict: dict[str, torch.Tensor], sou
     return model
 
 
+def _from_recorded(
+    path: Path, architecture: dict[str, Any] | None, weights: dict[str, torch.Tensor]
+) -> nn.Module:
+    """The model a torchshrink file records: only zoo architectures (a file may not name code to run)."""
+    if architecture is None:
+        raise ModelLoadError(
+            f"{path}: holds weights only (its model had no architecture reference); load it as "
+            "{factory: 'pkg.mod:fn', weights: FILE}"
+        )
+    if "zoo" not in architecture:
+        raise ModelLoadError(
+            f"{path}: was built by factory {architecture.get('factory')!r}; a file may not name code to run, "
+            f"so load it as {{factory: {architecture.get('factory')!r}, weights: {str(path)!r}}}"
+        )
+    if architecture["zoo"] not in zoo.ZOO:
+        raise ModelLoadError(
+            f"{path}: records the unknown architecture {architecture['zoo']!r} (known: {', '.join(sorted(zoo.ZOO))}); "
+            "it was written by another torchshrink version"
+        )
+    model = build_architecture(architecture)
+    return load_weights_into(model, weights, str(path))
+
+
 def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
     kind = file_kind(path)
+    if kind == "packed":
+        from torchshrink.encode.packfile import read_packed  # numpy bit-unpacking only when needed
+
+        packed = read_packed(path)
+        model = _from_recorded(path, packed.architecture, packed.state_dict)
+        return LoadedModel(model, packed.architecture, packed.input_shape)
     if kind == "safetensors":
         meta = read_safetensors_metadata(path)
         if meta.get("format") != MODEL_FORMAT:
@@ -146,19 +175,8 @@ def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
                 f"{path}: plain safetensors weights carry no architecture; use "
                 "{zoo: NAME, weights: FILE} or {factory: 'pkg.mod:fn', weights: FILE}"
             )
-        if "architecture" not in meta:
-            raise ModelLoadError(
-                f"{path}: holds weights only (its model had no architecture reference); load it as "
-                "{factory: 'pkg.mod:fn', weights: FILE}"
-            )
-        architecture = json.loads(meta["architecture"])
-        if "zoo" not in architecture:
-            raise ModelLoadError(
-                f"{path}: was built by factory {architecture.get('factory')!r}; a file may not name code to run, "
-                f"so load it as {{factory: {architecture.get('factory')!r}, weights: {str(path)!r}}}"
-            )
-        model = build_architecture(architecture)
-        load_weights_into(model, load_state_dict_file(path), str(path))
+        architecture = json.loads(meta["architecture"]) if "architecture" in meta else None
+        model = _from_recorded(path, architecture, load_state_dict_file(path))
         shape = tuple(json.loads(meta["input_shape"])) if meta.get("input_shape") else None
         return LoadedModel(model, architecture, shape)
     if kind == "torchscript":

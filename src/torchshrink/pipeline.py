@@ -172,19 +172,23 @@ def run(
                 fingerprint=recipe.fingerprint(i),
                 dist=info,
             )
-            log.info("stage %d/%d: %s", i + 1, len(recipe.stages), spec.name)
+            log.info("stage %d/%d: %s%s", i + 1, len(recipe.stages), spec.name, " (branch)" if spec.branch else "")
             seed_everything(ctx.seed)
             t0 = time.perf_counter()
-            state = entry.handler(state, spec.config, ctx)
+            given = state.replace(model=copy.deepcopy(state.model)) if spec.branch else state
+            result = entry.handler(given, spec.config, ctx)
             seconds = time.perf_counter() - t0
             record = {
                 "name": spec.name,
                 "kind": spec.kind,
+                "branch": spec.branch,
                 "seconds": round(seconds, 3),
-                "metrics": measure_state(state, None if sets_baseline else baseline_model),
+                "metrics": measure_state(result, None if sets_baseline else baseline_model),
                 "details": ctx.details,
                 "artefacts": ctx.artefacts,
             }
+            if not spec.branch:  # a branch's result is reported and its files kept; the model goes on unchanged
+                state = result
             artefacts.update(ctx.artefacts)
             if info.is_main:
                 _save_stage(path, state, record, recipe.fingerprint(i))
@@ -192,11 +196,11 @@ def run(
         if sets_baseline:
             baseline = record["metrics"]
             baseline_model = copy.deepcopy(state.model if i >= skip else _load_stage(path, state)[0].model)
-        elif entry.role == "transform":
+        elif entry.role == "transform" and not spec.branch:
             baseline_open = False
 
-    final = records[-1]["metrics"]
     assert baseline is not None
+    final = next((r["metrics"] for r in reversed(records) if not r.get("branch")), baseline)
     if info.is_main:
         save_model(out_dir / MODEL_FILE, state.model, state.architecture, data.input_shape)
     artefacts = {"model": MODEL_FILE, **artefacts}
@@ -207,7 +211,7 @@ def run(
         baseline=baseline,
         stages=[
             {k: r[k] for k in ("name", "kind", "seconds", "metrics", "details")}
-            | {"resumed": r.get("resumed", False)}
+            | {"resumed": r.get("resumed", False), "branch": r.get("branch", False)}
             for r in records
         ],
         final=final,

@@ -55,9 +55,11 @@ class StageSpec:
     kind: str
     name: str
     config: BaseModel
+    branch: bool = False  # a side branch: measured and reported, its files kept, the model not passed on
 
     def to_dict(self) -> dict[str, Any]:
-        return {self.kind: self.config.model_dump(mode="json")}
+        out: dict[str, Any] = {self.kind: self.config.model_dump(mode="json")}
+        return out | {"branch": True} if self.branch else out
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,15 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
     seen: dict[str, int] = {}
     for i, item in enumerate(head.stages):
         where = f"stages[{i}]"
+        branch = isinstance(item, dict) and item.get("branch", False)
+        if isinstance(item, dict) and "branch" in item:
+            item = {k: v for k, v in item.items() if k != "branch"}
+            if not isinstance(branch, bool):
+                raise RecipeError(f"{source}: {where}.branch = {branch!r}: must be true or false")
         if not isinstance(item, dict) or len(item) != 1:
             raise RecipeError(
-                f"{source}: {where} = {item!r}: each stage must be a one-key mapping such as '- train: {{epochs: 5}}'"
+                f"{source}: {where} = {item!r}: each stage must be a one-key mapping such as '- train: {{epochs: 5}}' "
+                "(plus, optionally, 'branch: true')"
             )
         kind, options = next(iter(item.items()))
         try:
@@ -179,7 +187,9 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
             raise _explain(exc, f"{where}.{kind}", entry.config, source) from None
         seen[kind] = seen.get(kind, 0) + 1
         name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
-        specs.append(StageSpec(kind=kind, name=name, config=config))
+        if branch and entry.role == "reference":
+            raise RecipeError(f"{source}: {where}.branch: a {kind!r} stage makes the reference model; it cannot branch")
+        specs.append(StageSpec(kind=kind, name=name, config=config, branch=branch))
     model = head.model.model_copy(
         update={
             "path": _resolve(head.model.path, base_dir),

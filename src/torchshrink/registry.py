@@ -24,6 +24,7 @@ BUILTIN_STAGE_MODULES = (
     "torchshrink.stages.export",
     "torchshrink.prune.stage",
     "torchshrink.quantize.stage",
+    "torchshrink.encode.stage",
 )
 
 

@@ -74,7 +74,8 @@ def format_table(report: Report) -> str:
     rows.append(row("**baseline**", "-", base, "-"))
     for stage in report.stages:
         seconds = "resumed" if stage.get("resumed") else f"{stage['seconds']:.1f}"
-        rows.append(row(stage["name"], stage["kind"], stage["metrics"], seconds))
+        name = f"{stage['name']} (branch)" if stage.get("branch") else stage["name"]
+        rows.append(row(name, stage["kind"], stage["metrics"], seconds))
     return "\n".join(rows)
 
 

@@ -1,0 +1,1 @@
+"""Deep-Compression storage: k-means weight sharing, Huffman coding and the packed ``.tshrink`` file."""
