@@ -67,7 +67,9 @@ def _print_report(report: Any, out_dir: str | Path) -> None:
         f"report: {Path(out_dir) / 'report.md'}  ·  json: {Path(out_dir) / 'report.json'}  ·  plot: {Path(out_dir) / 'pareto.png'}"
     )
     _out(f"model:  {Path(out_dir) / report.artefacts['model']}")
-    shipped = [f for k, f in report.artefacts.items() if k != "model" and not k.startswith(("report", "pareto"))]
+    shipped = [
+        f for k, f in report.artefacts.items() if k != "model" and not k.startswith(("report", "pareto"))
+    ]
     if shipped:
         _out("files:  " + "  ·  ".join(str(Path(out_dir) / f) for f in shipped))
 
@@ -219,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("eval", "measure a model on a dataset"), ("export", "export a model to ONNX")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("model", help="model file (.safetensors, .tshrink, .onnx, TorchScript, .pt) or a zoo name")
+        p.add_argument(
+            "model", help="model file (.safetensors, .tshrink, .onnx, TorchScript, .pt) or a zoo name"
+        )
         p.add_argument(
             "--factory", help="'pkg.module:function' that builds the model; MODEL is then its weights"
         )

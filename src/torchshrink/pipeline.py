@@ -172,7 +172,9 @@ def run(
                 fingerprint=recipe.fingerprint(i),
                 dist=info,
             )
-            log.info("stage %d/%d: %s%s", i + 1, len(recipe.stages), spec.name, " (branch)" if spec.branch else "")
+            log.info(
+                "stage %d/%d: %s%s", i + 1, len(recipe.stages), spec.name, " (branch)" if spec.branch else ""
+            )
             seed_everything(ctx.seed)
             t0 = time.perf_counter()
             given = state.replace(model=copy.deepcopy(state.model)) if spec.branch else state
@@ -187,7 +189,8 @@ def run(
                 "details": ctx.details,
                 "artefacts": ctx.artefacts,
             }
-            if not spec.branch:  # a branch's result is reported and its files kept; the model goes on unchanged
+            # A branch's result is reported and its files kept; the model goes on unchanged.
+            if not spec.branch:
                 state = result
             artefacts.update(ctx.artefacts)
             if info.is_main:

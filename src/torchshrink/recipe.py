@@ -188,7 +188,9 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
         seen[kind] = seen.get(kind, 0) + 1
         name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
         if branch and entry.role == "reference":
-            raise RecipeError(f"{source}: {where}.branch: a {kind!r} stage makes the reference model; it cannot branch")
+            raise RecipeError(
+                f"{source}: {where}.branch: a {kind!r} stage makes the reference model; it cannot branch"
+            )
         specs.append(StageSpec(kind=kind, name=name, config=config, branch=branch))
     model = head.model.model_copy(
         update={
