@@ -39,7 +39,11 @@ def test_demo_quick_writes_report_and_prints_table(quick_demo, capsys):
     report = json.loads((quick_demo / "report.json").read_text())
     assert report["recipe"]["name"] == "demo-quick"
     assert report["final"]["accuracy"] > 0.3  # one epoch on 1,000 real digits beats chance (0.1) clearly
-    assert list((quick_demo / "cache").glob("train-*.safetensors"))  # the trained teacher is cached
+    assert (
+        len(list((quick_demo / "cache").glob("ensemble-member*.safetensors"))) == 3
+    )  # the teachers are cached
+    distilled = report["stages"][1]["details"]["models"]
+    assert set(distilled) == {"teacher 0", "teacher 1", "teacher 2", "ensemble", "student"}
     kinds = [(s["kind"], s["branch"]) for s in report["stages"]]
     assert ("quantize", True) in kinds and kinds[-2:] == [("encode", False), ("evaluate", False)]
     _print_report(read_report(quick_demo / "report.json"), quick_demo)  # what `torchshrink demo` printed
@@ -53,7 +57,7 @@ def test_demo_quick_writes_report_and_prints_table(quick_demo, capsys):
 
 def test_demo_recipe_is_valid_and_quick_variant_shrinks_it():
     full = demo_recipe()
-    assert [s.kind for s in full.stages][:1] == ["train"] and full.model.zoo == "lenet5"
+    assert [s.kind for s in full.stages][:2] == ["ensemble", "distill"] and full.model.zoo == "lenet5"
     assert full.data.name == "mnist5k"
     quick = quick_variant(demo_recipe_dict())
     assert all(list(s.values())[0].get("epochs", 1) == 1 for s in quick["stages"])
@@ -127,7 +131,7 @@ def test_inspect_files(quick_demo, capsys):
     stored = sum(
         t.numel() for t in load_tensors(quick_demo / "model.safetensors").values()
     )  # sparse: values + masks
-    assert '"zoo": "lenet5"' in out and '"resized"' in out and f"{stored:,} values" in out
+    assert '"zoo": "lenet5_half"' in out and '"resized"' in out and f"{stored:,} values" in out
     assert main(["inspect", str(quick_demo / "model.onnx")]) == 0
     out = capsys.readouterr().out
     assert "Conv x2" in out and "input: input ['batch', 1, 28, 28]" in out

@@ -49,3 +49,10 @@ def test_own_model_example_fails_clearly_without_the_package(tmp_path):
     path = next(p for p in RECIPES if p.name == "own_model.yaml")
     with pytest.raises(MissingFileError, match="examples/recipes/my_data.npz: npz data file not found"):
         run(load_recipe(path), tmp_path)
+
+
+def test_readme_recipe_validates():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## A recipe", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    recipe = parse_recipe(yaml.safe_load(block), source="README.md")
+    assert [s.kind for s in recipe.stages][:2] == ["ensemble", "distill"] and recipe.stages[4].branch

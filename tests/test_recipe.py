@@ -64,7 +64,7 @@ def test_unknown_option_lists_allowed_keys():
 def test_unknown_stage_kind_lists_known_kinds():
     with pytest.raises(
         UnknownStageError,
-        match=r"stages\[0\].*'shrinkify'.*known kinds: encode, evaluate, export, finetune, (.*, )?train",
+        match=r"stages\[0\].*'shrinkify'.*known kinds: distill, encode, ensemble, evaluate, export, finetune, (.*, )?train",
     ):
         parse_recipe({**GOOD, "stages": [{"shrinkify": {}}]})
 

@@ -101,7 +101,12 @@ def build_architecture(architecture: dict[str, Any]) -> nn.Module:
     ``{"zoo"|"factory": ..., "kwargs": {...}, "resized": {layer: shape}, "quantized": {...}}``;
     ``resized`` (written by structured pruning) replaces the named layers by smaller ones of the
     recorded shapes; ``quantized`` (written by quantization) re-creates the fake-quant structure.
+    ``{"ensemble": {"members": [references], "combine": rule}}`` builds an ensemble of them.
     """
+    if "ensemble" in architecture:
+        from torchshrink.distill.ensemble import build_ensemble  # only ensembles need it
+
+        return build_ensemble(architecture, build_architecture)
     kwargs = dict(architecture.get("kwargs") or {})
     if "zoo" in architecture:
         model = zoo.build(architecture["zoo"], **kwargs)
@@ -137,6 +142,13 @@ def load_weights_into(model: nn.Module, state_dict: dict[str, torch.Tensor], sou
     return model
 
 
+def _architecture_parts(architecture: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plain (zoo or factory) references inside an architecture reference: itself, or an ensemble's members."""
+    if "ensemble" in architecture:
+        return [p for m in architecture["ensemble"]["members"] for p in _architecture_parts(m)]
+    return [architecture]
+
+
 def _from_recorded(
     path: Path, architecture: dict[str, Any] | None, weights: dict[str, torch.Tensor]
 ) -> nn.Module:
@@ -146,16 +158,17 @@ def _from_recorded(
             f"{path}: holds weights only (its model had no architecture reference); load it as "
             "{factory: 'pkg.mod:fn', weights: FILE}"
         )
-    if "zoo" not in architecture:
-        raise ModelLoadError(
-            f"{path}: was built by factory {architecture.get('factory')!r}; a file may not name code to run, "
-            f"so load it as {{factory: {architecture.get('factory')!r}, weights: {str(path)!r}}}"
-        )
-    if architecture["zoo"] not in zoo.ZOO:
-        raise ModelLoadError(
-            f"{path}: records the unknown architecture {architecture['zoo']!r} (known: {', '.join(sorted(zoo.ZOO))}); "
-            "it was written by another torchshrink version"
-        )
+    for part in _architecture_parts(architecture):
+        if "zoo" not in part:
+            raise ModelLoadError(
+                f"{path}: was built by factory {part.get('factory')!r}; a file may not name code to run, "
+                f"so load it as {{factory: {part.get('factory')!r}, weights: {str(path)!r}}}"
+            )
+        if part["zoo"] not in zoo.ZOO:
+            raise ModelLoadError(
+                f"{path}: records the unknown architecture {part['zoo']!r} (known: {', '.join(sorted(zoo.ZOO))}); "
+                "it was written by another torchshrink version"
+            )
     model = build_architecture(architecture)
     return load_weights_into(model, weights, str(path))
 

@@ -25,6 +25,8 @@ BUILTIN_STAGE_MODULES = (
     "torchshrink.prune.stage",
     "torchshrink.quantize.stage",
     "torchshrink.encode.stage",
+    "torchshrink.distill.stage",
+    "torchshrink.distill.ensemble_stage",
 )
 
 

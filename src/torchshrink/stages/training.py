@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, Field
+from torch import nn
 
+from torchshrink.augment import AugmentConfig, augment_batch
 from torchshrink.io import load_tensors, save_tensors
 from torchshrink.models import load_weights_into
 from torchshrink.parallel import ddp
@@ -17,7 +20,7 @@ from torchshrink.prune.masks import MaskKeeper
 from torchshrink.prune.stage import PRUNED_WEIGHTS
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
-from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit
+from torchshrink.train import Batch, DatasetBatches, TrainConfig, classification_loss, fit
 
 
 class TrainStageConfig(BaseModel, extra="forbid"):
@@ -33,6 +36,7 @@ class TrainStageConfig(BaseModel, extra="forbid"):
     grad_clip: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(200, ge=0, description="steps between training checkpoints (0: none)")
     cache: bool = Field(False, description="reuse the result from the output folder's cache/ when present")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training-input augmentation")
 
 
 class FinetuneStageConfig(TrainStageConfig):
@@ -42,14 +46,9 @@ class FinetuneStageConfig(TrainStageConfig):
     lr: float = Field(3e-4, gt=0)
 
 
-def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> ModelState:
-    """Train ``state.model`` on the training split with cross-entropy, or reuse a cached result."""
-    cache_file = ctx.cache_dir / f"{ctx.stage_name}-{ctx.fingerprint}.safetensors"
-    if cfg.cache and cache_file.is_file():
-        load_weights_into(state.model, load_tensors(cache_file), str(cache_file))
-        ctx.details["cached"] = str(cache_file.relative_to(ctx.out_dir))
-        return state.replace(artefact=None, lineage=(*state.lineage, ctx.stage_name))
-    train_cfg = TrainConfig(
+def train_config(cfg: TrainStageConfig, ctx: RunContext) -> TrainConfig:
+    """The training loop's settings from a stage's options (every stage that trains shares them)."""
+    return TrainConfig(
         epochs=cfg.epochs,
         lr=cfg.lr,
         optimizer=cfg.optimizer,
@@ -61,12 +60,26 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
         seed=ctx.seed,
         desc=ctx.stage_name,
     )
+
+
+def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> ModelState:
+    """Train ``state.model`` on the training split with cross-entropy, or reuse a cached result."""
+    cache_file = ctx.cache_dir / f"{ctx.stage_name}-{ctx.fingerprint}.safetensors"
+    if cfg.cache and cache_file.is_file():
+        load_weights_into(state.model, load_tensors(cache_file), str(cache_file))
+        ctx.details["cached"] = str(cache_file.relative_to(ctx.out_dir))
+        return state.replace(artefact=None, lineage=(*state.lineage, ctx.stage_name))
+    train_cfg = train_config(cfg, ctx)
     batches = DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed)
     pruned = state.attachments.get(PRUNED_WEIGHTS)  # unstructured pruning: keep pruned weights at zero
     keeper = MaskKeeper(state.model, pruned) if pruned else None
-    result = fit(
-        state.model, batches, classification_loss, train_cfg, checkpoint_dir=ctx.work_dir, after_step=keeper
-    )
+    loss_fn = classification_loss
+    if cfg.augment.active:
+
+        def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+            return classification_loss(model, (augment_batch(batch[0], cfg.augment), *batch[1:]))
+
+    result = fit(state.model, batches, loss_fn, train_cfg, checkpoint_dir=ctx.work_dir, after_step=keeper)
     ctx.details.update(
         steps=result.steps,
         samples_per_second=round(result.samples_per_second, 1),

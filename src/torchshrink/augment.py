@@ -1,0 +1,56 @@
+"""Training-time input augmentation shared by every stage that trains (one mechanism).
+
+Only random shifts for now: each sample moves by up to ``shift`` pixels along its spatial axes
+(zeros fill in), drawn from torch's global generator, which the training loop seeds and
+checkpoints, so augmented runs stay deterministic and resumable. Distillation feeds the teacher
+the very same shifted view the student sees ("consistent teaching").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+__all__ = ["AugmentConfig", "random_shift", "augment_batch"]
+
+
+class AugmentConfig(BaseModel, extra="forbid"):
+    """Augmentation of training inputs (off by default)."""
+
+    shift: int = Field(0, ge=0, le=8, description="random shift of up to this many pixels per spatial axis")
+
+    @property
+    def active(self) -> bool:
+        return self.shift > 0
+
+
+def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Shift each sample of ``x`` (N, C, L) or (N, C, H, W) by a random integer offset in [-pixels, pixels]."""
+    if pixels <= 0:
+        return x
+    spatial = x.shape[2:]
+    if len(spatial) not in (1, 2):
+        raise ValueError(f"random shifts need (N, C, L) or (N, C, H, W) inputs, got {tuple(x.shape)}")
+    n = len(x)
+    padded = F.pad(x, (pixels, pixels) * len(spatial))
+    offsets = torch.randint(0, 2 * pixels + 1, (n, len(spatial)))
+    batch = torch.arange(n)[:, None]
+    if len(spatial) == 1:
+        cols = offsets[:, :1] + torch.arange(spatial[0])  # (N, L)
+        return _canonical(padded.permute(0, 2, 1)[batch, cols].permute(0, 2, 1))
+    rows = offsets[:, 0:1] + torch.arange(spatial[0])  # (N, H)
+    cols = offsets[:, 1:2] + torch.arange(spatial[1])  # (N, W)
+    moved = padded.permute(0, 2, 3, 1)[batch[:, :, None], rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return _canonical(moved.permute(0, 3, 1, 2))
+
+
+def _canonical(x: torch.Tensor) -> torch.Tensor:
+    """A copy with plain row-major strides. ``contiguous()`` is not enough: with one channel it keeps
+    the permuted stride of the size-1 axis, and torch 2.13's CPU conv backward then corrupts the heap."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """``x`` augmented as ``cfg`` says (unchanged when augmentation is off)."""
+    return random_shift(x, cfg.shift) if cfg.active else x

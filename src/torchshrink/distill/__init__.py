@@ -1,0 +1,1 @@
+"""Knowledge distillation: composable losses, ensembles of teachers, the ``distill`` and ``ensemble`` stages."""

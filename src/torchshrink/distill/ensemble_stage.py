@@ -1,0 +1,138 @@
+"""Stage ``ensemble``: train several members and combine them into one model (the reference).
+
+Members differ by initialisation seed (``vary: seed``), by a bootstrap resample of the training
+set too (``bootstrap``, i.e. bagging), or by architecture (``arch``, one model spec per member).
+Each is trained by the one training loop with the stage's options, in its own work folder (so an
+interrupted run resumes member by member). With ``combine: weighted`` a held-out part of the
+training set is kept from the members and used to fit the combination weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch.utils.data import TensorDataset
+
+from torchshrink.distill.ensemble import Combine, Ensemble, ensemble_architecture, fit_weights
+from torchshrink.errors import RecipeError
+from torchshrink.measure import accuracy, count_params
+from torchshrink.models import ModelSpec, build_architecture, open_model
+from torchshrink.registry import register_stage
+from torchshrink.stages.training import TrainStageConfig, run_training
+from torchshrink.state import ModelState, RunContext
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EnsembleConfig", "ensemble_stage", "split_holdout", "bootstrap"]
+
+
+class EnsembleConfig(TrainStageConfig):
+    """Options of the ``ensemble`` stage: the ``train`` options for every member, plus how they differ."""
+
+    members: int = Field(3, ge=2, description="how many members (vary: arch: the number of archs)")
+    vary: Literal["seed", "bootstrap", "arch"] = "seed"
+    archs: list[ModelSpec] = Field(default_factory=list, description="vary: arch: one model spec per member")
+    combine: Combine = "mean_logits"
+    holdout: float = Field(
+        0.1, gt=0, lt=0.5, description="weighted: training fraction kept out to fit weights"
+    )
+
+    @model_validator(mode="after")
+    def _archs_match(self) -> EnsembleConfig:
+        if self.vary == "arch":
+            if len(self.archs) < 2:
+                raise ValueError("vary: arch needs 'archs', a list of at least two model specs ({zoo: ...})")
+            self.members = len(self.archs)
+        elif self.archs:
+            raise ValueError(f"'archs' is only used with vary: arch (vary is {self.vary!r})")
+        return self
+
+
+def split_holdout(train: TensorDataset, fraction: float, seed: int) -> tuple[TensorDataset, TensorDataset]:
+    """(rest, held-out) random split of a training set."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    cut = int(round(fraction * len(train)))
+    return (
+        TensorDataset(*(t[order[cut:]] for t in train.tensors)),
+        TensorDataset(*(t[order[:cut]] for t in train.tensors)),
+    )
+
+
+def bootstrap(train: TensorDataset, seed: int) -> TensorDataset:
+    """A bootstrap resample: as many samples as ``train``, drawn with replacement."""
+    picks = torch.randint(len(train), (len(train),), generator=torch.Generator().manual_seed(seed))
+    return TensorDataset(*(t[picks] for t in train.tensors))
+
+
+def _member_architectures(state: ModelState, cfg: EnsembleConfig) -> list[dict[str, Any]]:
+    if cfg.vary == "arch":
+        return [open_model(spec).architecture for spec in cfg.archs]
+    if state.architecture is None:
+        raise RecipeError(
+            "ensemble: the recipe's model has no architecture reference (TorchScript or pickled module), "
+            "so no fresh members can be built; give the model as {zoo: ...} or {factory: ...}, or use vary: arch"
+        )
+    return [state.architecture] * cfg.members
+
+
+@register_stage("ensemble", EnsembleConfig, role="reference")
+def ensemble_stage(state: ModelState, cfg: EnsembleConfig, ctx: RunContext) -> ModelState:
+    """Train ``cfg.members`` fresh members and continue with their :class:`Ensemble`."""
+    architectures = _member_architectures(state, cfg)
+    train, held_out = ctx.data.train, None
+    if cfg.combine == "weighted":
+        train, held_out = split_holdout(train, cfg.holdout, ctx.seed)
+    members, rows = [], []
+    for i, architecture in enumerate(architectures):
+        seed = ctx.seed * 1000 + i
+        torch.manual_seed(seed)
+        model = build_architecture(architecture)
+        data = bootstrap(train, seed) if cfg.vary == "bootstrap" else train
+        member_ctx = dataclasses.replace(
+            ctx,
+            stage_name=f"{ctx.stage_name}-member{i}",
+            seed=seed,
+            data=dataclasses.replace(ctx.data, train=data),
+            fingerprint=f"{ctx.fingerprint}-m{i}",
+            details={},
+        )
+        log.info("ensemble member %d/%d (%s)", i + 1, len(architectures), architecture.get("zoo", "model"))
+        run_training(ModelState(model=model, architecture=architecture), cfg, member_ctx)
+        members.append(model.eval())
+        rows.append(
+            {
+                "member": i,
+                "model": architecture.get("zoo") or architecture.get("factory"),
+                "params": count_params(model)[0],
+                "accuracy": accuracy(model, ctx.data.test),
+            }
+        )
+    ensemble = Ensemble(members, cfg.combine).eval()
+    if held_out is not None:
+        fit_weights(ensemble, *held_out.tensors)
+        for row, weight in zip(rows, ensemble.weights.tolist(), strict=True):
+            row["weight"] = round(weight, 4)
+    ensemble_accuracy = accuracy(ensemble, ctx.data.test)
+    ctx.details.update(
+        members=rows, ensemble_accuracy=ensemble_accuracy, members_table=_table(rows, ensemble_accuracy)
+    )
+    return ModelState(
+        model=ensemble,
+        architecture=ensemble_architecture(architectures, cfg.combine),
+        lineage=(*state.lineage, ctx.stage_name),
+    )
+
+
+def _table(rows: list[dict[str, Any]], ensemble_accuracy: float) -> str:
+    lines = ["| member | model | params | weight | test accuracy |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['member']} | {r['model']} | {r['params']:,} | {r.get('weight', '-')} | {r['accuracy'] * 100:.2f}% |"
+        )
+    total = sum(r["params"] for r in rows)
+    lines.append(f"| **ensemble** | | {total:,} | | **{ensemble_accuracy * 100:.2f}%** |")
+    return "\n".join(lines)

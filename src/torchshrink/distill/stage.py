@@ -1,0 +1,215 @@
+"""Stage ``distill``: train a student against one teacher or an ensemble of teachers.
+
+The teacher is the pipeline's current model (after an ``ensemble`` stage: the ensemble) unless
+``teachers`` names models; several are combined by ``combine``. Teachers run in eval mode under
+``torch.no_grad`` with frozen parameters; when only their logits are needed they are computed
+once over the training set and travel with the batches (the data is fixed). The objective is
+``(1 - alpha) * CE + alpha * KD(T)`` plus the feature term and any regularisers, trained by the one
+training loop. The student becomes the pipeline's model; the report lists teachers, ensemble and
+student side by side.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from torchshrink.augment import augment_batch
+from torchshrink.distill.ensemble import Combine, Ensemble
+from torchshrink.distill.losses import FeatureAdapter, FeatureTap, Objective, StepOutputs, make_term
+from torchshrink.errors import RecipeError
+from torchshrink.measure import accuracy, check_model_fits, count_params
+from torchshrink.models import ModelSpec, open_model
+from torchshrink.registry import register_stage
+from torchshrink.stages.training import TrainStageConfig, train_config
+from torchshrink.state import ModelState, RunContext
+from torchshrink.train import Batch, DatasetBatches, fit
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DistillConfig", "distill_stage", "teacher_logits"]
+
+
+class DistillConfig(TrainStageConfig):
+    """Options of the ``distill`` stage: the ``train`` options for the student, plus the objective."""
+
+    student: ModelSpec
+    teachers: list[ModelSpec] = Field(
+        default_factory=list, description="teacher models (default: the pipeline's current model)"
+    )
+    combine: Combine = Field("mean_logits", description="how several teachers are combined")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="weight of the soft-target term; 1 - alpha on the labels"
+    )
+    features: list[tuple[str, str]] = Field(
+        default_factory=list, description="[[student_layer, teacher_layer], ...] for feature distillation"
+    )
+    feature_loss: Literal["hint", "attention"] = "hint"
+    feature_weight: float = Field(1.0, ge=0)
+    regularizers: dict[Literal["confidence", "l1", "l2"], float] = Field(
+        default_factory=dict, description="extra terms lambda * R: confidence penalty, L1/L2 on the weights"
+    )
+    epochs: int = Field(10, ge=1)
+
+
+class _Student(nn.Module):
+    """The student plus the feature adapters, so the training loop optimises (and checkpoints) both."""
+
+    def __init__(self, student: nn.Module, adapters: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.student = student
+        # Layer names contain dots, which ModuleDict keys may not.
+        self.adapters = nn.ModuleDict({k.replace(".", "__"): v for k, v in adapters.items()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def adapter_map(self) -> dict[str, nn.Module]:
+        return {k.replace("__", "."): v for k, v in self.adapters.items()}
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _teacher(state: ModelState, cfg: DistillConfig) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    """The (frozen) teacher and the named models to report next to the student."""
+    if not cfg.teachers:
+        teacher = _frozen(state.model)
+        named = (
+            [(f"teacher {i}", m) for i, m in enumerate(teacher.members)]
+            if isinstance(teacher, Ensemble)
+            else []
+        )
+        return teacher, named + [("teacher" if not named else "ensemble", teacher)]
+    models = [_frozen(open_model(spec).module) for spec in cfg.teachers]
+    if len(models) == 1:
+        return models[0], [("teacher", models[0])]
+    ensemble = Ensemble(models, cfg.combine).eval()
+    return ensemble, [(f"teacher {i}", m) for i, m in enumerate(models)] + [("ensemble", ensemble)]
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The teacher's logits for every input, computed once (eval mode, no gradients)."""
+    teacher.eval()
+    return torch.cat([teacher(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+def _objective(cfg: DistillConfig, adapters: dict[str, nn.Module]) -> Objective:
+    pairs = dict(cfg.features)
+    terms = {
+        "ce": (1.0 - cfg.alpha, make_term("ce")),
+        "kd": (cfg.alpha, make_term("kd", temperature=cfg.temperature)),
+    }
+    if pairs:
+        kind = "feature" if cfg.feature_loss == "hint" else "attention"
+        terms[kind] = (cfg.feature_weight, make_term(kind, pairs=pairs, adapters=adapters))
+    for name, weight in cfg.regularizers.items():
+        terms[name] = (weight, make_term(name))
+    return Objective(terms)
+
+
+def _adapters(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, example: torch.Tensor) -> dict:
+    """One adapter per feature pair, sized from the features of an example batch."""
+    if not cfg.features:
+        return {}
+    s_names, t_names = [s for s, _ in cfg.features], [t for _, t in cfg.features]
+    try:
+        with FeatureTap(student, s_names) as s_tap, FeatureTap(teacher, t_names) as t_tap, torch.no_grad():
+            student.eval()
+            student(example)
+            teacher(example)
+    except ValueError as exc:
+        raise RecipeError(f"distill.features: {exc}") from exc
+    if cfg.feature_loss == "attention":
+        flat = [s for s, _ in cfg.features if s_tap.outputs[s].dim() < 3] + [
+            t for _, t in cfg.features if t_tap.outputs[t].dim() < 3
+        ]
+        if flat:
+            raise RecipeError(
+                f"distill.features: attention transfer needs conv features (N, C, H, W); layer(s) {flat} "
+                "give flat features: use feature_loss: hint for them"
+            )
+        return {}
+    return {
+        s: FeatureAdapter(tuple(s_tap.outputs[s].shape), tuple(t_tap.outputs[t].shape))
+        for s, t in cfg.features
+    }
+
+
+@register_stage("distill", DistillConfig, role="transform")
+def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> ModelState:
+    """Train ``cfg.student`` from the teacher(s); the student becomes the pipeline's model."""
+    teacher, named = _teacher(state, cfg)
+    loaded = open_model(cfg.student)
+    student = loaded.module
+    check_model_fits(
+        student, ctx.data.input_shape, ctx.data.num_classes, source=f"distill.student {cfg.student}"
+    )
+    x, y = ctx.data.train.tensors[0], ctx.data.train.tensors[1]
+    adapters = _adapters(student, teacher, cfg, x[:2])
+    wrapped = _Student(student, adapters)
+    objective = _objective(cfg, wrapped.adapter_map())
+    # Features or augmented inputs need the teacher's forward pass on the student's view; else its logits are cached.
+    live = bool(cfg.features) or cfg.augment.active
+    dataset = TensorDataset(x, y) if live else TensorDataset(x, y, teacher_logits(teacher, x))
+    s_tap = FeatureTap(student, [s for s, _ in cfg.features])
+    t_tap = FeatureTap(teacher, [t for _, t in cfg.features])
+
+    def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        inputs = augment_batch(batch[0], cfg.augment)
+        logits = model(inputs)
+        if live:
+            with torch.no_grad():
+                t_logits = teacher(inputs)
+        else:
+            t_logits = batch[2]
+        out = StepOutputs(
+            student_logits=logits,
+            labels=batch[1],
+            teacher_logits=t_logits,
+            student_features=dict(s_tap.outputs),
+            teacher_features=dict(t_tap.outputs),
+            student=student,
+        )
+        return objective(out)
+
+    try:
+        result = fit(
+            wrapped,
+            DatasetBatches(dataset, cfg.batch_size, seed=ctx.seed),
+            loss_fn,
+            train_config(cfg, ctx),
+            checkpoint_dir=ctx.work_dir,
+        )
+    finally:
+        s_tap.remove()
+        t_tap.remove()
+    student.eval()
+    rows = [(name, count_params(m)[0], accuracy(m, ctx.data.test)) for name, m in named]
+    rows.append(("student", count_params(student)[0], accuracy(student, ctx.data.test)))
+    ctx.details.update(
+        models={name: {"params": p, "accuracy": a} for name, p, a in rows},
+        terms=sorted(objective.terms),
+        teacher_outputs="live, on the student's view" if live else "cached once for the training set",
+        epoch_losses=result.epoch_losses,
+        models_table="\n".join(
+            ["| model | params | test accuracy |", "|---|---|---|"]
+            + [f"| {n} | {p:,} | {a * 100:.2f}% |" for n, p, a in rows]
+        ),
+    )
+    log.info("distillation:\n%s", ctx.details["models_table"])
+    return ModelState(
+        model=student, architecture=loaded.architecture, lineage=(*state.lineage, ctx.stage_name)
+    )
