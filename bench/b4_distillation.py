@@ -54,7 +54,9 @@ def _student(stage: dict[str, Any], seed: int) -> float:
 
 def _teachers(data, seed: int) -> list[Path]:
     """Files of ENSEMBLE_SIZE LeNet-5 teachers for this seed (trained once, cached under out/bench-cache)."""
-    return [trained("lenet5", data, TEACHER_EPOCHS, 100 * seed + k)[1] for k in range(ENSEMBLE_SIZE)]
+    return [
+        trained("lenet5", data, TEACHER_EPOCHS, 100 * seed + k, shift=SHIFT)[1] for k in range(ENSEMBLE_SIZE)
+    ]
 
 
 def run_seed(seed: int, data) -> dict[str, float]:

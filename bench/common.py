@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from torchshrink.augment import random_shift
 from torchshrink.data import DatasetBundle
 from torchshrink.models import open_model, save_model
-from torchshrink.train import DatasetBatches, TrainConfig, fit
+from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -39,17 +40,26 @@ def machine_line() -> str:
 
 
 def trained(
-    name: str, data: DatasetBundle, epochs: int, seed: int, lr: float = 1e-3
+    name: str, data: DatasetBundle, epochs: int, seed: int, lr: float = 1e-3, shift: int = 0
 ) -> tuple[nn.Module, Path]:
-    """A zoo model trained with torchshrink's loop (cached under out/bench-cache) and its file."""
-    path = CACHE / f"{name}-{data.name}-e{epochs}-lr{lr:g}-s{seed}.safetensors"
+    """A zoo model trained with torchshrink's loop (cached under out/bench-cache) and its file.
+
+    ``shift``: random shifts of up to that many pixels during training (torchshrink's augmentation).
+    """
+    augmented = f"-shift{shift}" if shift else ""
+    path = CACHE / f"{name}-{data.name}-e{epochs}-lr{lr:g}{augmented}-s{seed}.safetensors"
     if path.is_file():
         return open_model(path).module, path
     torch.manual_seed(seed)
     loaded = open_model({"zoo": name})
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        return classification_loss(model, (random_shift(batch[0], shift), batch[1]))
+
     fit(
         loaded.module,
         DatasetBatches(data.train, 64, seed=seed),
+        loss,
         config=TrainConfig(epochs=epochs, lr=lr, seed=seed, desc=f"{name} s{seed}"),
     )
     save_model(path, loaded.module, loaded.architecture, data.input_shape)

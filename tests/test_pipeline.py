@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from testkit import DIGITS_MLP
 
 from torchshrink import load_model, run
 from torchshrink.errors import ShapeMismatchError
@@ -15,7 +16,7 @@ from torchshrink.models import open_model, save_model
 from torchshrink.registry import register_stage
 from torchshrink.report import read_report
 
-MLP = {"zoo": "lenet300", "kwargs": {"in_features": 64}}
+MLP = DIGITS_MLP
 FAST = {"latency_repeats": 3}
 
 

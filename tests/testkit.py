@@ -17,6 +17,11 @@ ZOO_INPUTS: dict[str, tuple[int, ...]] = {
 }
 
 
+# Small models for scikit-learn's 8x8 digits (1x8x8 inputs), used by the stage tests.
+DIGITS_MLP: dict[str, Any] = {"zoo": "lenet300", "kwargs": {"in_features": 64}}
+DIGITS_CNN: dict[str, Any] = {"zoo": "resnet", "kwargs": {"width": 8}}
+
+
 def digits_recipe(*stages: dict, model: dict) -> dict[str, Any]:
     """A recipe on scikit-learn's digits with few latency repeats: fast pipeline tests."""
     return {

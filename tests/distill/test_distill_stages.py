@@ -8,7 +8,7 @@ import functools
 
 import pytest
 import torch
-from testkit import digits_recipe
+from testkit import DIGITS_CNN, digits_recipe
 
 from torchshrink import load_model, run
 from torchshrink.distill.ensemble import Ensemble
@@ -18,7 +18,7 @@ from torchshrink.measure import accuracy
 from torchshrink.models import open_model, save_model
 from torchshrink.state import ModelState, RunContext
 
-CNN = {"zoo": "resnet", "kwargs": {"width": 8}}
+CNN = DIGITS_CNN
 SMALL = {"zoo": "resnet", "kwargs": {"width": 4}}
 recipe = functools.partial(digits_recipe, model=CNN)
 FAST = {"epochs": 3, "lr": 0.003}

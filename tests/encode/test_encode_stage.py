@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from testkit import digits_recipe
+from testkit import DIGITS_CNN, DIGITS_MLP, digits_recipe
 
 from torchshrink import load_model, run
 from torchshrink.encode.packfile import read_packed
@@ -15,8 +15,8 @@ from torchshrink.errors import EncodeError, RecipeError
 from torchshrink.measure import accuracy
 from torchshrink.recipe import parse_recipe
 
-MLP = {"zoo": "lenet300", "kwargs": {"in_features": 64}}
-CNN = {"zoo": "resnet", "kwargs": {"width": 8}}
+MLP = DIGITS_MLP
+CNN = DIGITS_CNN
 recipe = functools.partial(digits_recipe, model=MLP)
 
 

@@ -7,15 +7,15 @@ import functools
 
 import pytest
 import torch
-from testkit import digits_recipe
+from testkit import DIGITS_CNN, DIGITS_MLP, digits_recipe
 
 from torchshrink import load_model, run
 from torchshrink.errors import RecipeError
 from torchshrink.measure import accuracy
 from torchshrink.recipe import parse_recipe
 
-MLP = {"zoo": "lenet300", "kwargs": {"in_features": 64}}
-RESNET = {"zoo": "resnet", "kwargs": {"width": 8}}
+MLP = DIGITS_MLP
+RESNET = DIGITS_CNN
 
 
 recipe = functools.partial(digits_recipe, model=MLP)

@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from testkit import digits_recipe
+from testkit import DIGITS_CNN, digits_recipe
 
 from torchshrink import load_model, run
 from torchshrink.errors import QuantizationError, RecipeError
@@ -15,7 +15,7 @@ from torchshrink.measure import accuracy
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.recipe import parse_recipe
 
-CNN = {"zoo": "resnet", "kwargs": {"width": 8}}
+CNN = DIGITS_CNN
 
 
 recipe = functools.partial(digits_recipe, model=CNN)
