@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,17 @@ def test_branch_key_is_validated():
         parse_recipe(base | {"stages": [{"train": {}, "branch": True}]})
     with pytest.raises(RecipeError, match="one-key mapping"):
         parse_recipe(base | {"stages": [{"train": {}, "prune": {}}]})
+
+
+def test_model_specs_inside_stages_take_paths_from_the_recipe_folder(tmp_path):
+    path = tmp_path / "recipes" / "kd.yaml"
+    path.parent.mkdir()
+    path.write_text(
+        "model: {zoo: lenet5}\ndata: {name: digits}\nstages:\n"
+        "  - distill: {student: {zoo: lenet5_half}, teachers: [{path: teachers/t0.safetensors}, {path: /abs/t1.safetensors}]}\n"
+    )
+    teachers = load_recipe(path).stages[0].config.teachers
+    assert [t.path for t in teachers] == [
+        path.parent / "teachers" / "t0.safetensors",
+        Path("/abs/t1.safetensors"),
+    ]

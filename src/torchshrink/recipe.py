@@ -142,6 +142,25 @@ def _resolve(path: Path | None, base: Path | None) -> Path | None:
     return base / path
 
 
+def _resolve_spec(spec: ModelSpec, base: Path | None) -> ModelSpec:
+    return spec.model_copy(
+        update={"path": _resolve(spec.path, base), "weights": _resolve(spec.weights, base)}
+    )
+
+
+def _resolve_stage_specs(config: BaseModel, base: Path | None) -> BaseModel:
+    """Model specs inside stage options (distill.student, distill.teachers, ensemble.archs) take
+    their relative paths from the recipe's folder too."""
+    updates: dict[str, Any] = {}
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, ModelSpec):
+            updates[name] = _resolve_spec(value, base)
+        elif isinstance(value, list) and value and all(isinstance(v, ModelSpec) for v in value):
+            updates[name] = [_resolve_spec(v, base) for v in value]
+    return config.model_copy(update=updates) if updates else config
+
+
 def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
     """Validate a recipe given as a dict; relative file paths are taken from ``base_dir``."""
     if not isinstance(data, dict):
@@ -191,13 +210,9 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
             raise RecipeError(
                 f"{source}: {where}.branch: a {kind!r} stage makes the reference model; it cannot branch"
             )
+        config = _resolve_stage_specs(config, base_dir)
         specs.append(StageSpec(kind=kind, name=name, config=config, branch=branch))
-    model = head.model.model_copy(
-        update={
-            "path": _resolve(head.model.path, base_dir),
-            "weights": _resolve(head.model.weights, base_dir),
-        }
-    )
+    model = _resolve_spec(head.model, base_dir)
     data_spec = head.data.model_copy(
         update={"npz": _resolve(head.data.npz, base_dir), "folder": _resolve(head.data.folder, base_dir)}
     )

@@ -2,8 +2,8 @@
 
 Members differ by initialisation seed (``vary: seed``), by a bootstrap resample of the training
 set too (``bootstrap``, i.e. bagging), or by architecture (``arch``, one model spec per member).
-Each is trained by the one training loop with the stage's options, in its own work folder (so an
-interrupted run resumes member by member). With ``combine: weighted`` a held-out part of the
+Each is trained by the one training loop with the stage's options, in its own work folder (an
+interrupted member continues from its checkpoint; with ``cache: true`` finished members are reused). With ``combine: weighted`` a held-out part of the
 training set is kept from the members and used to fit the combination weights.
 """
 
