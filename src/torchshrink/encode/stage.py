@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 
 import torch
 from pydantic import BaseModel, Field, field_validator
@@ -68,7 +69,7 @@ class EncodeConfig(BaseModel, extra="forbid"):
         return value
 
 
-def layer_bits(model: nn.Module, bits: int | dict[str, int], ignore: list[str] = ()) -> dict[str, int]:
+def layer_bits(model: nn.Module, bits: int | dict[str, int], ignore: Sequence[str] = ()) -> dict[str, int]:
     """Bits of every conv/linear layer: a layer's own entry, else its type's (conv/linear), else the number."""
     modules = dict(model.named_modules())
     layers = [name.removesuffix(".weight").removesuffix("weight") for name in prunable_weights(model, ignore)]
