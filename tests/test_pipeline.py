@@ -16,11 +16,10 @@ from torchshrink.models import open_model, save_model
 from torchshrink.registry import register_stage
 from torchshrink.report import read_report
 
-MLP = DIGITS_MLP
 FAST = {"latency_repeats": 3}
 
 
-def recipe(*stages, model=MLP, **extra):
+def recipe(*stages, model=DIGITS_MLP, **extra):
     return {
         "seed": 1,
         "model": model,
@@ -102,7 +101,7 @@ def test_baseline_is_trained_model_and_metrics_are_real(full_run, digits):
 
 
 def test_baseline_is_loaded_model_without_a_train_stage(tmp_path, digits):
-    loaded = open_model(MLP)
+    loaded = open_model(DIGITS_MLP)
     save_model(tmp_path / "w.safetensors", loaded.module, loaded.architecture)
     report = run(
         recipe({"finetune": {"epochs": 1, "lr": 0.003}}, model={"path": str(tmp_path / "w.safetensors")}),

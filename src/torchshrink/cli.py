@@ -50,26 +50,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _print_report(report: Any, out_dir: str | Path) -> None:
     from torchshrink.parallel import ddp
-    from torchshrink.report import format_table
+    from torchshrink.report import REPORT_FILES, format_table
 
     if not ddp.current().is_main:
         return
     _out(format_table(report))
     _out()
-    for stage in report.stages:
-        details = stage.get("details") or {}
-        if "compression_ratio" in details:
-            _out(
-                f"{stage['name']}: {details['file_bytes']:,} bytes packed, {details['compression_ratio']:.1f}x smaller "
-                f"than the {details['float_bytes']:,} bytes of float32 weights"
-            )
+    for stage in report.stages:  # a stage's one-line result, when it has one worth printing
+        if (stage.get("details") or {}).get("summary"):
+            _out(f"{stage['name']}: {stage['details']['summary']}")
     _out(
         f"report: {Path(out_dir) / 'report.md'}  ·  json: {Path(out_dir) / 'report.json'}  ·  plot: {Path(out_dir) / 'pareto.png'}"
     )
     _out(f"model:  {Path(out_dir) / report.artefacts['model']}")
-    shipped = [
-        f for k, f in report.artefacts.items() if k != "model" and not k.startswith(("report", "pareto"))
-    ]
+    shipped = [f for k, f in report.artefacts.items() if k != "model" and k not in REPORT_FILES]
     if shipped:
         _out("files:  " + "  ·  ".join(str(Path(out_dir) / f) for f in shipped))
 

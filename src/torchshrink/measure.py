@@ -30,6 +30,7 @@ METRIC_NAMES = (
 
 __all__ = [
     "METRIC_NAMES",
+    "predict",
     "accuracy",
     "count_params",
     "count_macs",
@@ -52,18 +53,26 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@torch.inference_mode()
-def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) -> float:
-    """Top-1 accuracy (0-1) of ``model`` on ``dataset`` (inputs, integer labels), in eval mode."""
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """The outputs of ``model`` for all ``inputs``, in eval mode and batches, without gradients.
+
+    (``no_grad`` rather than ``inference_mode``: the result may serve as a training target.)
+    """
     was_training = model.training
     model.eval()
+    try:
+        return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) -> float:
+    """Top-1 accuracy (0-1) of ``model`` on ``dataset`` (inputs, integer labels), in eval mode."""
     x, y = dataset.tensors[0], dataset.tensors[1]
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        correct += int((logits.argmax(dim=1) == y[start : start + batch_size]).sum())
-    model.train(was_training)
-    return correct / max(len(x), 1)
+    if len(x) == 0:
+        return 0.0
+    return int((predict(model, x, batch_size).argmax(dim=1) == y).sum()) / len(x)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

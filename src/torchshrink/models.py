@@ -221,12 +221,20 @@ def _recorded_shapes(weights: Path, architecture: dict[str, Any]) -> dict[str, A
 
     They are data (layer sizes), so they may come from the file even when the builder may not.
     """
-    if file_kind(weights) != "safetensors":
+    kind = file_kind(weights)
+    if kind == "packed":
+        from torchshrink.encode.packfile import packed_architecture
+
+        saved = packed_architecture(weights)
+    elif kind == "safetensors":
+        meta = read_safetensors_metadata(weights)
+        if meta.get("format") != MODEL_FORMAT or "architecture" not in meta:
+            return {}
+        saved = json.loads(meta["architecture"])
+    else:
         return {}
-    meta = read_safetensors_metadata(weights)
-    if meta.get("format") != MODEL_FORMAT or "architecture" not in meta:
+    if not saved:
         return {}
-    saved = json.loads(meta["architecture"])
     same_builder = all(saved.get(k) == architecture.get(k) for k in ("zoo", "factory")) and (
         (saved.get("kwargs") or {}) == architecture["kwargs"]
     )

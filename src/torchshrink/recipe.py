@@ -59,7 +59,9 @@ class StageSpec:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {self.kind: self.config.model_dump(mode="json")}
-        return out | {"branch": True} if self.branch else out
+        if self.branch:
+            out["branch"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -179,9 +181,10 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
     seen: dict[str, int] = {}
     for i, item in enumerate(head.stages):
         where = f"stages[{i}]"
-        branch = isinstance(item, dict) and item.get("branch", False)
+        branch = False
         if isinstance(item, dict) and "branch" in item:
-            item = {k: v for k, v in item.items() if k != "branch"}
+            item = dict(item)
+            branch = item.pop("branch")
             if not isinstance(branch, bool):
                 raise RecipeError(f"{source}: {where}.branch = {branch!r}: must be true or false")
         if not isinstance(item, dict) or len(item) != 1:

@@ -4,6 +4,7 @@ and ``pareto.png`` (accuracy against size and against latency, one point per sta
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torchshrink.io import atomic_path, write_json_atomic, write_text_atomic
 Metrics = dict[str, Any]
 REPORT_FILES = {"report_json": "report.json", "report_md": "report.md", "pareto_png": "pareto.png"}
 
-__all__ = ["Report", "write_report", "read_report", "format_table", "REPORT_FILES"]
+__all__ = ["Report", "write_report", "read_report", "format_table", "markdown_table", "REPORT_FILES"]
 
 
 @dataclass
@@ -52,31 +53,36 @@ def _speedup(m: Metrics, base: Metrics, key: str) -> str:
     return f"{m[f'speedup_{batch}']:.2f}x" if f"speedup_{batch}" in m else _ratio(base[key], m[key])
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table; the one way stages and the report print tables."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def format_table(report: Report) -> str:
     """A Markdown table: one row for the baseline and one per stage, with ratios to the baseline."""
     base = report.baseline
-    header = (
-        "| stage | kind | accuracy | Δ acc (pts) | size | smaller | params | non-zero | MACs | fewer MACs "
-        "| latency b1 (ms) | latency b32 (ms) | faster b32 | seconds |"
-    )
-    rule = "|" + "---|" * 14
-    rows = [header, rule]
 
-    def row(name: str, kind: str, m: Metrics, seconds: str) -> str:
+    def row(name: str, kind: str, m: Metrics, seconds: str) -> list[str]:
         delta = (m["accuracy"] - base["accuracy"]) * 100
-        return (
-            f"| {name} | {kind} | {m['accuracy'] * 100:.2f}% | {delta:+.2f} | {_bytes(m['size_bytes'])} "
-            f"| {_ratio(base['size_bytes'], m['size_bytes'])} | {m['params']:,} | {m['nonzero_params']:,} "
-            f"| {m['macs']:,} | {_ratio(base['macs'], m['macs'])} | {m['latency_ms_b1']:.3f} "
-            f"| {m['latency_ms_b32']:.3f} | {_speedup(m, base, 'latency_ms_b32')} | {seconds} |"
-        )
+        return [
+            name, kind, f"{m['accuracy'] * 100:.2f}%", f"{delta:+.2f}", _bytes(m["size_bytes"]),
+            _ratio(base["size_bytes"], m["size_bytes"]), f"{m['params']:,}", f"{m['nonzero_params']:,}",
+            f"{m['macs']:,}", _ratio(base["macs"], m["macs"]), f"{m['latency_ms_b1']:.3f}",
+            f"{m['latency_ms_b32']:.3f}", _speedup(m, base, "latency_ms_b32"), seconds,
+        ]  # fmt: skip
 
-    rows.append(row("**baseline**", "-", base, "-"))
+    rows = [row("**baseline**", "-", base, "-")]
     for stage in report.stages:
         seconds = "resumed" if stage.get("resumed") else f"{stage['seconds']:.1f}"
         name = f"{stage['name']} (branch)" if stage.get("branch") else stage["name"]
         rows.append(row(name, stage["kind"], stage["metrics"], seconds))
-    return "\n".join(rows)
+    header = [
+        "stage", "kind", "accuracy", "Δ acc (pts)", "size", "smaller", "params", "non-zero", "MACs",
+        "fewer MACs", "latency b1 (ms)", "latency b32 (ms)", "faster b32", "seconds",
+    ]  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def _markdown(report: Report) -> str:
@@ -102,11 +108,13 @@ def _markdown(report: Report) -> str:
         *[f"- {name}: `{file}`" for name, file in report.artefacts.items()],
         "",
     ]
-    for stage in report.stages:  # plans a stage chose (e.g. quantization bits per layer), as it printed them
+    for (
+        stage
+    ) in report.stages:  # tables a stage made (quantization plan, packed layers, ...), as it logged them
         for key, value in (stage.get("details") or {}).items():
             if key.endswith("_table") and isinstance(value, str):
                 title = key[: -len("_table")].replace("_", " ")
-                lines += [f"## {stage['name']}: {title}", "", "```", value, "```", ""]
+                lines += [f"## {stage['name']}: {title}", "", value, ""]
     return "\n".join(lines)
 
 

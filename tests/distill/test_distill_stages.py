@@ -18,9 +18,8 @@ from torchshrink.measure import accuracy
 from torchshrink.models import open_model, save_model
 from torchshrink.state import ModelState, RunContext
 
-CNN = DIGITS_CNN
 SMALL = {"zoo": "resnet", "kwargs": {"width": 4}}
-recipe = functools.partial(digits_recipe, model=CNN)
+recipe = functools.partial(digits_recipe, model=DIGITS_CNN)
 FAST = {"epochs": 3, "lr": 0.003}
 
 
@@ -70,7 +69,7 @@ def _ctx(tmp_path, data, index: int = 1) -> RunContext:
 
 def test_teachers_are_never_updated(tmp_path, digits) -> None:
     torch.manual_seed(0)
-    teachers = Ensemble([open_model(CNN).module, open_model(CNN).module], "mean_probs")
+    teachers = Ensemble([open_model(DIGITS_CNN).module, open_model(DIGITS_CNN).module], "mean_probs")
     with torch.no_grad():  # non-trivial batch-norm statistics: train mode would move them
         for m in teachers.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -126,7 +125,7 @@ def test_teachers_from_files_with_a_combine_rule(tmp_path, digits) -> None:
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        loaded = open_model(CNN)
+        loaded = open_model(DIGITS_CNN)
         path = tmp_path / f"t{seed}.safetensors"
         save_model(path, loaded.module, loaded.architecture, digits.input_shape)
         paths.append({"path": str(path)})
@@ -155,7 +154,7 @@ def test_ensemble_varies_by_bootstrap_and_by_architecture_and_fits_weights(tmp_p
     )
     weights = [m["weight"] for m in report.stages[0]["details"]["members"]]
     assert sum(weights) == pytest.approx(1.0, abs=1e-3)
-    archs = [CNN, {"zoo": "lenet300", "kwargs": {"in_features": 64}}]
+    archs = [DIGITS_CNN, {"zoo": "lenet300", "kwargs": {"in_features": 64}}]
     report = run(recipe({"ensemble": {"vary": "arch", "archs": archs, "epochs": 1}}), tmp_path / "b")
     assert [m["model"] for m in report.stages[0]["details"]["members"]] == ["resnet", "lenet300"]
     reloaded = load_model(tmp_path / "b" / "model.safetensors")
@@ -166,7 +165,7 @@ def test_ensemble_varies_by_bootstrap_and_by_architecture_and_fits_weights(tmp_p
 
 def test_augmented_distillation_runs_the_teacher_on_the_students_view(tmp_path, digits) -> None:
     torch.manual_seed(0)
-    teacher = open_model(CNN).module
+    teacher = open_model(DIGITS_CNN).module
     state = ModelState(model=teacher, architecture=None)
     cached, shifted = _ctx(tmp_path / "a", digits), _ctx(tmp_path / "b", digits)
     a = distill_stage(state, DistillConfig(student=SMALL, epochs=1), cached)

@@ -15,9 +15,7 @@ from torchshrink.errors import EncodeError, RecipeError
 from torchshrink.measure import accuracy
 from torchshrink.recipe import parse_recipe
 
-MLP = DIGITS_MLP
-CNN = DIGITS_CNN
-recipe = functools.partial(digits_recipe, model=MLP)
+recipe = functools.partial(digits_recipe, model=DIGITS_MLP)
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +90,25 @@ def test_mixed_bits_from_measured_sensitivity(tmp_path) -> None:
     assert len(set(bits.values())) > 1  # not uniform: the plan follows sensitivity
 
 
-def test_encode_works_on_a_residual_cnn(tmp_path, digits) -> None:
+def test_encode_works_on_a_structurally_pruned_residual_cnn(tmp_path, digits) -> None:
     report = run(
-        digits_recipe({"train": {"epochs": 2, "lr": 0.003}}, {"encode": {"finetune_epochs": 1}}, model=CNN),
+        digits_recipe(
+            {"train": {"epochs": 2, "lr": 0.003}},
+            {"prune": {"granularity": "structured", "macs_reduction": 1.5}},
+            {"encode": {"finetune_epochs": 1}},
+            model=DIGITS_CNN,
+        ),
         tmp_path,
     )
     details = report.stages[-1]["details"]
     assert set(details["bits"].values()) == {8, 5}  # convs 8 bits, the linear head 5 (the defaults)
-    model = load_model(tmp_path / "model.tshrink")
-    assert model(digits.test.tensors[0][:4]).shape == (4, 10)
+    path = tmp_path / "model.tshrink"
+    model = load_model(path)
+    x = digits.test.tensors[0][:4]
+    assert model(x).shape == (4, 10)
+    # as weights of the zoo model, the file's recorded (smaller) layer shapes are used too
+    as_weights = load_model({**DIGITS_CNN, "weights": str(path)})
+    assert torch.equal(as_weights(x), model(x))
 
 
 def test_bits_errors_name_the_key_and_the_layers(tmp_path) -> None:

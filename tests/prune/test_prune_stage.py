@@ -14,11 +14,7 @@ from torchshrink.errors import RecipeError
 from torchshrink.measure import accuracy
 from torchshrink.recipe import parse_recipe
 
-MLP = DIGITS_MLP
-RESNET = DIGITS_CNN
-
-
-recipe = functools.partial(digits_recipe, model=MLP)
+recipe = functools.partial(digits_recipe, model=DIGITS_MLP)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def test_unstructured_reaches_sparsity_and_keeps_it_through_finetuning(unstructu
     nonzero_weights = prune["metrics"]["nonzero_params"] - (300 + 100 + 10)
     assert nonzero_weights <= 0.101 * weights
     assert finetune["metrics"]["nonzero_params"] <= prune["metrics"]["nonzero_params"]  # masks kept
-    assert finetune["metrics"]["accuracy"] > 0.85  # fine-tuned 90%-sparse MLP still classifies digits
+    assert finetune["metrics"]["accuracy"] > 0.85  # fine-tuned 90%-sparse DIGITS_MLP still classifies digits
     assert finetune["metrics"]["size_bytes"] < 0.25 * train["metrics"]["size_bytes"]  # sparse storage
     saved = load_model(out / "model.safetensors")
     assert (out / "model.safetensors").stat().st_size < 0.25 * train["metrics"]["size_bytes"]
@@ -99,12 +95,12 @@ def test_structured_resnet_with_schedule_and_resume(tmp_path):
         },
         {"evaluate": {}},
     )
-    first = run(recipe(*stages, model=RESNET), tmp_path)
+    first = run(recipe(*stages, model=DIGITS_CNN), tmp_path)
     assert first.final["params"] <= first.baseline["params"] / 2
     steps = first.stages[1]["details"]["steps"]
     assert steps[0]["params"] > steps[1]["params"]  # the first step went halfway
     again = run(
-        recipe(*stages, model=RESNET), tmp_path, resume=True
+        recipe(*stages, model=DIGITS_CNN), tmp_path, resume=True
     )  # checkpoint holds a smaller architecture
     assert all(s["resumed"] for s in again.stages)
     assert again.final == first.final
@@ -119,7 +115,7 @@ def test_l1_training_shrinks_the_penalised_tensors(tmp_path, target):
         "lr": 0.003 if target == "weights" else 0.02,
         "target": target,
     }
-    model = MLP if target == "weights" else RESNET
+    model = DIGITS_MLP if target == "weights" else DIGITS_CNN
     prune = (
         {"sparsity": 0.5, "l1_regularization": l1}
         if target == "weights"

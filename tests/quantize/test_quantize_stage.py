@@ -15,10 +15,7 @@ from torchshrink.measure import accuracy
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.recipe import parse_recipe
 
-CNN = DIGITS_CNN
-
-
-recipe = functools.partial(digits_recipe, model=CNN)
+recipe = functools.partial(digits_recipe, model=DIGITS_CNN)
 
 
 @pytest.fixture(scope="module")

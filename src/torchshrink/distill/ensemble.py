@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from torchshrink.measure import predict
 
 __all__ = ["Combine", "COMBINE_RULES", "Ensemble", "fit_weights", "ensemble_architecture"]
 
 log = logging.getLogger(__name__)
 
 Combine = Literal["mean_logits", "mean_probs", "weighted", "vote"]
-COMBINE_RULES = ("mean_logits", "mean_probs", "weighted", "vote")
+COMBINE_RULES: tuple[str, ...] = get_args(Combine)
 _TIE_BREAK = 1e-3  # weight of the mean probability added to vote shares (breaks ties only)
 
 
@@ -81,13 +83,6 @@ def combine_logits(logits: torch.Tensor, combine: str, weights: torch.Tensor | N
     raise ValueError(f"unknown combine rule {combine!r}; known: {', '.join(COMBINE_RULES)}")
 
 
-@torch.no_grad()
-def _member_probs(ensemble: Ensemble, inputs: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    ensemble.eval()
-    chunks = [ensemble.member_logits(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-    return F.softmax(torch.cat(chunks, dim=1), dim=-1)
-
-
 def fit_weights(
     ensemble: Ensemble, inputs: torch.Tensor, labels: torch.Tensor, steps: int = 300
 ) -> torch.Tensor:
@@ -96,7 +91,7 @@ def fit_weights(
     Stored in ``ensemble.weights`` and returned. A convex problem in the mixture weights; solved with
     Adam on softmax-parametrised weights (deterministic, a few hundred steps on cached probabilities).
     """
-    probs = _member_probs(ensemble, inputs)  # (members, n, classes)
+    probs = F.softmax(torch.stack([predict(m, inputs) for m in ensemble.members]), dim=-1)  # (members, n, K)
     picked = probs[:, torch.arange(len(labels)), labels].T  # (n, members): each member's prob of the truth
     theta = torch.zeros(probs.shape[0], requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=0.05)

@@ -22,6 +22,7 @@ from torchshrink.errors import RecipeError
 from torchshrink.measure import accuracy, count_params
 from torchshrink.models import ModelSpec, build_architecture, open_model
 from torchshrink.registry import register_stage
+from torchshrink.report import markdown_table
 from torchshrink.stages.training import TrainStageConfig, run_training
 from torchshrink.state import ModelState, RunContext
 
@@ -128,11 +129,10 @@ def ensemble_stage(state: ModelState, cfg: EnsembleConfig, ctx: RunContext) -> M
 
 
 def _table(rows: list[dict[str, Any]], ensemble_accuracy: float) -> str:
-    lines = ["| member | model | params | weight | test accuracy |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['member']} | {r['model']} | {r['params']:,} | {r.get('weight', '-')} | {r['accuracy'] * 100:.2f}% |"
-        )
+    cells = [
+        [r["member"], r["model"], f"{r['params']:,}", r.get("weight", "-"), f"{r['accuracy'] * 100:.2f}%"]
+        for r in rows
+    ]
     total = sum(r["params"] for r in rows)
-    lines.append(f"| **ensemble** | | {total:,} | | **{ensemble_accuracy * 100:.2f}%** |")
-    return "\n".join(lines)
+    cells.append(["**ensemble**", "", f"{total:,}", "", f"**{ensemble_accuracy * 100:.2f}%**"])
+    return markdown_table(["member", "model", "params", "weight", "test accuracy"], cells)

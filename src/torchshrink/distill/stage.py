@@ -24,16 +24,17 @@ from torchshrink.augment import augment_batch
 from torchshrink.distill.ensemble import Combine, Ensemble
 from torchshrink.distill.losses import FeatureAdapter, FeatureTap, Objective, StepOutputs, make_term
 from torchshrink.errors import RecipeError
-from torchshrink.measure import accuracy, check_model_fits, count_params
+from torchshrink.measure import accuracy, check_model_fits, count_params, predict
 from torchshrink.models import ModelSpec, open_model
 from torchshrink.registry import register_stage
+from torchshrink.report import markdown_table
 from torchshrink.stages.training import TrainStageConfig, train_config
 from torchshrink.state import ModelState, RunContext
 from torchshrink.train import Batch, DatasetBatches, fit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistillConfig", "distill_stage", "teacher_logits"]
+__all__ = ["DistillConfig", "distill_stage"]
 
 
 class DistillConfig(TrainStageConfig):
@@ -71,9 +72,6 @@ class _Student(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
-    def adapter_map(self) -> dict[str, nn.Module]:
-        return {k.replace("__", "."): v for k, v in self.adapters.items()}
-
 
 def _frozen(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model).eval()
@@ -97,13 +95,6 @@ def _teacher(state: ModelState, cfg: DistillConfig) -> tuple[nn.Module, list[tup
         return models[0], [("teacher", models[0])]
     ensemble = Ensemble(models, cfg.combine).eval()
     return ensemble, [(f"teacher {i}", m) for i, m in enumerate(models)] + [("ensemble", ensemble)]
-
-
-@torch.no_grad()
-def teacher_logits(teacher: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """The teacher's logits for every input, computed once (eval mode, no gradients)."""
-    teacher.eval()
-    return torch.cat([teacher(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
 def _objective(cfg: DistillConfig, adapters: dict[str, nn.Module]) -> Objective:
@@ -160,10 +151,10 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
     x, y = ctx.data.train.tensors[0], ctx.data.train.tensors[1]
     adapters = _adapters(student, teacher, cfg, x[:2])
     wrapped = _Student(student, adapters)
-    objective = _objective(cfg, wrapped.adapter_map())
+    objective = _objective(cfg, adapters)
     # Features or augmented inputs need the teacher's forward pass on the student's view; else its logits are cached.
     live = bool(cfg.features) or cfg.augment.active
-    dataset = TensorDataset(x, y) if live else TensorDataset(x, y, teacher_logits(teacher, x))
+    dataset = TensorDataset(x, y) if live else TensorDataset(x, y, predict(teacher, x))
     s_tap = FeatureTap(student, [s for s, _ in cfg.features])
     t_tap = FeatureTap(teacher, [t for _, t in cfg.features])
 
@@ -204,9 +195,8 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
         terms=sorted(objective.terms),
         teacher_outputs="live, on the student's view" if live else "cached once for the training set",
         epoch_losses=result.epoch_losses,
-        models_table="\n".join(
-            ["| model | params | test accuracy |", "|---|---|---|"]
-            + [f"| {n} | {p:,} | {a * 100:.2f}% |" for n, p, a in rows]
+        models_table=markdown_table(
+            ["model", "params", "test accuracy"], [[n, f"{p:,}", f"{a * 100:.2f}%"] for n, p, a in rows]
         ),
     )
     log.info("distillation:\n%s", ctx.details["models_table"])

@@ -4,7 +4,7 @@ into a small codebook of 2^b centroids found by k-means, and the centroids are f
 A shared layer's weight is a torch parametrization ``weight = where(mask, codebook[indices], 0)``:
 the codebook is the only trainable tensor, so the training loop's gradient of a centroid is the sum
 of the gradients of every weight that shares it (the paper's centroid update), and pruned weights
-(mask False) stay exactly zero. :func:`materialize` turns the layers back into plain dense weights.
+(mask False) stay exactly zero. :func:`plain_state_dict` gives the dense weights a plain model loads.
 
 k-means is one-dimensional here, so it is done exactly with sorted centroids: a weight belongs to
 the centroid whose midpoint interval holds it (``bucketize``), O(n log k) per Lloyd iteration.
@@ -28,7 +28,6 @@ __all__ = [
     "share_weights",
     "shared_layers",
     "codebook_of",
-    "materialize",
     "plain_state_dict",
 ]
 
@@ -155,10 +154,10 @@ def codebook_of(model: nn.Module, layer: str) -> torch.Tensor:
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state_dict ``model`` would have after :func:`materialize`, leaving the model as it is.
+    """The state_dict of the plain model: shared weights as dense ``codebook[indices]`` (or 0) tensors.
 
-    (Materializing a deep copy is no substitute: torch's parametrized copies share their class,
-    and removing the parametrization from one breaks the other.)
+    (Computed, not by removing the parametrizations: that changes the model, and on a deep copy it
+    breaks the original too, because torch's parametrized copies share their generated class.)
     """
     shared = shared_layers(model)
     modules = dict(model.named_modules())
@@ -172,11 +171,3 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[key] = tensor
     return out
-
-
-def materialize(model: nn.Module) -> nn.Module:
-    """Turn shared layers back into plain dense weights (in place): exactly ``codebook[indices]`` or 0."""
-    for name in shared_layers(model):
-        layer = dict(model.named_modules())[name]
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-    return model

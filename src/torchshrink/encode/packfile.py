@@ -35,6 +35,7 @@ from torchshrink.encode.kmeans import codebook_of, plain_state_dict, shared_laye
 from torchshrink.encode.positions import MAX_WIDTH, from_gaps, gap_histogram, to_gaps
 from torchshrink.errors import CorruptFileError, MissingFileError
 from torchshrink.io import PACKED_MAGIC, atomic_path
+from torchshrink.report import markdown_table
 
 __all__ = [
     "MAGIC",
@@ -45,7 +46,7 @@ __all__ = [
     "snap_to_storage",
     "write_packed",
     "read_packed",
-    "is_packed",
+    "packed_architecture",
     "format_layer_table",
 ]
 
@@ -166,7 +167,7 @@ def _decode_stream(payload: bytes, entry: dict[str, Any], alphabet: int) -> np.n
 
 def _best_gap_width(mask: np.ndarray, use_huffman: bool) -> int:
     """The gap width whose coded position stream (plus its code table) is smallest."""
-    gaps_max = int(np.diff(np.flatnonzero(mask), prepend=-1).max()) if mask.any() else 0
+    longest_gap = int(np.diff(np.flatnonzero(mask), prepend=-1).max()) - 1 if mask.any() else 0
     best, best_cost = 1, math.inf
     for width in range(1, MAX_WIDTH + 1):
         counts = gap_histogram(mask, width)
@@ -177,7 +178,7 @@ def _best_gap_width(mask: np.ndarray, use_huffman: bool) -> int:
             cost = width * int(counts.sum())
         if cost < best_cost:
             best, best_cost = width, cost
-        if (1 << width) - 1 > gaps_max:  # no fillers any more: wider only costs more
+        if (1 << width) - 1 > longest_gap:  # no fillers any more: wider only costs more
             break
     return best
 
@@ -295,12 +296,6 @@ def write_packed(
     )
 
 
-def is_packed(path: str | Path) -> bool:
-    """Whether the file starts with the packed format's magic bytes."""
-    with Path(path).open("rb") as fh:
-        return fh.read(len(MAGIC)) == MAGIC
-
-
 def _read_header(path: Path, data: bytes) -> tuple[dict[str, Any], int]:
     """The parsed header and where the sections start; CorruptFileError on anything off."""
     if len(data) < _PREAMBLE.size:
@@ -388,6 +383,14 @@ def _decode_raw(entry: dict[str, Any], parts: list[bytes]) -> torch.Tensor:
     return torch.from_numpy(values.copy()).to(stored).to(dtype).reshape(shape)
 
 
+def packed_architecture(path: str | Path) -> dict[str, Any] | None:
+    """The architecture reference a packed file records, from its (checked) header alone."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(path, "packed model file")
+    return _read_header(path, path.read_bytes())[0].get("architecture")
+
+
 def read_packed(path: str | Path) -> PackedModel:
     """Decode a packed file into a state_dict, checking every size and checksum (never runs code)."""
     path = Path(path)
@@ -430,18 +433,40 @@ def read_packed(path: str | Path) -> PackedModel:
 
 def format_layer_table(packed: PackedModel) -> str:
     """A Markdown table: per shared layer kept %, bits, bytes of indices / positions / codebook, ratio."""
-    lines = [
-        "| layer | shape | kept | bits | index bytes | position bytes | codebook bytes | total bytes | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+    header = [
+        "layer",
+        "shape",
+        "kept",
+        "bits",
+        "index bytes",
+        "position bytes",
+        "codebook bytes",
+        "total bytes",
+        "ratio",
     ]
-    for r in packed.layers:
-        lines.append(
-            f"| {r.name} | {'x'.join(map(str, r.shape))} | {r.kept / max(r.numel, 1):.1%} | {r.bits} "
-            f"| {r.index_bytes:,} | {r.position_bytes:,} | {r.codebook_bytes:,} | {r.total_bytes:,} | {r.ratio:.1f}x |"
-        )
-    lines.append(f"| other tensors (biases, norms) | | | | | | | {packed.other_bytes:,} | |")
-    lines.append(f"| header | | | | | | | {packed.header_bytes:,} | |")
-    lines.append(
-        f"| **file** | | | | | | | **{packed.file_bytes:,}** | **{packed.ratio:.1f}x** vs {packed.float_bytes:,} float32 bytes |"
-    )
-    return "\n".join(lines)
+    rows: list[list[object]] = [
+        [
+            r.name,
+            "x".join(map(str, r.shape)),
+            f"{r.kept / max(r.numel, 1):.1%}",
+            r.bits,
+            f"{r.index_bytes:,}",
+            f"{r.position_bytes:,}",
+            f"{r.codebook_bytes:,}",
+            f"{r.total_bytes:,}",
+            f"{r.ratio:.1f}x",
+        ]  # fmt: skip
+        for r in packed.layers
+    ]
+    blank = [""] * 6
+    rows += [
+        ["other tensors (biases, norms)", *blank, f"{packed.other_bytes:,}", ""],
+        ["header", *blank, f"{packed.header_bytes:,}", ""],
+        [
+            "**file**",
+            *blank,
+            f"**{packed.file_bytes:,}**",
+            f"**{packed.ratio:.1f}x** vs {packed.float_bytes:,} float32 bytes",
+        ],
+    ]
+    return markdown_table(header, rows)

@@ -154,7 +154,12 @@ def encode_stage(state: ModelState, cfg: EncodeConfig, ctx: RunContext) -> Model
     decoded = build_architecture(state.architecture) if state.architecture else copy.deepcopy(state.model)
     load_weights_into(decoded, packed.state_dict, str(path))
     _check_identical(decoded, model, path)
+    summary = (
+        f"{packed.file_bytes:,} bytes packed, {packed.ratio:.1f}x smaller than the "
+        f"{packed.float_bytes:,} bytes of float32 weights"
+    )
     ctx.details.update(
+        summary=summary,
         compression_ratio=round(packed.ratio, 2),
         file_bytes=packed.file_bytes,
         float_bytes=packed.float_bytes,
@@ -162,11 +167,5 @@ def encode_stage(state: ModelState, cfg: EncodeConfig, ctx: RunContext) -> Model
         layers_table=format_layer_table(packed),
     )
     ctx.artefacts["packed"] = cfg.file
-    log.info(
-        "%s: %s bytes, %.1fx smaller than float32\n%s",
-        cfg.file,
-        f"{packed.file_bytes:,}",
-        packed.ratio,
-        ctx.details["layers_table"],
-    )
+    log.info("%s: %s\n%s", cfg.file, summary, ctx.details["layers_table"])
     return state.replace(model=decoded.eval(), artefact=path, lineage=(*state.lineage, ctx.stage_name))

@@ -22,9 +22,10 @@ from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from torchshrink.data import DatasetBundle
-from torchshrink.measure import accuracy
+from torchshrink.measure import accuracy, predict
 from torchshrink.quantize.prepare import QuantPlan, quantizable_layers
 from torchshrink.quantize.ptq import quantize_model
+from torchshrink.report import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,11 @@ def average_bits(plan: QuantPlan, sizes: dict[str, int]) -> float:
     return sum(sizes[n] * (FLOAT_BITS if b is None else b) for n, b in plan.layers.items()) / max(total, 1)
 
 
-def _outputs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(inputs)
-
-
 def layer_sensitivity(
     model: nn.Module, example: torch.Tensor, inputs: torch.Tensor, candidates: Sequence[int], base: QuantPlan
 ) -> dict[str, dict[int, float]]:
     """Output MSE vs float when only one layer's weights are quantized, per layer and bit width."""
-    reference = _outputs(model, inputs)
+    reference = predict(model, inputs)
     layers = quantizable_layers(model)
     out: dict[str, dict[int, float]] = {}
     for name in layers:
@@ -93,7 +88,7 @@ def layer_sensitivity(
                 }
             )
             quantized = quantize_model(model, example, plan)
-            out[name][bits] = float(((_outputs(quantized, inputs) - reference) ** 2).mean())
+            out[name][bits] = float(((predict(quantized, inputs) - reference) ** 2).mean())
     return out
 
 
@@ -176,14 +171,11 @@ def choose_plan(
 def describe_plan(model: nn.Module, plan: QuantPlan) -> dict[str, Any]:
     """Report details: each layer's bits, the average, and a printable table."""
     sizes = {n: model.get_submodule(n).weight.numel() for n in plan.layers}
-    rows = [
-        f"  {n:<30} {'float' if b is None else f'{b}-bit':>6}  {sizes[n]:>10,} weights"
-        for n, b in plan.layers.items()
-    ]
+    rows = [[n, "float" if b is None else f"{b}-bit", f"{sizes[n]:,}"] for n, b in plan.layers.items()]
     return {
         "mode": plan.mode,
         "plan": {n: ("float" if b is None else b) for n, b in plan.layers.items()},
         "average_weight_bits": round(average_bits(plan, sizes), 3),
         "reduce_range": plan.reduce_range,
-        "plan_table": "\n".join(rows),
+        "plan_table": markdown_table(["layer", "weights", "weight count"], rows),
     }

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 
+from torchshrink.measure import predict
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
 
@@ -23,9 +24,7 @@ def evaluate_stage(state: ModelState, cfg: EvaluateConfig, ctx: RunContext) -> M
     dataset = ctx.data.test if cfg.split == "test" else ctx.data.train
     x, y = dataset.tensors[0], dataset.tensors[1]
     n = ctx.data.num_classes
-    state.model.eval()
-    with torch.inference_mode():
-        pred = torch.cat([state.model(x[i : i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    pred = predict(state.model, x).argmax(1)
     confusion = torch.bincount(y * n + pred, minlength=n * n).reshape(n, n)
     per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
     ctx.details.update(
