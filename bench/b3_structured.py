@@ -71,7 +71,10 @@ def run_case(name: str, data_name: str, epochs: int, lr: float, ratio: float, se
     base_macs = count_macs(base, shape)
     variants: dict[str, nn.Module] = {}
     settings = {f"torchshrink {c}": {"importance": c} for c in CRITERIA}
-    settings["torchshrink magnitude, cost_aware: false"] = {"importance": "magnitude", "cost_aware": False}
+    settings["torchshrink magnitude, allocation: ranking"] = {
+        "importance": "magnitude",
+        "allocation": "ranking",
+    }
     for label, options in settings.items():
         with tempfile.TemporaryDirectory() as out:
             run(
@@ -154,7 +157,8 @@ def run_all(
         f"Trained with Adam + cosine (LeNet-5, ResNet: 8 epochs lr 1e-3; 1-D CNN: 30 epochs lr 1e-2), pruned to the MACs target, fine-tuned {FINETUNE_EPOCHS} epochs "
         f"(Adam 3e-4, cosine) for every row; seeds {list(seeds)}: accuracy median [min, max], latency ratios median over seeds. "
         "Latency: batch 32, 2 threads, median of 40 interleaved rounds of all rows of one case; speed-up vs the unpruned model "
-        "in the same run. torchshrink: global scope, cost-aware ranking, at most half of any group removed (defaults), plus one row without cost-aware ranking. Torch-Pruning 1.6: MetaPruner, "
+        "in the same run. torchshrink: global scope, sensitivity allocation (the calibration loss decides how many channels each group loses; the criterion decides which), "
+        "at most 90% of a group removed, half in residual models (defaults); plus one row with the cost-aware ranking allocation (importance per MAC). Torch-Pruning 1.6: MetaPruner, "
         "MagnitudeImportance(p=1), uniform ratio, binary-searched to the same MACs.",
         "",
         "| case | method | accuracy | params | MACs | fewer MACs | eager speed-up | ORT fp32 speed-up |",

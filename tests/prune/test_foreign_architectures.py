@@ -13,7 +13,7 @@ from torchshrink import run
 from torchshrink.measure import count_params
 from torchshrink.models import load_model, save_model
 from torchshrink.prune.graph import find_groups
-from torchshrink.prune.structural import _rebind, mask_channels, plan_layer, remove_channels, resized_shapes
+from torchshrink.prune.structural import mask_channels, plan_layer, rebind, remove_channels, resized_shapes
 
 pytest.importorskip("transformers")
 HERE = Path(__file__).parent
@@ -43,7 +43,7 @@ def test_foreign_model_prunes_saves_loads_and_runs(name, tmp_path):
         groups, [torch.rand(g.size, generator=torch.Generator().manual_seed(0)) for g in groups], 0.5, 0.9
     )
     original, twin = copy.deepcopy(model), copy.deepcopy(model)
-    mask_channels(twin, _rebind(groups, model, twin), plan)
+    mask_channels(twin, rebind(groups, model, twin), plan)
     remove_channels(model, groups, plan)
     with torch.no_grad():
         out = model(x)

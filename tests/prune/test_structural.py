@@ -16,10 +16,10 @@ from torchshrink.measure import count_macs, count_params
 from torchshrink.models import load_model, open_model, save_model
 from torchshrink.prune.graph import StructureError, find_groups
 from torchshrink.prune.structural import (
-    _rebind,
     mask_channels,
     plan_global,
     plan_layer,
+    rebind,
     remove_channels,
     resized_shapes,
     search_plan,
@@ -31,8 +31,8 @@ def _twin_and_small(model, example, ratio=0.5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     plan = plan_layer(groups, [torch.rand(g.size, generator=gen) for g in groups], ratio, 0.9)
     twin, small = copy.deepcopy(model), copy.deepcopy(model)
-    mask_channels(twin, _rebind(groups, model, twin), plan)
-    remove_channels(small, _rebind(groups, model, small), plan)
+    mask_channels(twin, rebind(groups, model, twin), plan)
+    remove_channels(small, rebind(groups, model, small), plan)
     return groups, twin, small
 
 

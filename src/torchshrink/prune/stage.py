@@ -14,6 +14,7 @@ from torch import nn
 
 from torchshrink.measure import count_macs, count_params
 from torchshrink.models import build_architecture
+from torchshrink.prune.allocation import sensitivity_plan
 from torchshrink.prune.graph import find_groups
 from torchshrink.prune.importance import IMPORTANCE, make_importance
 from torchshrink.prune.masks import (
@@ -76,8 +77,14 @@ class PruneConfig(BaseModel, extra="forbid"):
         lt=1,
         description="structured, models with residual adds: at most this fraction of any group goes",
     )
+    allocation: Literal["sensitivity", "ranking"] | None = Field(
+        None,
+        description="structured, global scope: how many channels each group loses; 'sensitivity' (the "
+        "default) measures the calibration loss of each candidate removal, 'ranking' compares "
+        "normalised scores across groups",
+    )
     cost_aware: bool = Field(
-        True, description="structured, global scope: rank channels by importance per MAC they cost"
+        True, description="structured, allocation 'ranking': rank channels by importance per MAC they cost"
     )
     ignore: list[str] = Field(default_factory=list, description="layer names never pruned")
     calibration_batches: int = Field(8, ge=1, description="batches for taylor / snip / entropy scores")
@@ -103,6 +110,8 @@ class PruneConfig(BaseModel, extra="forbid"):
             raise ValueError(
                 "unstructured pruning takes a 'sparsity' target (macs/params reductions need structured)"
             )
+        if self.allocation is not None and (self.granularity != "structured" or self.scope != "global"):
+            raise ValueError("'allocation' applies to structured pruning with scope: global")
         if self.schedule.kind == "oneshot" and self.schedule.steps != 1:
             raise ValueError("schedule kind 'oneshot' has exactly 1 step; use 'linear' or 'agp' for more")
         return self
@@ -211,16 +220,30 @@ def _prune_structured_step(
     # accuracy fell 1-2 points with the plain cap), so every group keeps at least half there.
     residual = any(g.joined for g in groups)
     cap = min(cfg.max_channel_ratio, cfg.max_channel_ratio_residual) if residual else cfg.max_channel_ratio
-    plan = search_plan(
-        model,
-        example,
-        groups,
-        scores,
-        scope=cfg.scope,
-        max_ratio=cap,
-        reached=reached,
-        cost_aware=cfg.cost_aware,
-    )
+    if cfg.scope == "global" and cfg.allocation in (None, "sensitivity"):
+        plan = sensitivity_plan(
+            model,
+            example,
+            groups,
+            scores,
+            batches,
+            max_ratio=cap,
+            reached=reached,
+            cost=(lambda params, macs: macs)
+            if cfg.macs_reduction is not None
+            else (lambda params, macs: params),
+        )
+    else:
+        plan = search_plan(
+            model,
+            example,
+            groups,
+            scores,
+            scope=cfg.scope,
+            max_ratio=cap,
+            reached=reached,
+            cost_aware=cfg.cost_aware,
+        )
     remove_channels(model, groups, plan)
     recalibrate_batchnorm(model, [x for x, _ in batches])
 

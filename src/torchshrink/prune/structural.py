@@ -35,6 +35,8 @@ __all__ = [
     "plan_global",
     "search_plan",
     "resized_shapes",
+    "bounds",
+    "rebind",
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -139,7 +141,7 @@ def resized_shapes(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
     return out
 
 
-def _bounds(group: Group, max_ratio: float) -> int:
+def bounds(group: Group, max_ratio: float) -> int:
     """How many channels of ``group`` may go at most (at least one always stays)."""
     return min(group.size - 1, int(group.size * max_ratio))
 
@@ -150,7 +152,7 @@ def plan_layer(
     """Remove the same fraction of channels from every group, the lowest-scored first."""
     plan: Plan = {}
     for gi, (group, s) in enumerate(zip(groups, scores, strict=True)):
-        n = min(int(round(group.size * ratio)), _bounds(group, max_ratio))
+        n = min(int(round(group.size * ratio)), bounds(group, max_ratio))
         plan[gi] = torch.argsort(s)[:n]
     return plan
 
@@ -175,7 +177,7 @@ def plan_global(
         if cost_aware and groups[gi].macs > 0:
             norm = norm / (groups[gi].macs / mean_macs) ** COST_EXPONENT
         order = torch.argsort(norm)
-        entries.extend((float(norm[c]), gi, int(c)) for c in order[: _bounds(groups[gi], max_ratio)])
+        entries.extend((float(norm[c]), gi, int(c)) for c in order[: bounds(groups[gi], max_ratio)])
     entries.sort()
     chosen: dict[int, list[int]] = {}
     for _, gi, c in entries[:count]:
@@ -202,7 +204,7 @@ def search_plan(
     input_shape = tuple(example.shape[1:])
     # One integer search for both scopes: global removes `amount` channels; layer removes the
     # fraction amount / LAYER_STEPS * max_ratio of every group.
-    total = LAYER_STEPS if scope == "layer" else sum(_bounds(g, max_ratio) for g in groups)
+    total = LAYER_STEPS if scope == "layer" else sum(bounds(g, max_ratio) for g in groups)
 
     def trial(amount: int) -> tuple[Plan, bool]:
         if scope == "layer":
@@ -210,7 +212,7 @@ def search_plan(
         else:
             plan = plan_global(groups, scores, amount, max_ratio, cost_aware)
         candidate = copy.deepcopy(model)
-        remove_channels(candidate, _rebind(groups, model, candidate), plan)
+        remove_channels(candidate, rebind(groups, model, candidate), plan)
         return plan, reached(count_params(candidate)[0], count_macs(candidate, input_shape))
 
     best, ok = trial(total)
@@ -228,7 +230,7 @@ def search_plan(
     return best
 
 
-def _rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> list[Group]:
+def rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> list[Group]:
     """The same groups with members pointing at ``target``'s modules (a deep copy of ``source``)."""
     modules = dict(target.named_modules())
     return [
