@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
 from testkit import DIGITS_CNN
 from torch import nn
 
 from torchshrink.measure import count_macs, count_params
 from torchshrink.models import open_model
-from torchshrink.prune.allocation import sensitivity_plan
+from torchshrink.prune.allocation import masked_loss, sensitivity_plan
 from torchshrink.prune.graph import find_groups
 from torchshrink.prune.stage import PruneConfig
-from torchshrink.prune.structural import mask_channels, plan_layer, rebind, remove_channels
+from torchshrink.prune.structural import plan_layer, rebuilt_size
 from torchshrink.train import DatasetBatches, TrainConfig, fit
-
-
-def _masked_loss(model, groups, plan, batches) -> float:
-    twin = copy.deepcopy(model).eval()
-    mask_channels(twin, rebind(groups, model, twin), plan)
-    with torch.no_grad():
-        return sum(float(F.cross_entropy(twin(x), y)) for x, y in batches) / len(batches)
 
 
 def _trained(model: nn.Module, data, epochs: int = 3) -> nn.Module:
@@ -35,9 +25,18 @@ def _trained(model: nn.Module, data, epochs: int = 3) -> nn.Module:
     return model.eval()
 
 
-def _batches(data, n: int = 4):
+def _allocate(model: nn.Module, data, scores, **options):
+    """Groups, scores (``scores(groups)``), calibration batches and the sensitivity plan on the digits."""
     x, y = data.train.tensors
-    return [(x[i * 64 : (i + 1) * 64], y[i * 64 : (i + 1) * 64]) for i in range(n)]
+    batches = [(x[i * 64 : (i + 1) * 64], y[i * 64 : (i + 1) * 64]) for i in range(4)]
+    groups = find_groups(model, x[:2])
+    group_scores = scores(groups)
+    return (
+        groups,
+        group_scores,
+        batches,
+        sensitivity_plan(model, x[:2], groups, group_scores, batches, **options),
+    )
 
 
 def test_dead_channels_go_first_and_cost_nothing(digits):
@@ -50,64 +49,47 @@ def test_dead_channels_go_first_and_cost_nothing(digits):
     )
     with torch.no_grad():
         model[3].weight[:, :4] = 0  # hidden units 0-3 of the first layer now feed nothing
-    example, batches = digits.train.tensors[0][:2], _batches(digits)
-    groups = find_groups(model, example)
-    assert [g.name for g in groups] == ["1", "3"]
-    scores = [torch.cat([torch.zeros(4), torch.ones(12)]), torch.rand(16)]
     base_params = count_params(model)[0]
     per_unit = 64 + 1 + 16  # a first-layer unit: its weight row, its bias, its consumer column
-    plan = sensitivity_plan(
+    groups, _, batches, plan = _allocate(
         model,
-        example,
-        groups,
-        scores,
-        batches,
+        digits,
+        lambda groups: [torch.cat([torch.zeros(4), torch.ones(12)]), torch.rand(16)],
         max_ratio=0.9,
         reached=lambda params, macs: params <= base_params - 4 * per_unit,
-        cost=lambda params, macs: params,
+        saves="params",
     )
+    assert [g.name for g in groups] == ["1", "3"]
     # Removing any second-layer units raises the loss; the dead ones cost nothing: they alone go.
     assert sorted(plan[0].tolist()) == [0, 1, 2, 3] and 1 not in plan
-    assert _masked_loss(model, groups, plan, batches) == pytest.approx(
-        _masked_loss(model, groups, {}, batches)
-    )
+    assert masked_loss(model, groups, plan, batches) == pytest.approx(masked_loss(model, groups, {}, batches))
 
 
 def test_sensitivity_loses_less_than_a_uniform_plan_at_the_same_macs(digits):
     torch.manual_seed(0)
     model = _trained(open_model(DIGITS_CNN).module, digits)
     shape = digits.input_shape
-    example, batches = digits.train.tensors[0][:2], _batches(digits)
-    groups = find_groups(model, example)
-    scores = [torch.rand(g.size, generator=torch.Generator().manual_seed(i)) for i, g in enumerate(groups)]
     goal = count_macs(model, shape) / 2
-    plan = sensitivity_plan(
+    groups, scores, batches, plan = _allocate(
         model,
-        example,
-        groups,
-        scores,
-        batches,
+        digits,
+        lambda groups: [
+            torch.rand(g.size, generator=torch.Generator().manual_seed(i)) for i, g in enumerate(groups)
+        ],
         max_ratio=0.75,
         reached=lambda params, macs: macs <= goal,
-        cost=lambda params, macs: macs,
     )
-    assert _macs(model, groups, plan, shape) <= goal
-    # The last step was trimmed: one channel fewer from any group misses the target.
+
+    def macs(p) -> int:
+        return rebuilt_size(model, groups, p, shape)[1]
+
+    assert macs(plan) <= goal
+    # Trimmed: one channel fewer removed from any group misses the target.
     for gi, channels in plan.items():
-        assert _macs(model, groups, {**plan, gi: channels[:-1]}, shape) > goal
-    ratio = next(
-        r / 100
-        for r in range(1, 100)
-        if _macs(model, groups, plan_layer(groups, scores, r / 100, 0.75), shape) <= goal
-    )
+        assert macs({**plan, gi: channels[:-1]}) > goal
+    ratio = next(r / 100 for r in range(1, 100) if macs(plan_layer(groups, scores, r / 100, 0.75)) <= goal)
     uniform = plan_layer(groups, scores, ratio, 0.75)
-    assert _masked_loss(model, groups, plan, batches) < _masked_loss(model, groups, uniform, batches)
-
-
-def _macs(model, groups, plan, shape) -> int:
-    small = copy.deepcopy(model)
-    remove_channels(small, rebind(groups, model, small), plan)
-    return count_macs(small, shape)
+    assert masked_loss(model, groups, plan, batches) < masked_loss(model, groups, uniform, batches)
 
 
 @pytest.mark.parametrize(

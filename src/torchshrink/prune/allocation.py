@@ -17,25 +17,24 @@ import copy
 import heapq
 import logging
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from torchshrink.measure import count_macs, count_params
 from torchshrink.prune.graph import Group
-from torchshrink.prune.structural import Plan, bounds, mask_channels, rebind, remove_channels
+from torchshrink.prune.structural import Plan, bounds, mask_channels, rebind, rebuilt_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sensitivity_plan", "CHUNKS"]
+__all__ = ["sensitivity_plan", "masked_loss", "CHUNKS"]
 
 CHUNKS = 8  # a group loses at most 1/CHUNKS of its channels per greedy step
-Cost = Callable[[int, int], float]  # (params, macs) -> the quantity the target is about
 
 
-def _masked_loss(model: nn.Module, groups: Sequence[Group], plan: Plan, batches: Sequence) -> float:
+def masked_loss(model: nn.Module, groups: Sequence[Group], plan: Plan, batches: Sequence) -> float:
     """Mean cross-entropy of ``model`` with the planned channels zeroed (in a copy).
 
     Batch-norms use the batch's statistics, as re-estimating them after removal would: stale running
@@ -50,15 +49,6 @@ def _masked_loss(model: nn.Module, groups: Sequence[Group], plan: Plan, batches:
         return sum(float(F.cross_entropy(candidate(x), y)) for x, y in batches) / len(batches)
 
 
-def _size(
-    model: nn.Module, groups: Sequence[Group], plan: Plan, input_shape: tuple[int, ...]
-) -> tuple[int, int]:
-    """(params, macs) of the model rebuilt with ``plan``: measured, not estimated."""
-    candidate = copy.deepcopy(model)
-    remove_channels(candidate, rebind(groups, model, candidate), plan)
-    return count_params(candidate)[0], count_macs(candidate, input_shape)
-
-
 def sensitivity_plan(
     model: nn.Module,
     example: torch.Tensor,
@@ -68,14 +58,18 @@ def sensitivity_plan(
     *,
     max_ratio: float,
     reached: Callable[[int, int], bool],
-    cost: Cost,
+    saves: Literal["macs", "params"] = "macs",
 ) -> Plan:
     """Greedy, loss-measured allocation of the removals until ``reached(params, macs)`` holds.
 
-    ``scores`` order the channels inside each group (lowest first); ``cost(params, macs)`` is what
-    a step saves (MACs for a MACs target, parameters otherwise). The step that reaches the target is
-    trimmed to the fewest channels that still reach it. ``batches`` are labelled calibration batches.
+    ``scores`` order the channels inside each group (lowest first); ``saves`` is what a step's loss
+    rise is divided by (MACs for a MACs target, parameters otherwise). Once the target holds, every
+    group gives back the removals it does not need. ``batches`` are labelled calibration batches.
     """
+
+    def cost(params: int, macs: int) -> float:
+        return macs if saves == "macs" else params
+
     if not batches:
         raise ValueError("sensitivity allocation needs labelled calibration batches")
     input_shape = tuple(example.shape[1:])
@@ -86,8 +80,8 @@ def sensitivity_plan(
     def plan_of(c: Sequence[int]) -> Plan:
         return {gi: orders[gi][:n] for gi, n in enumerate(c) if n}
 
-    loss = _masked_loss(model, groups, {}, batches)
-    spent = cost(*_size(model, groups, {}, input_shape))
+    loss = masked_loss(model, groups, {}, batches)
+    spent = cost(*rebuilt_size(model, groups, {}, input_shape))
     version = 0  # bumped whenever a step is taken: rates measured before are stale
 
     def candidate(gi: int) -> tuple[float, int, int, list[int], float, tuple[int, int]] | None:
@@ -96,8 +90,8 @@ def sensitivity_plan(
         if n <= counts[gi]:
             return None
         trial = [*counts[:gi], n, *counts[gi + 1 :]]
-        trial_loss = _masked_loss(model, groups, plan_of(trial), batches)
-        size = _size(model, groups, plan_of(trial), input_shape)
+        trial_loss = masked_loss(model, groups, plan_of(trial), batches)
+        size = rebuilt_size(model, groups, plan_of(trial), input_shape)
         return (trial_loss - loss) / max(spent - cost(*size), 1e-9), gi, version, trial, trial_loss, size
 
     # Lazy greedy: a chunk's rate rarely falls when other groups shrink, so only the best stale
@@ -115,7 +109,7 @@ def sensitivity_plan(
                 continue
             bar.update(sum(trial) - sum(counts))
             if reached(*size):
-                size_of = lambda c: _size(model, groups, plan_of(c), input_shape)  # noqa: E731
+                size_of = lambda c: rebuilt_size(model, groups, plan_of(c), input_shape)  # noqa: E731
                 return plan_of(_trim(trial, counts, reached, size_of))
             counts, loss, spent, version = trial, trial_loss, cost(*size), version + 1
             follow = candidate(gi)
@@ -132,8 +126,8 @@ def _trim(
     size_of: Callable[[list[int]], tuple[int, int]],
 ) -> list[int]:
     """Give back what the last step overshot: per group (the one just grown first, then the others),
-    the fewest removals that still reach the target. A single channel of a small model's first conv
-    can carry a sixth of its MACs, so the last step alone may overshoot a 1.5x target to 1.64x.
+    the fewest removals that still reach the target. One step can remove a lot: in the demo's
+    LeNet-5-half a conv1 channel is 6% of the MACs, and its last step overshot a 1.5x target to 1.64x.
     """
     grown = next(i for i, (a, b) in enumerate(zip(trial, counts, strict=True)) if a != b)
     counts = list(trial)

@@ -229,9 +229,7 @@ def _prune_structured_step(
             batches,
             max_ratio=cap,
             reached=reached,
-            cost=(lambda params, macs: macs)
-            if cfg.macs_reduction is not None
-            else (lambda params, macs: params),
+            saves="macs" if cfg.macs_reduction is not None else "params",
         )
     else:
         plan = search_plan(
@@ -257,7 +255,8 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     base = (count_params(model)[0], count_macs(model, input_shape))
     if cfg.l1_regularization is not None:
         ctx.details.update(sparsity_inducing_training(model, cfg, ctx))
-    # data-driven criteria score on these batches; structured pruning re-estimates batch-norm statistics on them
+    # data-driven criteria score on these batches; structured pruning measures the sensitivity
+    # allocation's loss and re-estimates batch-norm statistics on them
     needs_data = cfg.importance in ("taylor", "snip", "entropy") or cfg.granularity == "structured"
     batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size) if needs_data else []
     steps = cfg.schedule.steps

@@ -37,6 +37,7 @@ __all__ = [
     "resized_shapes",
     "bounds",
     "rebind",
+    "rebuilt_size",
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -211,9 +212,7 @@ def search_plan(
             plan = plan_layer(groups, scores, amount / LAYER_STEPS * max_ratio, max_ratio)
         else:
             plan = plan_global(groups, scores, amount, max_ratio, cost_aware)
-        candidate = copy.deepcopy(model)
-        remove_channels(candidate, rebind(groups, model, candidate), plan)
-        return plan, reached(count_params(candidate)[0], count_macs(candidate, input_shape))
+        return plan, reached(*rebuilt_size(model, groups, plan, input_shape))
 
     best, ok = trial(total)
     if not ok:
@@ -228,6 +227,15 @@ def search_plan(
         else:
             lo = mid + 1
     return best
+
+
+def rebuilt_size(
+    model: nn.Module, groups: Sequence[Group], plan: Plan, input_shape: tuple[int, ...]
+) -> tuple[int, int]:
+    """(params, MACs) of ``model`` rebuilt with ``plan`` (on a copy): measured, not estimated."""
+    candidate = copy.deepcopy(model)
+    remove_channels(candidate, rebind(groups, model, candidate), plan)
+    return count_params(candidate)[0], count_macs(candidate, input_shape)
 
 
 def rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> list[Group]:
