@@ -14,6 +14,7 @@ from torchshrink import zoo
 from torchshrink.measure import (
     METRIC_NAMES,
     accuracy,
+    count_activations,
     count_macs,
     count_params,
     interleaved_medians,
@@ -46,6 +47,16 @@ def test_macs_match_hand_counts():
     conv1 = 20 * 24 * 24 * 25
     conv2 = 50 * 8 * 8 * 20 * 25
     assert count_macs(zoo.build("lenet5"), (1, 28, 28)) == conv1 + conv2 + 800 * 500 + 500 * 10
+
+
+def test_activations_count_every_written_element_but_views():
+    # conv1 -> relu -> pool, conv2 -> relu -> pool, flatten (a view: free), fc1 -> relu, fc2
+    conv1, conv2 = 20 * 24 * 24, 50 * 8 * 8
+    expected = 2 * conv1 + conv1 // 4 + 2 * conv2 + conv2 // 4 + 2 * 500 + 10
+    assert count_activations(zoo.build("lenet5"), (1, 28, 28)) == expected
+    # one conv1 channel fewer: its output, its ReLU and its pooled map are not written
+    fewer = count_activations(zoo.build("lenet5", conv1=19), (1, 28, 28))
+    assert expected - fewer == 24 * 24 * 2 + 12 * 12
 
 
 def test_serialized_size_is_the_safetensors_file_size(tmp_path):

@@ -11,6 +11,7 @@ from torchshrink.measure import count_macs, count_params
 from torchshrink.models import open_model
 from torchshrink.prune.allocation import masked_loss, sensitivity_plan
 from torchshrink.prune.graph import find_groups
+from torchshrink.prune.latency_model import LatencyModel
 from torchshrink.prune.stage import PruneConfig
 from torchshrink.prune.structural import plan_layer, rebuilt_size
 from torchshrink.train import DatasetBatches, TrainConfig, fit
@@ -56,7 +57,7 @@ def test_dead_channels_go_first_and_cost_nothing(digits):
         digits,
         lambda groups: [torch.cat([torch.zeros(4), torch.ones(12)]), torch.rand(16)],
         max_ratio=0.9,
-        reached=lambda params, macs: params <= base_params - 4 * per_unit,
+        reached=lambda size: size.params <= base_params - 4 * per_unit,
         saves="params",
     )
     assert [g.name for g in groups] == ["1", "3"]
@@ -77,7 +78,7 @@ def test_sensitivity_loses_less_than_a_uniform_plan_at_the_same_macs(digits):
             torch.rand(g.size, generator=torch.Generator().manual_seed(i)) for i, g in enumerate(groups)
         ],
         max_ratio=0.75,
-        reached=lambda params, macs: macs <= goal,
+        reached=lambda size: size.macs <= goal,
     )
 
     def macs(p) -> int:
@@ -102,3 +103,36 @@ def test_sensitivity_loses_less_than_a_uniform_plan_at_the_same_macs(digits):
 def test_allocation_is_refused_where_it_does_not_apply(options):
     with pytest.raises(ValueError, match="'allocation' applies to structured pruning with scope: global"):
         PruneConfig(**options)
+
+
+def test_latency_cost_prefers_the_channels_whose_time_their_macs_hide(monkeypatch):
+    # Group 0 (the first conv, 8x8 maps) writes 4x the elements per channel of group 1 (4x4 maps)
+    # for 1.5x its MACs. A loss rise of 1 per group-0 channel and 0.5 per group-1 channel makes
+    # group 1 the cheaper removal per MAC and group 0 the cheaper one per element written.
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 2),
+    )
+    x, y = torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    groups = find_groups(model, x[:2])
+    weights = {0: 1.0, 1: 0.5}
+    monkeypatch.setattr(
+        "torchshrink.prune.allocation.masked_loss",
+        lambda model, groups, plan, batches: sum(weights[gi] * len(c) for gi, c in plan.items()),
+    )
+    base = rebuilt_size(model, groups, {}, (1, 8, 8))
+    options = dict(max_ratio=0.9, reached=lambda size: size.macs < base.macs)
+    scores = [torch.arange(g.size, dtype=torch.float) for g in groups]
+    by_macs = sensitivity_plan(model, x[:2], groups, scores, [(x, y)], saves="macs", **options)
+    elements_only = LatencyModel(ms_per_mac=0.0, ms_per_element=1e-3, overhead_ms=0.1, relative_error=0.0)
+    by_time = sensitivity_plan(
+        model, x[:2], groups, scores, [(x, y)], saves="latency", latency=elements_only, **options
+    )
+    assert {gi: c.tolist() for gi, c in by_macs.items()} == {1: [0]}
+    assert {gi: c.tolist() for gi, c in by_time.items()} == {0: [0]}
+    with pytest.raises(ValueError, match="needs a fitted latency model"):
+        sensitivity_plan(model, x[:2], groups, scores, [(x, y)], saves="latency", **options)

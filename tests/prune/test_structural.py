@@ -221,7 +221,7 @@ def test_search_reaches_the_macs_target(scope):
         for g_scores in (torch.rand(g.size, generator=torch.Generator().manual_seed(1)) for g in groups)
     ]
     plan = search_plan(
-        model, example, groups, scores, scope=scope, max_ratio=0.9, reached=lambda p, m: m <= base / 2
+        model, example, groups, scores, scope=scope, max_ratio=0.9, reached=lambda size: size.macs <= base / 2
     )
     remove_channels(model, groups, plan)
     macs = count_macs(model, (1, 28, 28))

@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchshrink.prune.graph import Group
-from torchshrink.prune.structural import Plan, bounds, mask_channels, rebind, rebuilt_size
+from torchshrink.prune.latency_model import LatencyModel
+from torchshrink.prune.structural import Plan, Size, bounds, mask_channels, rebind, rebuilt_size
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,25 @@ def sensitivity_plan(
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
     max_ratio: float,
-    reached: Callable[[int, int], bool],
-    saves: Literal["macs", "params"] = "macs",
+    reached: Callable[[Size], bool],
+    saves: Literal["macs", "params", "latency"] = "macs",
+    latency: LatencyModel | None = None,
 ) -> Plan:
-    """Greedy, loss-measured allocation of the removals until ``reached(params, macs)`` holds.
+    """Greedy, loss-measured allocation of the removals until ``reached(size)`` holds.
 
     ``scores`` order the channels inside each group (lowest first); ``saves`` is what a step's loss
-    rise is divided by (MACs for a MACs target, parameters otherwise). Once the target holds, every
-    group gives back the removals it does not need. ``batches`` are labelled calibration batches.
+    rise is divided by: MACs, parameters, or the milliseconds ``latency`` predicts (which prefers
+    the channels that cost more time than their MACs show). Once the target holds, every group gives
+    back the removals it does not need. ``batches`` are labelled calibration batches.
     """
+    if saves == "latency" and latency is None:
+        raise ValueError("saves='latency' needs a fitted latency model (fit_latency_model)")
 
-    def cost(params: int, macs: int) -> float:
-        return macs if saves == "macs" else params
+    def cost(size: Size) -> float:
+        if saves == "latency":
+            assert latency is not None
+            return latency.predict(size.macs, size.elements)
+        return size.macs if saves == "macs" else size.params
 
     if not batches:
         raise ValueError("sensitivity allocation needs labelled calibration batches")
@@ -81,10 +89,10 @@ def sensitivity_plan(
         return {gi: orders[gi][:n] for gi, n in enumerate(c) if n}
 
     loss = masked_loss(model, groups, {}, batches)
-    spent = cost(*rebuilt_size(model, groups, {}, input_shape))
+    spent = cost(rebuilt_size(model, groups, {}, input_shape))
     version = 0  # bumped whenever a step is taken: rates measured before are stale
 
-    def candidate(gi: int) -> tuple[float, int, int, list[int], float, tuple[int, int]] | None:
+    def candidate(gi: int) -> tuple[float, int, int, list[int], float, Size] | None:
         """One more chunk of group ``gi``: (loss rise per unit saved, gi, version, counts, loss, size)."""
         n = min(counts[gi] + max(1, round(groups[gi].size / CHUNKS)), limits[gi])
         if n <= counts[gi]:
@@ -92,7 +100,7 @@ def sensitivity_plan(
         trial = [*counts[:gi], n, *counts[gi + 1 :]]
         trial_loss = masked_loss(model, groups, plan_of(trial), batches)
         size = rebuilt_size(model, groups, plan_of(trial), input_shape)
-        return (trial_loss - loss) / max(spent - cost(*size), 1e-9), gi, version, trial, trial_loss, size
+        return (trial_loss - loss) / max(spent - cost(size), 1e-9), gi, version, trial, trial_loss, size
 
     # Lazy greedy: a chunk's rate rarely falls when other groups shrink, so only the best stale
     # candidate is re-measured; it is taken if it still beats every other (stale) rate.
@@ -108,10 +116,10 @@ def sensitivity_plan(
                     heapq.heappush(heap, fresh)
                 continue
             bar.update(sum(trial) - sum(counts))
-            if reached(*size):
+            if reached(size):
                 size_of = lambda c: rebuilt_size(model, groups, plan_of(c), input_shape)  # noqa: E731
                 return plan_of(_trim(trial, counts, reached, size_of))
-            counts, loss, spent, version = trial, trial_loss, cost(*size), version + 1
+            counts, loss, spent, version = trial, trial_loss, cost(size), version + 1
             follow = candidate(gi)
             if follow is not None:
                 heapq.heappush(heap, follow)
@@ -122,8 +130,8 @@ def sensitivity_plan(
 def _trim(
     trial: list[int],
     counts: list[int],
-    reached: Callable[[int, int], bool],
-    size_of: Callable[[list[int]], tuple[int, int]],
+    reached: Callable[[Size], bool],
+    size_of: Callable[[list[int]], Size],
 ) -> list[int]:
     """Give back what the last step overshot: per group (the one just grown first, then the others),
     the fewest removals that still reach the target. One step can remove a lot: in the demo's
@@ -135,7 +143,7 @@ def _trim(
         lo, hi = 0, counts[gi]
         while lo < hi:
             mid = (lo + hi) // 2
-            if reached(*size_of([*counts[:gi], mid, *counts[gi + 1 :]])):
+            if reached(size_of([*counts[:gi], mid, *counts[gi + 1 :]])):
                 hi = mid
             else:
                 lo = mid + 1

@@ -3,8 +3,10 @@ criteria, schedules, sparsity-inducing (L1) training and fine-tuning between ste
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
@@ -12,11 +14,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
-from torchshrink.measure import count_macs, count_params
+from torchshrink.measure import count_activations, count_macs, count_params, latencies_ms
 from torchshrink.models import build_architecture
 from torchshrink.prune.allocation import sensitivity_plan
-from torchshrink.prune.graph import find_groups
+from torchshrink.prune.graph import Group, find_groups
 from torchshrink.prune.importance import IMPORTANCE, make_importance
+from torchshrink.prune.latency_model import LatencyModel, fit_latency_model
 from torchshrink.prune.masks import (
     MaskKeeper,
     apply_masks,
@@ -26,13 +29,20 @@ from torchshrink.prune.masks import (
     prunable_weights,
 )
 from torchshrink.prune.schedule import SCHEDULES
-from torchshrink.prune.structural import recalibrate_batchnorm, remove_channels, resized_shapes, search_plan
+from torchshrink.prune.structural import (
+    Size,
+    recalibrate_batchnorm,
+    remove_channels,
+    resized_shapes,
+    search_plan,
+)
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
 from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
+LATENCY_BATCH = 32  # the batch of the report's latency_ms_b32: what speed-up targets are about
 PRUNED_WEIGHTS = "pruned_weights"  # attachment: names of masked tensors, so fine-tuning keeps the masks
 
 
@@ -64,6 +74,12 @@ class PruneConfig(BaseModel, extra="forbid"):
         None, gt=0, lt=1, description="fraction of weights (unstructured) or parameters (structured) removed"
     )
     macs_reduction: float | None = Field(None, gt=1, description="structured: MACs before / after")
+    speedup: float | None = Field(
+        None,
+        gt=1,
+        description="structured: batch-32 latency before / after, as predicted by a latency model fitted "
+        "by timing shrunken copies on this machine (the stage then times the result and reports both)",
+    )
     params_reduction: float | None = Field(None, gt=1, description="structured: parameters before / after")
     min_density: float = Field(
         0.02, ge=0, lt=1, description="unstructured: every layer keeps at least this fraction"
@@ -83,6 +99,13 @@ class PruneConfig(BaseModel, extra="forbid"):
         "default) measures the calibration loss of each candidate removal, 'ranking' compares "
         "normalised scores across groups",
     )
+    allocation_cost: Literal["macs", "params", "latency"] | None = Field(
+        None,
+        description="structured, sensitivity allocation: what a removal's loss rise is divided by; "
+        "default MACs for a macs_reduction target, parameters otherwise; 'latency' fits a latency model "
+        "of this network on this machine (batch 32) and prefers the channels that cost more time than "
+        "their MACs show",
+    )
     cost_aware: bool = Field(
         True, description="structured, allocation 'ranking': rank channels by importance per MAC they cost"
     )
@@ -96,11 +119,14 @@ class PruneConfig(BaseModel, extra="forbid"):
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
         targets = [
-            k for k in ("sparsity", "macs_reduction", "params_reduction") if getattr(self, k) is not None
+            k
+            for k in ("sparsity", "macs_reduction", "params_reduction", "speedup")
+            if getattr(self, k) is not None
         ]
         if len(targets) != 1:
             raise ValueError(
-                f"give exactly one of sparsity, macs_reduction, params_reduction; got {targets or 'none'}"
+                "give exactly one of sparsity, macs_reduction, params_reduction, speedup; "
+                f"got {targets or 'none'}"
             )
         if self.granularity == "unstructured" and self.importance == "bn_scale":
             raise ValueError(
@@ -108,10 +134,19 @@ class PruneConfig(BaseModel, extra="forbid"):
             )
         if self.granularity == "unstructured" and self.sparsity is None:
             raise ValueError(
-                "unstructured pruning takes a 'sparsity' target (macs/params reductions need structured)"
+                "unstructured pruning takes a 'sparsity' target (macs/params reductions and speedup need "
+                "structured)"
             )
         if self.allocation is not None and (self.granularity != "structured" or self.scope != "global"):
             raise ValueError("'allocation' applies to structured pruning with scope: global")
+        sensitivity = (
+            self.granularity == "structured" and self.scope == "global" and self.allocation != "ranking"
+        )
+        if self.allocation_cost is not None and not sensitivity:
+            raise ValueError(
+                "'allocation_cost' applies to the sensitivity allocation (structured, scope: global, "
+                "allocation: sensitivity)"
+            )
         if self.schedule.kind == "oneshot" and self.schedule.steps != 1:
             raise ValueError("schedule kind 'oneshot' has exactly 1 step; use 'linear' or 'agp' for more")
         return self
@@ -186,18 +221,68 @@ def _prune_unstructured_step(
     apply_masks(params, masks)
 
 
-def _target_reached(cfg: PruneConfig, fraction: float, base: tuple[int, int]) -> Callable[[int, int], bool]:
-    """``(params, macs) -> bool``: has this step's share of the structured target been reached?"""
-    base_params, base_macs = base
+def _target_reached(
+    cfg: PruneConfig, fraction: float, base: Size, latency: LatencyModel | None
+) -> Callable[[Size], bool]:
+    """``size -> bool``: has this step's share of the structured target been reached?"""
+    if cfg.speedup is not None:
+        assert latency is not None
+        ms_goal = latency.predict(base.macs, base.elements) / cfg.speedup**fraction
+        return lambda size: latency.predict(size.macs, size.elements) <= ms_goal
     if cfg.macs_reduction is not None:
-        macs_goal = base_macs / cfg.macs_reduction**fraction
-        return lambda params, macs: macs <= macs_goal
+        macs_goal = base.macs / cfg.macs_reduction**fraction
+        return lambda size: size.macs <= macs_goal
     if cfg.params_reduction is not None:
-        params_goal = base_params / cfg.params_reduction**fraction
+        params_goal = base.params / cfg.params_reduction**fraction
     else:
         assert cfg.sparsity is not None
-        params_goal = base_params * (1 - cfg.sparsity * fraction)
-    return lambda params, macs: params <= params_goal
+        params_goal = base.params * (1 - cfg.sparsity * fraction)
+    return lambda size: size.params <= params_goal
+
+
+def _channel_cap(cfg: PruneConfig, groups: Sequence[Group]) -> float:
+    """The largest share of any group that may go.
+
+    In a residual network a group stripped to a few channels starves its whole stage (B3: ResNet
+    accuracy fell 1-2 points with the plain cap), so every group keeps at least half there.
+    """
+    residual = any(g.joined for g in groups)
+    return min(cfg.max_channel_ratio, cfg.max_channel_ratio_residual) if residual else cfg.max_channel_ratio
+
+
+def _allocation_cost(cfg: PruneConfig) -> Literal["macs", "params", "latency"]:
+    """What the sensitivity allocation divides a loss rise by (the option, or the target's unit)."""
+    if cfg.allocation_cost is not None:
+        return cfg.allocation_cost
+    if cfg.speedup is not None:
+        return "latency"
+    return "macs" if cfg.macs_reduction is not None else "params"
+
+
+def _check_speedup(
+    original: nn.Module,
+    pruned: nn.Module,
+    latency: LatencyModel,
+    target: float | None,
+    input_shape: tuple[int, ...],
+) -> dict[str, float]:
+    """Time the pruned network against the original (batch 32, interleaved) next to the predicted
+    speed-up, so a latency model that misjudged this machine shows in the report and the log."""
+    timed = latencies_ms({"original": original, "pruned": pruned}, input_shape, batch_size=LATENCY_BATCH)
+    measured = timed["original"] / timed["pruned"]
+    predicted = latency.predict(
+        count_macs(original, input_shape), count_activations(original, input_shape)
+    ) / (latency.predict(count_macs(pruned, input_shape), count_activations(pruned, input_shape)))
+    log.info("speed-up at batch %d: predicted %.2fx, measured %.2fx", LATENCY_BATCH, predicted, measured)
+    if target is not None and measured < 0.9 * target:
+        log.warning(
+            "measured speed-up %.2fx is below the target %.2fx (predicted %.2fx): the machine was busy "
+            "while timing, or the latency model does not fit this network; raise 'speedup'",
+            measured,
+            target,
+            predicted,
+        )
+    return {"speedup_predicted": round(predicted, 3), "speedup_measured": round(measured, 3)}
 
 
 def _prune_structured_step(
@@ -207,7 +292,8 @@ def _prune_structured_step(
     batches: list,
     seed: int,
     example: torch.Tensor,
-    base: tuple[int, int],
+    base: Size,
+    latency: LatencyModel | None,
 ) -> None:
     groups = find_groups(model, example, cfg.ignore)
     if not groups:
@@ -215,11 +301,8 @@ def _prune_structured_step(
         return
     importance = make_importance(cfg.importance, model, batches, norm=cfg.norm, seed=seed)
     scores = [importance(g) for g in groups]
-    reached = _target_reached(cfg, fraction, base)
-    # In a residual network a group stripped to a few channels starves its whole stage (B3: ResNet
-    # accuracy fell 1-2 points with the plain cap), so every group keeps at least half there.
-    residual = any(g.joined for g in groups)
-    cap = min(cfg.max_channel_ratio, cfg.max_channel_ratio_residual) if residual else cfg.max_channel_ratio
+    reached = _target_reached(cfg, fraction, base, latency)
+    cap = _channel_cap(cfg, groups)
     if cfg.scope == "global" and cfg.allocation in (None, "sensitivity"):
         plan = sensitivity_plan(
             model,
@@ -229,7 +312,8 @@ def _prune_structured_step(
             batches,
             max_ratio=cap,
             reached=reached,
-            saves="macs" if cfg.macs_reduction is not None else "params",
+            saves=_allocation_cost(cfg),
+            latency=latency,
         )
     else:
         plan = search_plan(
@@ -252,7 +336,8 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     model = state.model
     example = ctx.data.train.tensors[0][:2]
     input_shape = tuple(example.shape[1:])
-    base = (count_params(model)[0], count_macs(model, input_shape))
+    base = Size(count_params(model)[0], count_macs(model, input_shape), count_activations(model, input_shape))
+    original = copy.deepcopy(model).eval() if cfg.speedup is not None else None
     if cfg.l1_regularization is not None:
         ctx.details.update(sparsity_inducing_training(model, cfg, ctx))
     # data-driven criteria score on these batches; structured pruning measures the sensitivity
@@ -262,10 +347,23 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     steps = cfg.schedule.steps
     structured = cfg.granularity == "structured"
     trajectory = []
+    latency = None
+    if structured and (cfg.speedup is not None or _allocation_cost(cfg) == "latency"):
+        # fitted once on the full network: the timed copies span the sizes every step reaches
+        groups = find_groups(model, example, cfg.ignore)
+        latency = fit_latency_model(
+            model,
+            groups,
+            input_shape,
+            max_ratio=_channel_cap(cfg, groups),
+            batch_size=LATENCY_BATCH,
+            seed=ctx.seed,
+        )
+        ctx.details["latency_model"] = asdict(latency)
     for step in range(1, steps + 1):
         fraction = SCHEDULES[cfg.schedule.kind](step, steps)
         if structured:
-            _prune_structured_step(model, cfg, fraction, batches, ctx.seed + step, example, base)
+            _prune_structured_step(model, cfg, fraction, batches, ctx.seed + step, example, base, latency)
         else:
             assert cfg.sparsity is not None
             _prune_unstructured_step(model, cfg, cfg.sparsity * fraction, batches, ctx.seed + step)
@@ -284,7 +382,9 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
             if batches:
                 batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)
     ctx.details["steps"] = trajectory
-    ctx.details["params_before"], ctx.details["macs_before"] = base
+    ctx.details["params_before"], ctx.details["macs_before"] = base.params, base.macs
+    if original is not None and latency is not None:
+        ctx.details.update(_check_speedup(original, model, latency, cfg.speedup, input_shape))
     architecture = state.architecture
     attachments = dict(state.attachments)
     if structured:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from torchshrink.measure import count_macs, count_params
+from torchshrink.measure import count_activations, count_macs, count_params
 from torchshrink.prune.graph import Group
 from torchshrink.shapes import RESIZABLE, module_shape
 
@@ -38,6 +39,7 @@ __all__ = [
     "bounds",
     "rebind",
     "rebuilt_size",
+    "Size",
 ]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -194,10 +196,10 @@ def search_plan(
     *,
     scope: str,
     max_ratio: float,
-    reached: Callable[[int, int], bool],
+    reached: Callable[[Size], bool],
     cost_aware: bool = False,
 ) -> Plan:
-    """Binary-search the smallest pruning amount whose rebuilt model satisfies ``reached(params, macs)``.
+    """Binary-search the smallest pruning amount whose rebuilt model satisfies ``reached(size)``.
 
     Each candidate is applied to a copy of the model and measured, so the target holds for the
     real rebuilt architecture, not an estimate.
@@ -212,7 +214,7 @@ def search_plan(
             plan = plan_layer(groups, scores, amount / LAYER_STEPS * max_ratio, max_ratio)
         else:
             plan = plan_global(groups, scores, amount, max_ratio, cost_aware)
-        return plan, reached(*rebuilt_size(model, groups, plan, input_shape))
+        return plan, reached(rebuilt_size(model, groups, plan, input_shape))
 
     best, ok = trial(total)
     if not ok:
@@ -229,13 +231,23 @@ def search_plan(
     return best
 
 
-def rebuilt_size(
-    model: nn.Module, groups: Sequence[Group], plan: Plan, input_shape: tuple[int, ...]
-) -> tuple[int, int]:
-    """(params, MACs) of ``model`` rebuilt with ``plan`` (on a copy): measured, not estimated."""
+class Size(NamedTuple):
+    """Per-sample size of a network: parameters, MACs and elements written (see count_activations)."""
+
+    params: int
+    macs: int
+    elements: int
+
+
+def rebuilt_size(model: nn.Module, groups: Sequence[Group], plan: Plan, input_shape: tuple[int, ...]) -> Size:
+    """The size of ``model`` rebuilt with ``plan`` (on a copy): measured, not estimated."""
     candidate = copy.deepcopy(model)
     remove_channels(candidate, rebind(groups, model, candidate), plan)
-    return count_params(candidate)[0], count_macs(candidate, input_shape)
+    return Size(
+        count_params(candidate)[0],
+        count_macs(candidate, input_shape),
+        count_activations(candidate, input_shape),
+    )
 
 
 def rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> list[Group]:
