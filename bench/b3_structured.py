@@ -29,6 +29,7 @@ CRITERIA = ("magnitude", "taylor", "snip", "entropy", "random")
 # (zoo name, data, training epochs, training lr): MNIST-1D's CNN needs the paper's higher lr and longer run.
 CASES = (("lenet5", "mnist5k", 8, 1e-3), ("resnet", "mnist5k", 8, 1e-3), ("cnn1d", "mnist1d", 30, 1e-2))
 FINETUNE_EPOCHS = 8  # as many as the reference training: short budgets mostly measure recovery speed
+PEER = "Torch-Pruning magnitude"
 SPEEDUP_SHARE = 0.85  # B3: LeNet-5 should be at least 0.85 x the MACs ratio faster
 
 
@@ -105,7 +106,7 @@ def run_case(name: str, data_name: str, epochs: int, lr: float, ratio: float, se
             )
             variants[label] = load_model(Path(out) / "model.safetensors").eval()
     peer = torch_pruning_to(base, data.train.tensors[0][:2], base_macs / ratio)
-    variants["Torch-Pruning magnitude"] = finetune(peer, data, FINETUNE_EPOCHS, seed).eval()
+    variants[PEER] = finetune(peer, data, FINETUNE_EPOCHS, seed).eval()
     rows = {}
     x = data.test.tensors[0][:32]
     all_models = {"unpruned": base.eval(), **variants}
@@ -155,6 +156,18 @@ def run_all(
         for ratio in ratios:
             per_seed = [run_case(name, data_name, epochs, lr, ratio, seed) for seed in seeds]
             results[f"{name}@{ratio:g}x"] = per_seed
+    render(results, seeds, ratios, command, only)
+    return results
+
+
+def _paired(diffs: list[float]) -> str:
+    return f"{statistics.median(diffs):+.1f} [{min(diffs):+.1f}, {max(diffs):+.1f}]"
+
+
+def render(
+    results: dict, seeds: tuple[int, ...], ratios: tuple[float, ...], command: str, only: tuple[str, ...] = ()
+) -> None:
+    """Write the B3 table (docs/benchmarks.md) and its JSON from per-seed results."""
     lines = [
         "## B3  Structured pruning: torchshrink vs Torch-Pruning",
         "",
@@ -167,21 +180,25 @@ def run_all(
         "at most 90% of a group removed, half in residual models (defaults); plus one row with the cost-aware ranking allocation (importance per MAC) and, on LeNet-5, one pruned to a latency target instead of the MACs target (`speedup: 0.85 x ratio`, B3's latency target, planned with a latency model fitted by timing shrunken copies; its MACs are whatever that takes). Torch-Pruning 1.6: MetaPruner, "
         "MagnitudeImportance(p=1), uniform ratio, binary-searched to the same MACs.",
         "",
-        "| case | method | accuracy | params | MACs | fewer MACs | eager speed-up | ORT fp32 speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "Paired: the per-seed accuracy difference to Torch-Pruning on the same trained model, median [min, max]; "
+        "with 1,000 test images one point is 10 images and seeds move a row by up to a point.",
+        "",
+        "| case | method | accuracy | vs Torch-Pruning (paired, points) | params | MACs | fewer MACs | eager speed-up | ORT fp32 speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     order = [f"{name}@{ratio:g}x" for name, *_ in CASES for ratio in ratios]
     results = {case: results[case] for case in order if case in results}
     for case, per_seed in results.items():
         for method in per_seed[0]:
             accs = [r[method]["accuracy"] * 100 for r in per_seed]
+            paired = [(r[method]["accuracy"] - r[PEER]["accuracy"]) * 100 for r in per_seed]
             first = per_seed[0][method]
             base_macs = per_seed[0]["unpruned"]["macs"]
             lines.append(
-                f"| {case} | {method} | {statistics.median(accs):.1f}% [{min(accs):.1f}, {max(accs):.1f}] | {first['params']:,} "
+                f"| {case} | {method} | {statistics.median(accs):.1f}% [{min(accs):.1f}, {max(accs):.1f}] "
+                f"| {_paired(paired) if method != PEER else '-'} | {first['params']:,} "
                 f"| {first['macs']:,} | {base_macs / first['macs']:.2f}x "
                 f"| {statistics.median(r[method]['eager_speedup'] for r in per_seed):.2f}x "
                 f"| {statistics.median(r[method]['ort_speedup'] for r in per_seed):.2f}x |"
             )
     write_section("b3_structured", "\n".join(lines), {"machine": machine_line(), "results": results})
-    return results
