@@ -78,6 +78,7 @@ def run_case(name: str, data_name: str, epochs: int, lr: float, ratio: float, se
             "importance": "magnitude",
             "speedup": SPEEDUP_SHARE * ratio,
         }
+    settings["torchshrink magnitude, scope: layer"] = {"importance": "magnitude", "scope": "layer"}
     settings["torchshrink magnitude, allocation: ranking"] = {
         "importance": "magnitude",
         "allocation": "ranking",
@@ -177,7 +178,7 @@ def render(
         f"(Adam 3e-4, cosine) for every row; seeds {list(seeds)}: accuracy median [min, max], latency ratios median over seeds. "
         "Latency: batch 32, 2 threads, median of 40 interleaved rounds of all rows of one case; speed-up vs the unpruned model "
         "in the same run. torchshrink: global scope, sensitivity allocation (the calibration loss decides how many channels each group loses; the criterion decides which), "
-        "at most 90% of a group removed, half in residual models (defaults); plus one row with the cost-aware ranking allocation (importance per MAC) and, on LeNet-5, one pruned to a latency target instead of the MACs target (`speedup: 0.85 x ratio`, B3's latency target, planned with a latency model fitted by timing shrunken copies; its MACs are whatever that takes). Torch-Pruning 1.6: MetaPruner, "
+        "at most 90% of a group removed, half in residual models (defaults); plus one row with torchshrink's uniform plan (`scope: layer`: the same fraction of every group, as Torch-Pruning), one with the cost-aware ranking allocation (importance per MAC) and, on LeNet-5, one pruned to a latency target instead of the MACs target (`speedup: 0.85 x ratio`, B3's latency target, planned with a latency model fitted by timing shrunken copies; its MACs are whatever that takes). Torch-Pruning 1.6: MetaPruner, "
         "MagnitudeImportance(p=1), uniform ratio, binary-searched to the same MACs.",
         "",
         "Paired: the per-seed accuracy difference to Torch-Pruning on the same trained model, median [min, max]; "

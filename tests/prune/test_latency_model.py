@@ -59,24 +59,52 @@ def test_a_real_fit_orders_networks_by_size():
     )
 
 
-def test_speedup_target_plans_against_the_model_and_times_the_result(tmp_path, monkeypatch):
+def _predicted_ms(model, shape=(1, 8, 8)) -> float:
+    return TRUE.predict(count_macs(model, shape), count_activations(model, shape))
+
+
+def test_speedup_target_is_re_planned_until_the_measured_speedup_holds(tmp_path, monkeypatch):
+    # The model predicts 1.3x, but this "machine" delivers only 80% of every predicted speed-up:
+    # the first plan measures about 1.04x, so the stage re-plans for 1.3 * 1.3 / 1.04 = 1.62x predicted.
     monkeypatch.setattr(stage, "fit_latency_model", lambda *a, **k: TRUE)
+    monkeypatch.setattr(
+        stage,
+        "measured_speedup",
+        lambda original, pruned, input_shape: 0.8 * _predicted_ms(original) / _predicted_ms(pruned),
+    )
     report = run(
         digits_recipe(
             {"train": {"epochs": 2, "lr": 0.003}},
-            {"prune": {"granularity": "structured", "speedup": 1.5}},
+            {"prune": {"granularity": "structured", "speedup": 1.3}},
             model=DIGITS_CNN,
         ),
         tmp_path,
     )
     details = report.stages[1]["details"]
     assert details["latency_model"]["ms_per_mac"] == TRUE.ms_per_mac
-    pruned, shape = load_model(tmp_path / "model.safetensors"), (1, 8, 8)
-    before = TRUE.predict(details["macs_before"], count_activations(build("resnet", width=8), shape))
-    after = TRUE.predict(count_macs(pruned, shape), count_activations(pruned, shape))
-    assert 1.5 <= before / after < 1.7  # reached, and not by pruning far more
-    assert details["speedup_predicted"] == pytest.approx(before / after, rel=1e-3)
-    assert details["speedup_measured"] > 0
+    first, second = details["speedup_rounds"]
+    assert 1.3 <= first["predicted"] < 1.45 and first["measured"] == pytest.approx(
+        0.8 * first["predicted"], abs=2e-3
+    )
+    assert second["predicted"] >= 1.3**2 / first["measured"] - 2e-3 and second["measured"] >= 0.98 * 1.3
+    pruned = load_model(tmp_path / "model.safetensors")
+    achieved = _predicted_ms(build("resnet", width=8)) / _predicted_ms(pruned)
+    assert achieved == pytest.approx(second["predicted"], rel=1e-3)  # the second plan is the one kept
+    assert details["speedup_measured"] == pytest.approx(0.8 * achieved, rel=1e-3)
+
+
+def test_speedup_target_met_at_once_needs_one_plan(tmp_path, monkeypatch):
+    monkeypatch.setattr(stage, "fit_latency_model", lambda *a, **k: TRUE)
+    monkeypatch.setattr(
+        stage,
+        "measured_speedup",
+        lambda original, pruned, input_shape: _predicted_ms(original) / _predicted_ms(pruned),
+    )
+    report = run(
+        digits_recipe({"prune": {"granularity": "structured", "speedup": 1.5}}, model=DIGITS_CNN), tmp_path
+    )
+    (only,) = report.stages[0]["details"]["speedup_rounds"]
+    assert 1.5 <= only["predicted"] < 1.7  # reached, and not by pruning far more
 
 
 @pytest.mark.parametrize(

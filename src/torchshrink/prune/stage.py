@@ -30,7 +30,10 @@ from torchshrink.prune.masks import (
 )
 from torchshrink.prune.schedule import SCHEDULES
 from torchshrink.prune.structural import (
+    Plan,
     Size,
+    rebuilt,
+    rebuilt_size,
     recalibrate_batchnorm,
     remove_channels,
     resized_shapes,
@@ -43,6 +46,8 @@ from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit
 log = logging.getLogger(__name__)
 
 LATENCY_BATCH = 32  # the batch of the report's latency_ms_b32: what speed-up targets are about
+SPEEDUP_ROUNDS = 3  # a speed-up target: the plan, then at most two re-plans from its measured speed-up
+SPEEDUP_TOLERANCE = 0.98  # a plan measured within 2% of the target (timing noise) is accepted
 PRUNED_WEIGHTS = "pruned_weights"  # attachment: names of masked tensors, so fine-tuning keeps the masks
 
 
@@ -222,12 +227,15 @@ def _prune_unstructured_step(
 
 
 def _target_reached(
-    cfg: PruneConfig, fraction: float, base: Size, latency: LatencyModel | None
+    cfg: PruneConfig, fraction: float, base: Size, latency: LatencyModel | None, correction: float = 1.0
 ) -> Callable[[Size], bool]:
-    """``size -> bool``: has this step's share of the structured target been reached?"""
+    """``size -> bool``: has this step's share of the structured target been reached?
+
+    ``correction`` scales a speed-up target's predicted goal after a plan measured short of it.
+    """
     if cfg.speedup is not None:
         assert latency is not None
-        ms_goal = latency.predict(base.macs, base.elements) / cfg.speedup**fraction
+        ms_goal = latency.predict(base.macs, base.elements) / (cfg.speedup**fraction * correction)
         return lambda size: latency.predict(size.macs, size.elements) <= ms_goal
     if cfg.macs_reduction is not None:
         macs_goal = base.macs / cfg.macs_reduction**fraction
@@ -259,6 +267,12 @@ def _allocation_cost(cfg: PruneConfig) -> Literal["macs", "params", "latency"]:
     return "macs" if cfg.macs_reduction is not None else "params"
 
 
+def measured_speedup(original: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """Batch-32 latency of ``original`` over ``pruned``, timed interleaved on this machine."""
+    timed = latencies_ms({"original": original, "pruned": pruned}, input_shape, batch_size=LATENCY_BATCH)
+    return timed["original"] / timed["pruned"]
+
+
 def _check_speedup(
     original: nn.Module,
     pruned: nn.Module,
@@ -268,8 +282,7 @@ def _check_speedup(
 ) -> dict[str, float]:
     """Time the pruned network against the original (batch 32, interleaved) next to the predicted
     speed-up, so a latency model that misjudged this machine shows in the report and the log."""
-    timed = latencies_ms({"original": original, "pruned": pruned}, input_shape, batch_size=LATENCY_BATCH)
-    measured = timed["original"] / timed["pruned"]
+    measured = measured_speedup(original, pruned, input_shape)
     predicted = latency.predict(
         count_macs(original, input_shape), count_activations(original, input_shape)
     ) / (latency.predict(count_macs(pruned, input_shape), count_activations(pruned, input_shape)))
@@ -294,17 +307,61 @@ def _prune_structured_step(
     example: torch.Tensor,
     base: Size,
     latency: LatencyModel | None,
-) -> None:
+    original: nn.Module | None,
+) -> list[dict[str, float]]:
+    """Plan and remove one step's channels. For a ``speedup`` target, the last step's plan is timed
+    against ``original`` and re-planned with a goal scaled by the shortfall (at most
+    SPEEDUP_ROUNDS plans): the latency model is an estimate, the user asked for a measured speed-up.
+    Returns the rounds (predicted and measured speed-up of each plan)."""
     groups = find_groups(model, example, cfg.ignore)
     if not groups:
         log.warning("no prunable channel groups found (all pinned)")
-        return
+        return []
     importance = make_importance(cfg.importance, model, batches, norm=cfg.norm, seed=seed)
     scores = [importance(g) for g in groups]
-    reached = _target_reached(cfg, fraction, base, latency)
+    input_shape = tuple(example.shape[1:])
+    rounds: list[dict[str, float]] = []
+    correction = 1.0
+    for _ in range(SPEEDUP_ROUNDS):
+        plan = _plan(model, cfg, groups, scores, batches, example, latency, correction, fraction, base)
+        if cfg.speedup is None or original is None or fraction < 1.0:
+            break
+        assert latency is not None
+        size = rebuilt_size(model, groups, plan, input_shape)
+        predicted = latency.predict(base.macs, base.elements) / latency.predict(size.macs, size.elements)
+        measured = measured_speedup(original, rebuilt(model, groups, plan), input_shape)
+        rounds.append({"predicted": round(predicted, 3), "measured": round(measured, 3)})
+        if measured >= SPEEDUP_TOLERANCE * cfg.speedup:
+            break
+        correction *= cfg.speedup / measured
+        log.info(
+            "plan measured %.2fx for a %.2fx target: re-planning for %.2fx predicted",
+            measured,
+            cfg.speedup,
+            cfg.speedup * correction,
+        )
+    remove_channels(model, groups, plan)
+    recalibrate_batchnorm(model, [x for x, _ in batches])
+    return rounds
+
+
+def _plan(
+    model: nn.Module,
+    cfg: PruneConfig,
+    groups: Sequence[Group],
+    scores: Sequence[torch.Tensor],
+    batches: list,
+    example: torch.Tensor,
+    latency: LatencyModel | None,
+    correction: float,
+    fraction: float,
+    base: Size,
+) -> Plan:
+    """The channels to remove for this step's share of the target, by the configured allocation."""
+    reached = _target_reached(cfg, fraction, base, latency, correction)
     cap = _channel_cap(cfg, groups)
     if cfg.scope == "global" and cfg.allocation in (None, "sensitivity"):
-        plan = sensitivity_plan(
+        return sensitivity_plan(
             model,
             example,
             groups,
@@ -315,19 +372,16 @@ def _prune_structured_step(
             saves=_allocation_cost(cfg),
             latency=latency,
         )
-    else:
-        plan = search_plan(
-            model,
-            example,
-            groups,
-            scores,
-            scope=cfg.scope,
-            max_ratio=cap,
-            reached=reached,
-            cost_aware=cfg.cost_aware,
-        )
-    remove_channels(model, groups, plan)
-    recalibrate_batchnorm(model, [x for x, _ in batches])
+    return search_plan(
+        model,
+        example,
+        groups,
+        scores,
+        scope=cfg.scope,
+        max_ratio=cap,
+        reached=reached,
+        cost_aware=cfg.cost_aware,
+    )
 
 
 @register_stage("prune", PruneConfig, role="transform")
@@ -348,9 +402,9 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     structured = cfg.granularity == "structured"
     trajectory = []
     latency = None
-    if structured and (cfg.speedup is not None or _allocation_cost(cfg) == "latency"):
+    groups = find_groups(model, example, cfg.ignore) if structured else []
+    if groups and (cfg.speedup is not None or _allocation_cost(cfg) == "latency"):
         # fitted once on the full network: the timed copies span the sizes every step reaches
-        groups = find_groups(model, example, cfg.ignore)
         latency = fit_latency_model(
             model,
             groups,
@@ -363,7 +417,11 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     for step in range(1, steps + 1):
         fraction = SCHEDULES[cfg.schedule.kind](step, steps)
         if structured:
-            _prune_structured_step(model, cfg, fraction, batches, ctx.seed + step, example, base, latency)
+            rounds = _prune_structured_step(
+                model, cfg, fraction, batches, ctx.seed + step, example, base, latency, original
+            )
+            if rounds:
+                ctx.details["speedup_rounds"] = rounds
         else:
             assert cfg.sparsity is not None
             _prune_unstructured_step(model, cfg, cfg.sparsity * fraction, batches, ctx.seed + step)

@@ -38,6 +38,7 @@ __all__ = [
     "resized_shapes",
     "bounds",
     "rebind",
+    "rebuilt",
     "rebuilt_size",
     "Size",
 ]
@@ -239,10 +240,16 @@ class Size(NamedTuple):
     elements: int
 
 
-def rebuilt_size(model: nn.Module, groups: Sequence[Group], plan: Plan, input_shape: tuple[int, ...]) -> Size:
-    """The size of ``model`` rebuilt with ``plan`` (on a copy): measured, not estimated."""
+def rebuilt(model: nn.Module, groups: Sequence[Group], plan: Plan) -> nn.Module:
+    """A copy of ``model`` with ``plan``'s channels removed (``model`` itself is untouched)."""
     candidate = copy.deepcopy(model)
     remove_channels(candidate, rebind(groups, model, candidate), plan)
+    return candidate
+
+
+def rebuilt_size(model: nn.Module, groups: Sequence[Group], plan: Plan, input_shape: tuple[int, ...]) -> Size:
+    """The size of ``model`` rebuilt with ``plan`` (on a copy): measured, not estimated."""
+    candidate = rebuilt(model, groups, plan)
     return Size(
         count_params(candidate)[0],
         count_macs(candidate, input_shape),
