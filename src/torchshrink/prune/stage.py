@@ -391,7 +391,9 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     example = ctx.data.train.tensors[0][:2]
     input_shape = tuple(example.shape[1:])
     base = Size(count_params(model)[0], count_macs(model, input_shape), count_activations(model, input_shape))
-    original = copy.deepcopy(model).eval() if cfg.speedup is not None else None
+    unpruned = (
+        copy.deepcopy(model).eval() if cfg.speedup is not None else None
+    )  # what speed-ups are timed against
     if cfg.l1_regularization is not None:
         ctx.details.update(sparsity_inducing_training(model, cfg, ctx))
     # data-driven criteria score on these batches; structured pruning measures the sensitivity
@@ -418,7 +420,7 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
         fraction = SCHEDULES[cfg.schedule.kind](step, steps)
         if structured:
             rounds = _prune_structured_step(
-                model, cfg, fraction, batches, ctx.seed + step, example, base, latency, original
+                model, cfg, fraction, batches, ctx.seed + step, example, base, latency, unpruned
             )
             if rounds:
                 ctx.details["speedup_rounds"] = rounds
@@ -441,8 +443,8 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
                 batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)
     ctx.details["steps"] = trajectory
     ctx.details["params_before"], ctx.details["macs_before"] = base.params, base.macs
-    if original is not None and latency is not None:
-        ctx.details.update(_check_speedup(original, model, latency, cfg.speedup, input_shape))
+    if unpruned is not None and latency is not None:
+        ctx.details.update(_check_speedup(unpruned, model, latency, cfg.speedup, input_shape))
     architecture = state.architecture
     attachments = dict(state.attachments)
     if structured:
