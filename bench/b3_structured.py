@@ -178,7 +178,7 @@ def render(
         f"(Adam 3e-4, cosine) for every row; seeds {list(seeds)}: accuracy median [min, max], latency ratios median over seeds. "
         "Latency: batch 32, 2 threads, median of 40 interleaved rounds of all rows of one case; speed-up vs the unpruned model "
         "in the same run. torchshrink: global scope, sensitivity allocation (the calibration loss decides how many channels each group loses; the criterion decides which), "
-        "at most 90% of a group removed, half in residual models (defaults); plus one row with torchshrink's uniform plan (`scope: layer`: the same fraction of every group, as Torch-Pruning), one with the cost-aware ranking allocation (importance per MAC) and, on LeNet-5, one pruned to a latency target instead of the MACs target (`speedup: 0.85 x ratio`, B3's latency target, planned with a latency model fitted by timing shrunken copies; its MACs are whatever that takes). Torch-Pruning 1.6: MetaPruner, "
+        "at most 90% of a group removed, half in residual models (defaults); plus one row with torchshrink's uniform plan (`scope: layer`: the same fraction of every group, as Torch-Pruning), one with the cost-aware ranking allocation (importance per MAC) and, on LeNet-5, one pruned to a latency target instead of the MACs target (`speedup: 0.85 x ratio`, B3's latency target, planned with a latency model fitted by timing shrunken copies, the plan timed and re-planned if short; its MACs are whatever that takes). Torch-Pruning 1.6: MetaPruner, "
         "MagnitudeImportance(p=1), uniform ratio, binary-searched to the same MACs.",
         "",
         "Paired: the per-seed accuracy difference to Torch-Pruning on the same trained model, median [min, max]; "

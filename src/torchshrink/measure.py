@@ -96,7 +96,7 @@ def _forward_once(model: nn.Module, input_shape: tuple[int, ...], mode: TorchDis
         p.requires_grad_(False)
     sample = torch.zeros(1, *input_shape)  # made outside the mode: the input is not the model's work
     try:
-        with mode, torch.no_grad():
+        with mode:
             model(sample)
     finally:
         for p in trainable:

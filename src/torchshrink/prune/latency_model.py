@@ -3,13 +3,12 @@
 MACs alone predict a small model's CPU latency poorly: the elements every operator writes (a conv's
 output, the ReLU and pooling over it) cost time too, and per-operator overhead is a constant. Timing a
 few randomly shrunken copies of the network and fitting the three non-negative coefficients gives a
-noise-free, per-machine estimate the sensitivity allocation can divide a loss rise by (NetAdapt, Yang
+smooth, per-machine estimate the sensitivity allocation can divide a loss rise by (NetAdapt, Yang
 et al. 2018, measures latency the same way, with per-layer tables).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from torchshrink.measure import count_activations, count_macs, latencies_ms
 from torchshrink.prune.graph import Group
-from torchshrink.prune.structural import bounds, rebind, remove_channels
+from torchshrink.prune.structural import bounds, rebuilt
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +59,13 @@ def fit_latency_model(
     generator = torch.Generator().manual_seed(seed)
     variants: dict[str, nn.Module] = {"full": model}
     for i in tqdm(range(samples), desc="latency model: building copies", leave=False, disable=None):
-        copy_ = copy.deepcopy(model)
-        rebound = rebind(groups, model, copy_)
         plan = {}
-        for gi, group in enumerate(rebound):
+        for gi, group in enumerate(groups):
             share = float(torch.rand((), generator=generator)) * max_ratio
             n = min(int(group.size * share), bounds(group, max_ratio))
             if n:
                 plan[gi] = torch.arange(n)
-        remove_channels(copy_, rebound, plan)
-        variants[f"copy{i}"] = copy_
+        variants[f"copy{i}"] = rebuilt(model, groups, plan)
     timed = latencies_ms(variants, input_shape, batch_size=batch_size, repeats=repeats)
     features = np.array(
         [[count_macs(m, input_shape), count_activations(m, input_shape), 1.0] for m in variants.values()],
