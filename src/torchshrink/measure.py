@@ -129,8 +129,8 @@ def count_activations(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Elements written by one forward pass on one sample (outputs of every operator except views).
 
     Small models on a CPU are bound by this traffic as much as by MACs: a LeNet-5's first conv costs
-    about twice the latency per MAC of its later layers because its output and the ReLU and pooling
-    over it are large.
+    more latency per MAC than its later layers because its output and the ReLU and pooling over it
+    are large.
     """
     counter = _ElementCounter()
     _forward_once(model, input_shape, counter)
