@@ -8,12 +8,13 @@ import torch
 from testkit import DIGITS_CNN, digits_recipe
 
 from torchshrink import run
-from torchshrink.measure import count_activations, count_macs
+from torchshrink.measure import count_macs
 from torchshrink.models import load_model
 from torchshrink.prune import latency_model, stage
 from torchshrink.prune.graph import find_groups
 from torchshrink.prune.latency_model import LatencyModel, fit_latency_model
 from torchshrink.prune.stage import PruneConfig
+from torchshrink.prune.structural import model_size
 from torchshrink.zoo import build
 
 SHAPE = (1, 28, 28)
@@ -22,10 +23,7 @@ TRUE = LatencyModel(ms_per_mac=2e-6, ms_per_element=5e-5, overhead_ms=0.3, relat
 
 def _linear_clock(models, input_shape, **_):
     """Timings that follow TRUE exactly: what fitting must recover."""
-    return {
-        name: TRUE.predict(count_macs(m, input_shape), count_activations(m, input_shape))
-        for name, m in models.items()
-    }
+    return {name: TRUE.predict(model_size(m, input_shape)) for name, m in models.items()}
 
 
 def test_fit_recovers_the_coefficients_from_copies_of_every_size(monkeypatch):
@@ -54,13 +52,11 @@ def test_a_real_fit_orders_networks_by_size():
     fitted = fit_latency_model(model, groups, SHAPE, max_ratio=0.9, samples=6, repeats=5)
     assert min(fitted.ms_per_mac, fitted.ms_per_element, fitted.overhead_ms) >= 0
     half = build("lenet5", conv1=10, conv2=25, fc=250)
-    assert fitted.predict(count_macs(half, SHAPE), count_activations(half, SHAPE)) < fitted.predict(
-        count_macs(model, SHAPE), count_activations(model, SHAPE)
-    )
+    assert fitted.predict(model_size(half, SHAPE)) < fitted.predict(model_size(model, SHAPE))
 
 
 def _predicted_ms(model, shape=(1, 8, 8)) -> float:
-    return TRUE.predict(count_macs(model, shape), count_activations(model, shape))
+    return TRUE.predict(model_size(model, shape))
 
 
 def test_speedup_target_is_re_planned_until_the_measured_speedup_holds(tmp_path, monkeypatch):

@@ -75,7 +75,7 @@ def sensitivity_plan(
     def cost(size: Size) -> float:
         if saves == "latency":
             assert latency is not None
-            return latency.predict(size.macs, size.elements)
+            return latency.predict(size)
         return size.macs if saves == "macs" else size.params
 
     if not batches:

@@ -19,9 +19,9 @@ from scipy.optimize import nnls
 from torch import nn
 from tqdm.auto import tqdm
 
-from torchshrink.measure import count_activations, count_macs, latencies_ms
+from torchshrink.measure import latencies_ms
 from torchshrink.prune.graph import Group
-from torchshrink.prune.structural import bounds, rebuilt
+from torchshrink.prune.structural import Size, bounds, model_size, rebuilt
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,13 @@ class LatencyModel:
     overhead_ms: float
     relative_error: float
 
-    def predict(self, macs: int, elements: int) -> float:
-        """Estimated milliseconds of a batch for a network with these per-sample counts."""
-        return self.ms_per_mac * macs + self.ms_per_element * elements + self.overhead_ms
+    def predict(self, size: Size) -> float:
+        """Estimated milliseconds of a batch for a network of this per-sample size."""
+        return self.ms_per_mac * size.macs + self.ms_per_element * size.elements + self.overhead_ms
+
+    def speedup(self, before: Size, after: Size) -> float:
+        """Predicted latency of ``before`` over that of ``after``."""
+        return self.predict(before) / self.predict(after)
 
 
 def fit_latency_model(
@@ -67,10 +71,8 @@ def fit_latency_model(
                 plan[gi] = torch.arange(n)
         variants[f"copy{i}"] = rebuilt(model, groups, plan)
     timed = latencies_ms(variants, input_shape, batch_size=batch_size, repeats=repeats)
-    features = np.array(
-        [[count_macs(m, input_shape), count_activations(m, input_shape), 1.0] for m in variants.values()],
-        dtype=np.float64,
-    )
+    sizes = [model_size(m, input_shape) for m in variants.values()]
+    features = np.array([[s.macs, s.elements, 1.0] for s in sizes], dtype=np.float64)
     ms = np.array([timed[name] for name in variants], dtype=np.float64)
     # Scale the columns to one magnitude so the solver's tolerance treats them alike.
     scale = features.max(axis=0)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
-from torchshrink.measure import count_activations, count_macs, count_params, latencies_ms
+from torchshrink.measure import count_macs, count_params, latencies_ms
 from torchshrink.models import build_architecture
 from torchshrink.prune.allocation import sensitivity_plan
 from torchshrink.prune.graph import Group, find_groups
@@ -32,6 +32,7 @@ from torchshrink.prune.schedule import SCHEDULES
 from torchshrink.prune.structural import (
     Plan,
     Size,
+    model_size,
     rebuilt,
     rebuilt_size,
     recalibrate_batchnorm,
@@ -235,8 +236,8 @@ def _target_reached(
     """
     if cfg.speedup is not None:
         assert latency is not None
-        ms_goal = latency.predict(base.macs, base.elements) / (cfg.speedup**fraction * correction)
-        return lambda size: latency.predict(size.macs, size.elements) <= ms_goal
+        ms_goal = latency.predict(base) / (cfg.speedup**fraction * correction)
+        return lambda size: latency.predict(size) <= ms_goal
     if cfg.macs_reduction is not None:
         macs_goal = base.macs / cfg.macs_reduction**fraction
         return lambda size: size.macs <= macs_goal
@@ -277,17 +278,16 @@ def _check_speedup(
     original: nn.Module,
     pruned: nn.Module,
     latency: LatencyModel,
-    target: float | None,
+    target: float,
+    base: Size,
     input_shape: tuple[int, ...],
 ) -> dict[str, float]:
     """Time the pruned network against the original (batch 32, interleaved) next to the predicted
     speed-up, so a latency model that misjudged this machine shows in the report and the log."""
     measured = measured_speedup(original, pruned, input_shape)
-    predicted = latency.predict(
-        count_macs(original, input_shape), count_activations(original, input_shape)
-    ) / (latency.predict(count_macs(pruned, input_shape), count_activations(pruned, input_shape)))
+    predicted = latency.speedup(base, model_size(pruned, input_shape))
     log.info("speed-up at batch %d: predicted %.2fx, measured %.2fx", LATENCY_BATCH, predicted, measured)
-    if target is not None and measured < 0.9 * target:
+    if measured < 0.9 * target:
         log.warning(
             "measured speed-up %.2fx is below the target %.2fx (predicted %.2fx): the machine was busy "
             "while timing, or the latency model does not fit this network; raise 'speedup'",
@@ -323,12 +323,12 @@ def _prune_structured_step(
     rounds: list[dict[str, float]] = []
     correction = 1.0
     for _ in range(SPEEDUP_ROUNDS):
-        plan = _plan(model, cfg, groups, scores, batches, example, latency, correction, fraction, base)
+        reached = _target_reached(cfg, fraction, base, latency, correction)
+        plan = _plan(model, cfg, groups, scores, batches, example, reached, latency)
         if cfg.speedup is None or original is None or fraction < 1.0:
             break
         assert latency is not None
-        size = rebuilt_size(model, groups, plan, input_shape)
-        predicted = latency.predict(base.macs, base.elements) / latency.predict(size.macs, size.elements)
+        predicted = latency.speedup(base, rebuilt_size(model, groups, plan, input_shape))
         measured = measured_speedup(original, rebuilt(model, groups, plan), input_shape)
         rounds.append({"predicted": round(predicted, 3), "measured": round(measured, 3)})
         if measured >= SPEEDUP_TOLERANCE * cfg.speedup:
@@ -352,13 +352,10 @@ def _plan(
     scores: Sequence[torch.Tensor],
     batches: list,
     example: torch.Tensor,
+    reached: Callable[[Size], bool],
     latency: LatencyModel | None,
-    correction: float,
-    fraction: float,
-    base: Size,
 ) -> Plan:
-    """The channels to remove for this step's share of the target, by the configured allocation."""
-    reached = _target_reached(cfg, fraction, base, latency, correction)
+    """The channels to remove until ``reached`` holds, by the configured allocation."""
     cap = _channel_cap(cfg, groups)
     if cfg.scope == "global" and cfg.allocation in (None, "sensitivity"):
         return sensitivity_plan(
@@ -390,7 +387,7 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     model = state.model
     example = ctx.data.train.tensors[0][:2]
     input_shape = tuple(example.shape[1:])
-    base = Size(count_params(model)[0], count_macs(model, input_shape), count_activations(model, input_shape))
+    base = model_size(model, input_shape)
     unpruned = (
         copy.deepcopy(model).eval() if cfg.speedup is not None else None
     )  # what speed-ups are timed against
@@ -404,8 +401,9 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     structured = cfg.granularity == "structured"
     trajectory = []
     latency = None
-    groups = find_groups(model, example, cfg.ignore) if structured else []
-    if groups and (cfg.speedup is not None or _allocation_cost(cfg) == "latency"):
+    needs_latency = structured and (cfg.speedup is not None or _allocation_cost(cfg) == "latency")
+    groups = find_groups(model, example, cfg.ignore) if needs_latency else []
+    if groups:
         # fitted once on the full network: the timed copies span the sizes every step reaches
         latency = fit_latency_model(
             model,
@@ -444,7 +442,8 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     ctx.details["steps"] = trajectory
     ctx.details["params_before"], ctx.details["macs_before"] = base.params, base.macs
     if unpruned is not None and latency is not None:
-        ctx.details.update(_check_speedup(unpruned, model, latency, cfg.speedup, input_shape))
+        assert cfg.speedup is not None
+        ctx.details.update(_check_speedup(unpruned, model, latency, cfg.speedup, base, input_shape))
     architecture = state.architecture
     attachments = dict(state.attachments)
     if structured:

@@ -40,6 +40,7 @@ __all__ = [
     "rebind",
     "rebuilt",
     "rebuilt_size",
+    "model_size",
     "Size",
 ]
 
@@ -247,14 +248,14 @@ def rebuilt(model: nn.Module, groups: Sequence[Group], plan: Plan) -> nn.Module:
     return candidate
 
 
+def model_size(model: nn.Module, input_shape: tuple[int, ...]) -> Size:
+    """Parameters, MACs and elements written per sample of ``model``, counted."""
+    return Size(count_params(model)[0], count_macs(model, input_shape), count_activations(model, input_shape))
+
+
 def rebuilt_size(model: nn.Module, groups: Sequence[Group], plan: Plan, input_shape: tuple[int, ...]) -> Size:
     """The size of ``model`` rebuilt with ``plan`` (on a copy): measured, not estimated."""
-    candidate = rebuilt(model, groups, plan)
-    return Size(
-        count_params(candidate)[0],
-        count_macs(candidate, input_shape),
-        count_activations(candidate, input_shape),
-    )
+    return model_size(rebuilt(model, groups, plan), input_shape)
 
 
 def rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> list[Group]:
