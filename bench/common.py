@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torchshrink.augment import random_shift
+from torchshrink.augment import AugmentConfig, augment_batch
 from torchshrink.data import DatasetBundle
 from torchshrink.models import open_model, save_model
 from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit
@@ -40,13 +40,21 @@ def machine_line() -> str:
 
 
 def trained(
-    name: str, data: DatasetBundle, epochs: int, seed: int, lr: float = 1e-3, shift: int = 0
+    name: str,
+    data: DatasetBundle,
+    epochs: int,
+    seed: int,
+    lr: float = 1e-3,
+    shift: int = 0,
+    mixup: float = 0.0,
 ) -> tuple[nn.Module, Path]:
     """A zoo model trained with torchshrink's loop (cached under out/bench-cache) and its file.
 
-    ``shift``: random shifts of up to that many pixels during training (torchshrink's augmentation).
+    ``shift``, ``mixup``: torchshrink's training augmentation (random shifts of up to that many pixels;
+    mixup with blend weights ~ Beta(mixup, mixup)).
     """
-    augmented = f"-shift{shift}" if shift else ""
+    augment = AugmentConfig(shift=shift, mixup=mixup)
+    augmented = (f"-shift{shift}" if shift else "") + (f"-mixup{mixup:g}" if mixup else "")
     path = CACHE / f"{name}-{data.name}-e{epochs}-lr{lr:g}{augmented}-s{seed}.safetensors"
     if path.is_file():
         return open_model(path).module, path
@@ -54,7 +62,7 @@ def trained(
     loaded = open_model({"zoo": name})
 
     def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        return classification_loss(model, (random_shift(batch[0], shift), batch[1]))
+        return classification_loss(model, augment_batch(batch[0], batch[1], augment, data.num_classes))
 
     fit(
         loaded.module,

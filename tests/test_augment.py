@@ -1,11 +1,12 @@
-"""Random shifts: each sample moves by an integer offset within bounds, deterministically per seed."""
+"""Random shifts move each sample within bounds; mixup blends inputs and labels with the same weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from torchshrink.augment import AugmentConfig, augment_batch, random_shift
+from torchshrink.augment import AugmentConfig, augment_batch, mixup, random_shift
 
 
 def test_each_image_moves_by_at_most_the_shift_and_keeps_its_content() -> None:
@@ -40,7 +41,9 @@ def test_one_dimensional_signals_and_determinism() -> None:
     b = random_shift(x, 3)
     assert torch.equal(a, b)
     assert ((a.argmax(-1).squeeze(1) - 6).abs() <= 3).all()
-    assert torch.equal(augment_batch(x, AugmentConfig()), x)  # off by default
+    labels = torch.arange(10)
+    inputs, targets = augment_batch(x, labels, AugmentConfig(), 10)  # off by default
+    assert torch.equal(inputs, x) and torch.equal(targets, labels)
     with pytest.raises(ValueError, match=r"\(N, C, L\) or \(N, C, H, W\)"):
         random_shift(torch.zeros(2, 5), 1)
 
@@ -50,3 +53,78 @@ def test_shifted_batches_have_row_major_strides() -> None:
     for shape, pixels in (((4, 1, 8, 8), 2), ((4, 1, 12), 3), ((4, 3, 8, 8), 1)):
         y = random_shift(torch.rand(shape), pixels)
         assert y.stride() == torch.empty(shape).stride()
+
+
+def test_mixup_blends_each_input_and_its_label_with_the_same_partner_and_weight() -> None:
+    n, classes = 64, 4
+    x = torch.eye(n).reshape(n, 1, 8, 8)  # sample i is a single bright pixel at position i
+    labels = torch.arange(n) % classes
+    torch.manual_seed(0)
+    mixed, targets = augment_batch(x, labels, AugmentConfig(mixup=1.0), classes)
+    assert mixed.shape == x.shape and targets.shape == (n, classes)
+    assert torch.allclose(targets.sum(1), torch.ones(n))
+    blends = 0
+    for i in range(n):
+        pixels = mixed[i].flatten()
+        lam = float(pixels[i])
+        partner = [j for j in pixels.nonzero().flatten().tolist() if j != i]
+        expected = torch.zeros(classes)
+        expected[labels[i]] += lam
+        if partner:  # blended with another sample: its pixel carries 1 - lam, its label too
+            (j,) = partner
+            assert pixels[j] == pytest.approx(1 - lam, abs=1e-6)
+            expected[labels[j]] += 1 - lam
+            blends += 1
+        else:  # mixed with itself
+            expected[labels[i]] = 1.0
+        assert torch.allclose(targets[i], expected, atol=1e-6)
+    assert blends > n // 2
+
+
+def test_mixup_weights_follow_the_beta_concentration_and_the_seed() -> None:
+    n = 1000
+    x, labels = (
+        torch.rand(n, 3),
+        torch.arange(n),
+    )  # one class per sample: target[i, i] is sample i's own weight
+
+    def spread(concentration: float) -> float:
+        torch.manual_seed(1)
+        _, targets = mixup(x, labels, concentration, n)
+        return float((targets.diagonal() - 0.5).abs().mean())
+
+    assert spread(0.2) > 0.35  # weights near 0 or 1
+    assert spread(1.0) == pytest.approx(0.25, abs=0.03)  # uniform: E|U - 1/2| = 1/4
+    assert spread(50.0) < 0.06  # weights near 1/2
+    torch.manual_seed(2)
+    a = mixup(x, labels, 1.0, n)
+    torch.manual_seed(2)
+    b = mixup(x, labels, 1.0, n)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_mixed_targets_give_the_blend_of_two_cross_entropies() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(5, 3)
+    a, b, lam = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([2, 2, 0, 1, 1]), torch.rand(5, 1)
+    soft = lam * F.one_hot(a, 3) + (1 - lam) * F.one_hot(b, 3)
+    by_hand = lam[:, 0] * F.cross_entropy(logits, a, reduction="none") + (1 - lam[:, 0]) * F.cross_entropy(
+        logits, b, reduction="none"
+    )
+    assert F.cross_entropy(logits, soft) == pytest.approx(float(by_hand.mean()), rel=1e-6)
+
+
+def test_the_train_stage_learns_from_mixed_up_batches(tmp_path) -> None:
+    from testkit import DIGITS_CNN, digits_recipe
+
+    from torchshrink import run
+
+    def train(augment: dict) -> tuple[float, float]:
+        stage = {"train": {"epochs": 4, "lr": 0.003, "augment": augment}}
+        report = run(digits_recipe(stage, model=DIGITS_CNN), tmp_path / str(len(augment)))
+        return report.final["accuracy"], report.stages[0]["details"]["final_loss"]["ce"]
+
+    plain_accuracy, plain_loss = train({})
+    mixed_accuracy, mixed_loss = train({"mixup": 1.0})
+    assert mixed_accuracy > 0.85  # it learns the digits from blended inputs and labels
+    assert mixed_loss > plain_loss + 0.1  # blended targets cannot be fitted to zero loss: they were used

@@ -1,9 +1,13 @@
 """Training-time input augmentation shared by every stage that trains (one mechanism).
 
-Only random shifts for now: each sample moves by up to ``shift`` pixels along its spatial axes
-(zeros fill in), drawn from torch's global generator, which the training loop seeds and
-checkpoints, so augmented runs stay deterministic and resumable. Distillation feeds the teacher
-the very same shifted view the student sees ("consistent teaching").
+* Random shifts: each sample moves by up to ``shift`` pixels along its spatial axes (zeros fill in).
+* Mixup (Zhang et al. 2018): each sample is blended with another sample of the batch,
+  ``lam * x_i + (1 - lam) * x_j`` with ``lam ~ Beta(mixup, mixup)`` per sample, and its target becomes
+  the same blend of the two one-hot labels (a class distribution, which ``F.cross_entropy`` takes).
+
+Randomness comes from torch's global generator, which the training loop seeds and checkpoints, so
+augmented runs stay deterministic and resumable. Distillation feeds the teacher the very same view
+the student sees ("consistent teaching"; with mixup, Beyer et al. 2022's "function matching").
 """
 
 from __future__ import annotations
@@ -12,17 +16,20 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-__all__ = ["AugmentConfig", "random_shift", "augment_batch"]
+__all__ = ["AugmentConfig", "random_shift", "mixup", "augment_batch"]
 
 
 class AugmentConfig(BaseModel, extra="forbid"):
     """Augmentation of training inputs (off by default)."""
 
     shift: int = Field(0, ge=0, le=8, description="random shift of up to this many pixels per spatial axis")
+    mixup: float = Field(
+        0.0, ge=0, description="mixup: blend weights ~ Beta(mixup, mixup); 1.0 draws them uniformly; 0: off"
+    )
 
     @property
     def active(self) -> bool:
-        return self.shift > 0
+        return self.shift > 0 or self.mixup > 0
 
 
 def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -51,6 +58,26 @@ def _canonical(x: torch.Tensor) -> torch.Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def augment_batch(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    """``x`` augmented as ``cfg`` says (unchanged when augmentation is off)."""
-    return random_shift(x, cfg.shift) if cfg.active else x
+def mixup(
+    x: torch.Tensor, labels: torch.Tensor, concentration: float, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend every sample with a random partner of the batch; return the inputs and the blended label distributions."""
+    n = len(x)
+    lam = torch.distributions.Beta(concentration, concentration).sample((n,))
+    partner = torch.randperm(n)
+    targets = F.one_hot(labels, num_classes).to(x.dtype) if labels.dim() == 1 else labels
+    weight = lam.to(x.dtype).reshape(n, *([1] * (x.dim() - 1)))
+    mixed = weight * x + (1 - weight) * x[partner]
+    lam_t = lam.to(targets.dtype)[:, None]
+    return mixed, lam_t * targets + (1 - lam_t) * targets[partner]
+
+
+def augment_batch(
+    x: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets augmented as ``cfg`` says: shifted, then mixed (targets become class
+    distributions only under mixup; both are returned unchanged when augmentation is off)."""
+    x = random_shift(x, cfg.shift)
+    if cfg.mixup > 0:
+        return mixup(x, labels, cfg.mixup, num_classes)
+    return x, labels

@@ -85,7 +85,7 @@ class DatasetBatches:
 
 
 def classification_loss(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-    """Cross-entropy of the model's logits against integer labels."""
+    """Cross-entropy of the model's logits against integer labels (or class distributions, as mixup makes)."""
     x, y = batch[0], batch[1]
     return {"ce": F.cross_entropy(model(x), y)}
 

@@ -163,6 +163,36 @@ def test_ensemble_varies_by_bootstrap_and_by_architecture_and_fits_weights(tmp_p
     assert reloaded(x).shape == (8, 10)
 
 
+def test_mixup_distillation_teaches_on_the_blended_view_with_blended_labels(
+    tmp_path, digits, monkeypatch
+) -> None:
+    import torchshrink.distill.stage as stage_module
+
+    augment = stage_module.augment_batch
+    views: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def recording(*args):
+        views.append(augment(*args))
+        return views[-1]
+
+    monkeypatch.setattr(stage_module, "augment_batch", recording)
+    torch.manual_seed(0)
+    teacher = open_model(DIGITS_CNN).module
+    seen: list[torch.Tensor] = []
+    teacher.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))  # the frozen copy keeps it
+    ctx = _ctx(tmp_path, digits)
+    cfg = DistillConfig(student=SMALL, epochs=1, alpha=0.5, augment={"shift": 1, "mixup": 1.0})
+    distill_stage(ModelState(model=teacher, architecture=None), cfg, ctx)
+    assert ctx.details["teacher_outputs"].startswith("live")
+    assert len(views) == -(-len(digits.train) // 64)  # one view per training step
+    # the teacher scored exactly the student's views during training (then the test set, for the report)
+    assert len(seen) > len(views)
+    assert all(torch.equal(t, v[0]) for t, v in zip(seen, views, strict=False))
+    labels = torch.cat([v[1] for v in views])
+    assert labels.shape[1] == digits.num_classes and torch.allclose(labels.sum(1), torch.ones(len(labels)))
+    assert (labels.max(1).values < 0.99).float().mean() > 0.5  # most targets blend two classes
+
+
 def test_augmented_distillation_runs_the_teacher_on_the_students_view(tmp_path, digits) -> None:
     torch.manual_seed(0)
     teacher = open_model(DIGITS_CNN).module

@@ -159,7 +159,7 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
     t_tap = FeatureTap(teacher, [t for _, t in cfg.features])
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        inputs = augment_batch(batch[0], cfg.augment)
+        inputs, labels = augment_batch(batch[0], batch[1], cfg.augment, ctx.data.num_classes)
         logits = model(inputs)
         if live:
             with torch.no_grad():
@@ -168,7 +168,7 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
             t_logits = batch[2]
         out = StepOutputs(
             student_logits=logits,
-            labels=batch[1],
+            labels=labels,
             teacher_logits=t_logits,
             student_features=dict(s_tap.outputs),
             teacher_features=dict(t_tap.outputs),

@@ -77,7 +77,8 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
     if cfg.augment.active:
 
         def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-            return classification_loss(model, (augment_batch(batch[0], cfg.augment), *batch[1:]))
+            inputs, targets = augment_batch(batch[0], batch[1], cfg.augment, ctx.data.num_classes)
+            return classification_loss(model, (inputs, targets))
 
     result = fit(state.model, batches, loss_fn, train_cfg, checkpoint_dir=ctx.work_dir, after_step=keeper)
     ctx.details.update(
