@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torchshrink.augment import AugmentConfig, augment_batch
+from torchshrink.augment import AugmentConfig
 from torchshrink.data import DatasetBundle
 from torchshrink.models import open_model, save_model
-from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit
+from torchshrink.stages.training import augmented_classification_loss
+from torchshrink.train import DatasetBatches, TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -53,7 +54,6 @@ def trained(
     ``shift``, ``mixup``: torchshrink's training augmentation (random shifts of up to that many pixels;
     mixup with blend weights ~ Beta(mixup, mixup)).
     """
-    augment = AugmentConfig(shift=shift, mixup=mixup)
     augmented = (f"-shift{shift}" if shift else "") + (f"-mixup{mixup:g}" if mixup else "")
     path = CACHE / f"{name}-{data.name}-e{epochs}-lr{lr:g}{augmented}-s{seed}.safetensors"
     if path.is_file():
@@ -61,13 +61,10 @@ def trained(
     torch.manual_seed(seed)
     loaded = open_model({"zoo": name})
 
-    def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        return classification_loss(model, augment_batch(batch[0], batch[1], augment, data.num_classes))
-
     fit(
         loaded.module,
         DatasetBatches(data.train, 64, seed=seed),
-        loss,
+        augmented_classification_loss(AugmentConfig(shift=shift, mixup=mixup), data.num_classes),
         config=TrainConfig(epochs=epochs, lr=lr, seed=seed, desc=f"{name} s{seed}"),
     )
     save_model(path, loaded.module, loaded.architecture, data.input_shape)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from torchshrink.augment import AugmentConfig, augment_batch, mixup, random_shift
+from torchshrink.train import classification_loss
 
 
 def test_each_image_moves_by_at_most_the_shift_and_keeps_its_content() -> None:
@@ -103,15 +103,41 @@ def test_mixup_weights_follow_the_beta_concentration_and_the_seed() -> None:
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_mixed_targets_give_the_blend_of_two_cross_entropies() -> None:
+def test_the_classification_loss_of_a_mixed_batch_is_the_blend_of_two_cross_entropies() -> None:
+    n, classes = 12, 3
+    x = torch.eye(n).reshape(n, 1, n)  # 1-D signals: sample i is a spike at position i
+    labels = torch.arange(n) % classes
     torch.manual_seed(3)
-    logits = torch.randn(5, 3)
-    a, b, lam = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([2, 2, 0, 1, 1]), torch.rand(5, 1)
-    soft = lam * F.one_hot(a, 3) + (1 - lam) * F.one_hot(b, 3)
-    by_hand = lam[:, 0] * F.cross_entropy(logits, a, reduction="none") + (1 - lam[:, 0]) * F.cross_entropy(
-        logits, b, reduction="none"
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n, classes))
+    mixed, targets = augment_batch(x, labels, AugmentConfig(mixup=1.0), classes)
+    torch.set_grad_enabled(False)
+    logits = model(mixed)
+    by_hand = []
+    for i in range(n):
+        spikes = mixed[i, 0]
+        lam = float(spikes[i])
+        others = [j for j in spikes.nonzero().flatten().tolist() if j != i]
+        partner = others[0] if others else i
+        ce = torch.nn.functional.cross_entropy(logits[i : i + 1], labels[[i]])
+        ce_partner = torch.nn.functional.cross_entropy(logits[i : i + 1], labels[[partner]])
+        by_hand.append(lam * ce + (1 - lam) * ce_partner if others else ce)
+    assert float(classification_loss(model, (mixed, targets))["ce"]) == pytest.approx(
+        float(torch.stack(by_hand).mean()), rel=1e-5
     )
-    assert F.cross_entropy(logits, soft) == pytest.approx(float(by_hand.mean()), rel=1e-6)
+    torch.set_grad_enabled(True)
+
+
+def test_mixup_takes_label_distributions_and_refuses_what_it_cannot_blend() -> None:
+    x = torch.rand(6, 1, 4, 4)
+    soft = torch.softmax(torch.randn(6, 3), 1)
+    _, targets = mixup(x, soft, 1.0, 3)
+    assert torch.allclose(targets.sum(1), torch.ones(6)) and targets.dtype == torch.float32
+    with pytest.raises(ValueError, match="floating point"):
+        mixup(torch.ones(6, 1, 4, 4, dtype=torch.uint8), torch.zeros(6, dtype=torch.long), 1.0, 3)
+    with pytest.raises(ValueError, match=r"float distributions \(N, 3\)"):
+        mixup(x, torch.eye(3, dtype=torch.long)[[0, 1, 2, 0, 1, 2]], 1.0, 3)  # integer one-hot
+    with pytest.raises(ValueError, match=r"shape \(6, 4\)"):
+        mixup(x, torch.rand(6, 4), 1.0, 3)
 
 
 def test_the_train_stage_learns_from_mixed_up_batches(tmp_path) -> None:

@@ -6,7 +6,9 @@
   the same blend of the two one-hot labels (a class distribution, which ``F.cross_entropy`` takes).
 
 Randomness comes from torch's global generator, which the training loop seeds and checkpoints, so
-augmented runs stay deterministic and resumable. Distillation feeds the teacher the very same view
+augmented runs stay deterministic and resumable. Under ``torchrun`` every rank seeds it alike (so
+runs without randomness match one process exactly): the ranks draw the same offsets and weights for
+their different samples. Distillation feeds the teacher the very same view
 the student sees ("consistent teaching"; with mixup, Beyer et al. 2022's "function matching").
 """
 
@@ -61,15 +63,26 @@ def _canonical(x: torch.Tensor) -> torch.Tensor:
 def mixup(
     x: torch.Tensor, labels: torch.Tensor, concentration: float, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blend every sample with a random partner of the batch; return the inputs and the blended label distributions."""
+    """Blend every sample with a random partner of the batch; return the inputs and the blended label
+    distributions (float32). ``labels`` are class indices (N,) or distributions (N, num_classes)."""
+    if not x.is_floating_point():
+        raise ValueError(f"mixup blends inputs, which must be floating point; got {x.dtype}")
+    if labels.dim() == 1:
+        targets = F.one_hot(labels, num_classes).float()
+    elif labels.shape[1:] == (num_classes,) and labels.is_floating_point():
+        targets = labels.float()
+    else:
+        raise ValueError(
+            f"mixup needs class indices (N,) or float distributions (N, {num_classes}); got "
+            f"{labels.dtype} labels of shape {tuple(labels.shape)}"
+        )
     n = len(x)
-    lam = torch.distributions.Beta(concentration, concentration).sample((n,))
-    partner = torch.randperm(n)
-    targets = F.one_hot(labels, num_classes).to(x.dtype) if labels.dim() == 1 else labels
+    # Drawn on the CPU from the global generator (seeded and checkpointed by the loop), then moved.
+    lam = torch.distributions.Beta(concentration, concentration).sample((n,)).to(x.device)
+    partner = torch.randperm(n).to(x.device)
     weight = lam.to(x.dtype).reshape(n, *([1] * (x.dim() - 1)))
     mixed = weight * x + (1 - weight) * x[partner]
-    lam_t = lam.to(targets.dtype)[:, None]
-    return mixed, lam_t * targets + (1 - lam_t) * targets[partner]
+    return mixed, lam[:, None] * targets + (1 - lam[:, None]) * targets[partner]
 
 
 def augment_batch(

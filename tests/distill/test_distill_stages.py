@@ -12,6 +12,7 @@ from testkit import DIGITS_CNN, digits_recipe
 
 from torchshrink import load_model, run
 from torchshrink.distill.ensemble import Ensemble
+from torchshrink.distill.losses import StepOutputs
 from torchshrink.distill.stage import DistillConfig, distill_stage
 from torchshrink.errors import RecipeError
 from torchshrink.measure import accuracy
@@ -176,6 +177,13 @@ def test_mixup_distillation_teaches_on_the_blended_view_with_blended_labels(
         return views[-1]
 
     monkeypatch.setattr(stage_module, "augment_batch", recording)
+    step_labels: list[torch.Tensor] = []
+
+    def step_outputs(**fields):
+        step_labels.append(fields["labels"])
+        return StepOutputs(**fields)
+
+    monkeypatch.setattr(stage_module, "StepOutputs", step_outputs)
     torch.manual_seed(0)
     teacher = open_model(DIGITS_CNN).module
     seen: list[torch.Tensor] = []
@@ -188,6 +196,9 @@ def test_mixup_distillation_teaches_on_the_blended_view_with_blended_labels(
     # the teacher scored exactly the student's views during training (then the test set, for the report)
     assert len(seen) > len(views)
     assert all(torch.equal(t, v[0]) for t, v in zip(seen, views, strict=False))
+    assert all(
+        a is v[1] for a, v in zip(step_labels, views, strict=True)
+    )  # the objective gets the blended labels
     labels = torch.cat([v[1] for v in views])
     assert labels.shape[1] == digits.num_classes and torch.allclose(labels.sum(1), torch.ones(len(labels)))
     assert (labels.max(1).values < 0.99).float().mean() > 0.5  # most targets blend two classes

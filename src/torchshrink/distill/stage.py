@@ -26,6 +26,7 @@ from torchshrink.distill.losses import FeatureAdapter, FeatureTap, Objective, St
 from torchshrink.errors import RecipeError
 from torchshrink.measure import accuracy, check_model_fits, count_params, predict
 from torchshrink.models import ModelSpec, open_model
+from torchshrink.parallel import ddp
 from torchshrink.registry import register_stage
 from torchshrink.report import markdown_table
 from torchshrink.stages.training import TrainStageConfig, train_config
@@ -143,6 +144,7 @@ def _adapters(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, exampl
 def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> ModelState:
     """Train ``cfg.student`` from the teacher(s); the student becomes the pipeline's model."""
     teacher, named = _teacher(state, cfg)
+    teacher.to(ddp.device_for(ddp.current()))  # live teaching runs it on the training device's batches
     loaded = open_model(cfg.student)
     student = loaded.module
     check_model_fits(

@@ -20,7 +20,7 @@ from torchshrink.prune.masks import MaskKeeper
 from torchshrink.prune.stage import PRUNED_WEIGHTS
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
-from torchshrink.train import Batch, DatasetBatches, TrainConfig, classification_loss, fit
+from torchshrink.train import Batch, DatasetBatches, LossFn, TrainConfig, classification_loss, fit
 
 
 class TrainStageConfig(BaseModel, extra="forbid"):
@@ -44,6 +44,17 @@ class FinetuneStageConfig(TrainStageConfig):
 
     epochs: int = Field(2, ge=1)
     lr: float = Field(3e-4, gt=0)
+
+
+def augmented_classification_loss(augment: AugmentConfig, num_classes: int) -> LossFn:
+    """Cross-entropy on batches augmented as ``augment`` says (plain cross-entropy when it is off)."""
+    if not augment.active:
+        return classification_loss
+
+    def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return classification_loss(model, augment_batch(batch[0], batch[1], augment, num_classes))
+
+    return loss_fn
 
 
 def train_config(cfg: TrainStageConfig, ctx: RunContext) -> TrainConfig:
@@ -73,13 +84,7 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
     batches = DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed)
     pruned = state.attachments.get(PRUNED_WEIGHTS)  # unstructured pruning: keep pruned weights at zero
     keeper = MaskKeeper(state.model, pruned) if pruned else None
-    loss_fn = classification_loss
-    if cfg.augment.active:
-
-        def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-            inputs, targets = augment_batch(batch[0], batch[1], cfg.augment, ctx.data.num_classes)
-            return classification_loss(model, (inputs, targets))
-
+    loss_fn = augmented_classification_loss(cfg.augment, ctx.data.num_classes)
     result = fit(state.model, batches, loss_fn, train_cfg, checkpoint_dir=ctx.work_dir, after_step=keeper)
     ctx.details.update(
         steps=result.steps,
