@@ -55,6 +55,15 @@ def test_shifted_batches_have_row_major_strides() -> None:
         assert y.stride() == torch.empty(shape).stride()
 
 
+def _partner(mixed: torch.Tensor, i: int) -> tuple[float, int | None]:
+    """Sample i's own weight and its partner in a mixed batch of single-spike samples (spike i = sample i);
+    ``None`` when it was blended with itself."""
+    spikes = mixed[i].flatten()
+    others = [j for j in spikes.nonzero().flatten().tolist() if j != i]
+    assert len(others) <= 1
+    return float(spikes[i]), (others[0] if others else None)
+
+
 def test_mixup_blends_each_input_and_its_label_with_the_same_partner_and_weight() -> None:
     n, classes = 64, 4
     x = torch.eye(n).reshape(n, 1, 8, 8)  # sample i is a single bright pixel at position i
@@ -65,28 +74,23 @@ def test_mixup_blends_each_input_and_its_label_with_the_same_partner_and_weight(
     assert torch.allclose(targets.sum(1), torch.ones(n))
     blends = 0
     for i in range(n):
-        pixels = mixed[i].flatten()
-        lam = float(pixels[i])
-        partner = [j for j in pixels.nonzero().flatten().tolist() if j != i]
+        lam, j = _partner(mixed, i)
         expected = torch.zeros(classes)
-        expected[labels[i]] += lam
-        if partner:  # blended with another sample: its pixel carries 1 - lam, its label too
-            (j,) = partner
-            assert pixels[j] == pytest.approx(1 - lam, abs=1e-6)
+        if j is None:  # mixed with itself
+            expected[labels[i]] = 1.0
+        else:  # blended with sample j: its pixel carries 1 - lam, its label too
+            assert float(mixed[i].flatten()[j]) == pytest.approx(1 - lam, abs=1e-6)
+            expected[labels[i]] += lam
             expected[labels[j]] += 1 - lam
             blends += 1
-        else:  # mixed with itself
-            expected[labels[i]] = 1.0
         assert torch.allclose(targets[i], expected, atol=1e-6)
     assert blends > n // 2
 
 
 def test_mixup_weights_follow_the_beta_concentration_and_the_seed() -> None:
     n = 1000
-    x, labels = (
-        torch.rand(n, 3),
-        torch.arange(n),
-    )  # one class per sample: target[i, i] is sample i's own weight
+    # one class per sample: target[i, i] is sample i's own weight
+    x, labels = torch.rand(n, 3), torch.arange(n)
 
     def spread(concentration: float) -> float:
         torch.manual_seed(1)
@@ -110,21 +114,20 @@ def test_the_classification_loss_of_a_mixed_batch_is_the_blend_of_two_cross_entr
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n, classes))
     mixed, targets = augment_batch(x, labels, AugmentConfig(mixup=1.0), classes)
-    torch.set_grad_enabled(False)
-    logits = model(mixed)
-    by_hand = []
-    for i in range(n):
-        spikes = mixed[i, 0]
-        lam = float(spikes[i])
-        others = [j for j in spikes.nonzero().flatten().tolist() if j != i]
-        partner = others[0] if others else i
-        ce = torch.nn.functional.cross_entropy(logits[i : i + 1], labels[[i]])
-        ce_partner = torch.nn.functional.cross_entropy(logits[i : i + 1], labels[[partner]])
-        by_hand.append(lam * ce + (1 - lam) * ce_partner if others else ce)
-    assert float(classification_loss(model, (mixed, targets))["ce"]) == pytest.approx(
-        float(torch.stack(by_hand).mean()), rel=1e-5
-    )
-    torch.set_grad_enabled(True)
+    with torch.no_grad():
+        logits = model(mixed)
+        by_hand = []
+        for i in range(n):
+            lam, j = _partner(mixed, i)
+            ce = torch.nn.functional.cross_entropy(logits[i : i + 1], labels[[i]])
+            if j is None:
+                by_hand.append(ce)
+            else:
+                by_hand.append(
+                    lam * ce + (1 - lam) * torch.nn.functional.cross_entropy(logits[i : i + 1], labels[[j]])
+                )
+        loss = classification_loss(model, (mixed, targets))["ce"]
+    assert float(loss) == pytest.approx(float(torch.stack(by_hand).mean()), rel=1e-5)
 
 
 def test_mixup_takes_label_distributions_and_refuses_what_it_cannot_blend() -> None:
