@@ -1,13 +1,21 @@
 """``python -m bench [TABLE ...]``: run benchmark tables (all by default) and rewrite their sections
 of docs/benchmarks.md. Tables: b0 (float references), b1 (Deep Compression), b2 (int8 on ONNX Runtime), b3 (structured
-pruning), b3u (unstructured), b4 (distillation and ensembles)."""
+pruning), b3u (unstructured), b4 (distillation and ensembles), b5 (data-free distillation)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from bench import b0_reference, b1_deep_compression, b2_int8, b3_structured, b3u_unstructured, b4_distillation
+from bench import (
+    b0_reference,
+    b1_deep_compression,
+    b2_int8,
+    b3_structured,
+    b3u_unstructured,
+    b4_distillation,
+    b5_datafree,
+)
 
 TABLES = {
     "b0": b0_reference.run,
@@ -16,6 +24,7 @@ TABLES = {
     "b3": b3_structured.run_all,
     "b3u": b3u_unstructured.run_all,
     "b4": b4_distillation.run_all,
+    "b5": b5_datafree.run_all,
 }
 
 

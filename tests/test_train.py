@@ -159,6 +159,21 @@ def test_empty_data_and_frozen_model_are_refused(digits):
         fit(frozen, DatasetBatches(digits.train, 64), config=TrainConfig(progress=False))
 
 
+def test_lr_groups_train_named_parts_at_their_own_rate(digits):
+    model = _mlp()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(epochs=1, lr=1e-2, optimizer="sgd", momentum=0.0, schedule="constant", progress=False,
+                      lr_groups={"5.": 0.0})  # fmt: skip
+    fit(model, DatasetBatches(Subset(digits.train, range(128)), 64), config=cfg)
+    after = dict(model.named_parameters())
+    assert torch.equal(after["5.weight"], before["5.weight"])  # the last layer's group has lr 0
+    assert not torch.equal(after["1.weight"], before["1.weight"])  # the rest trains at lr
+    with pytest.raises(
+        TrainingError, match=r"lr_groups prefix\(es\) \['decoder.'\] name no trainable parameter"
+    ):
+        fit(_mlp(), DatasetBatches(digits.train, 64), config=TrainConfig(lr_groups={"decoder.": 1e-3}))
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, launch):
     """torchrun with 2 gloo processes and the same global batch ends with the same weights."""

@@ -27,6 +27,7 @@ BUILTIN_STAGE_MODULES = (
     "torchshrink.encode.stage",
     "torchshrink.distill.stage",
     "torchshrink.distill.ensemble_stage",
+    "torchshrink.distill.datafree_stage",
 )
 
 

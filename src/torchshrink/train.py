@@ -105,6 +105,9 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     desc: str = "train"
+    lr_groups: dict[str, float] = field(default_factory=dict)
+    """Learning rates for parameters whose names start with a prefix (e.g. ``{"generator.": 1e-3}``);
+    the rest train at ``lr``. The schedule scales every group alike."""
 
 
 @dataclass
@@ -118,10 +121,28 @@ class TrainResult:
     resumed_from_step: int | None = None
 
 
-def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def _param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict[str, object]]:
+    """One optimizer group per ``lr_groups`` prefix (the first matching prefix wins), the rest at ``lr``."""
+    groups: dict[str, list[nn.Parameter]] = {prefix: [] for prefix in cfg.lr_groups}
+    rest: list[nn.Parameter] = []
+    for name, p in named:
+        prefix = next((k for k in cfg.lr_groups if name.startswith(k)), None)
+        (groups[prefix] if prefix is not None else rest).append(p)
+    empty = [k for k, ps in groups.items() if not ps]
+    if empty:
+        starts = sorted({n.split(".")[0] + "." for n, _ in named})
+        raise TrainingError(
+            f"lr_groups prefix(es) {empty} name no trainable parameter; parameter names start with {starts}"
+        )
+    out = [{"params": ps, "lr": cfg.lr_groups[k]} for k, ps in groups.items()]
+    return ([{"params": rest, "lr": cfg.lr}] if rest else []) + out
+
+
+def _make_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(named, cfg)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _terms(raw: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,7 +151,17 @@ def _terms(raw: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 def _resume_fields(cfg: TrainConfig) -> dict[str, object]:
     """The settings a checkpoint must agree with to be resumed."""
-    keep = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "schedule", "grad_clip", "seed")
+    keep = (
+        "epochs",
+        "lr",
+        "optimizer",
+        "momentum",
+        "weight_decay",
+        "schedule",
+        "grad_clip",
+        "seed",
+        "lr_groups",
+    )
     return {k: v for k, v in asdict(cfg).items() if k in keep}
 
 
@@ -157,10 +188,11 @@ def fit(
     total_steps = cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0:
         raise TrainingError("the batch source yields no batches: is the dataset empty?")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise TrainingError("the model has no trainable parameters")
-    optimizer = _make_optimizer(params, cfg)
+    optimizer = _make_optimizer(named, cfg)
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
         if cfg.schedule == "cosine"

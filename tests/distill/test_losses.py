@@ -16,6 +16,7 @@ from torchshrink.distill.losses import (
     attention_map,
     attention_transfer,
     confidence_penalty,
+    logit_mae,
     make_term,
     soft_target_loss,
     weight_penalty,
@@ -55,6 +56,18 @@ def test_t_squared_keeps_the_gradient_scale_independent_of_temperature() -> None
     assert norms[32.0] / norms[16.0] == pytest.approx(1.0, abs=0.01)
     centred = (base - teacher) - (base - teacher).mean(1, keepdim=True)
     assert norms[32.0] == pytest.approx((centred / (10 * 16)).norm().item(), rel=0.02)
+
+
+def test_logit_mae_hand_computed_and_registered() -> None:
+    student = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    teacher = torch.tensor([[0.0, 0.0], [5.0, 4.0]])
+    assert logit_mae(student, teacher).item() == pytest.approx((1 + 2 + 2 + 0) / 4)
+    out = StepOutputs(student_logits=student, labels=torch.zeros(2, dtype=torch.long), teacher_logits=teacher)
+    assert make_term("mae")(out).item() == pytest.approx(1.25)
+    # unlike KL, its gradient keeps its size as the student approaches the teacher
+    near = (teacher + 1e-3).requires_grad_()
+    logit_mae(near, teacher).backward()
+    assert torch.allclose(near.grad.abs(), torch.full((2, 2), 0.25))
 
 
 def test_confidence_penalty_is_minus_the_entropy() -> None:

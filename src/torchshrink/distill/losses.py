@@ -7,7 +7,7 @@ itself) and returns a scalar. :class:`Objective` evaluates the weighted sum and 
 terms, so the training loop logs each and names the one that goes NaN.
 
 Terms: ``ce`` (the task loss), ``kd`` (soft targets, Hinton et al. 2015:
-``KL(softmax(t/T) || softmax(s/T)) * T^2``), ``feature`` (hint loss through a learned adapter,
+``KL(softmax(t/T) || softmax(s/T)) * T^2``), ``mae`` (mean absolute logit difference, Fang et al. 2019), ``feature`` (hint loss through a learned adapter,
 FitNets), ``attention`` (attention transfer, Zagoruyko & Komodakis 2017), ``confidence``
 (confidence penalty, Pereyra et al. 2017: minus the entropy of the student's prediction), ``l1`` and
 ``l2`` (on the student's conv/linear weights).
@@ -26,6 +26,7 @@ __all__ = [
     "StepOutputs",
     "Term",
     "soft_target_loss",
+    "logit_mae",
     "confidence_penalty",
     "weight_penalty",
     "attention_map",
@@ -71,6 +72,12 @@ def soft_target_loss(
         * t
         * t
     )
+
+
+def logit_mae(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of the logits (Fang et al. 2019): unlike KL it does not fade as the
+    student's probabilities approach the teacher's, so an adversarial generator keeps a gradient."""
+    return (student_logits - teacher_logits).abs().mean()
 
 
 def confidence_penalty(logits: torch.Tensor) -> torch.Tensor:
@@ -182,6 +189,8 @@ def make_term(name: str, *, temperature: float = 4.0, pairs: Mapping[str, str] |
         return lambda out: F.cross_entropy(out.student_logits, out.labels)
     if name == "kd":
         return lambda out: soft_target_loss(out.student_logits, _needs_teacher(out), temperature)
+    if name == "mae":
+        return lambda out: logit_mae(out.student_logits, _needs_teacher(out))
     if name == "confidence":
         return lambda out: confidence_penalty(out.student_logits)
     if name in ("l1", "l2"):
@@ -212,7 +221,7 @@ def make_term(name: str, *, temperature: float = 4.0, pairs: Mapping[str, str] |
     raise ValueError(f"unknown loss term {name!r}; known: {', '.join(TERMS)}")
 
 
-TERMS = ("ce", "kd", "feature", "attention", "confidence", "l1", "l2")
+TERMS = ("ce", "kd", "mae", "feature", "attention", "confidence", "l1", "l2")
 
 
 class Objective:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,17 +26,24 @@ from torchshrink.distill.ensemble import Combine, Ensemble
 from torchshrink.distill.losses import FeatureAdapter, FeatureTap, Objective, StepOutputs, make_term
 from torchshrink.errors import RecipeError
 from torchshrink.measure import accuracy, check_model_fits, count_params, predict
-from torchshrink.models import ModelSpec, open_model
+from torchshrink.models import LoadedModel, ModelSpec, open_model
 from torchshrink.parallel import ddp
 from torchshrink.registry import register_stage
 from torchshrink.report import markdown_table
 from torchshrink.stages.training import TrainStageConfig, train_config
 from torchshrink.state import ModelState, RunContext
-from torchshrink.train import Batch, DatasetBatches, fit
+from torchshrink.train import Batch, DatasetBatches, TrainResult, fit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistillConfig", "distill_stage"]
+__all__ = [
+    "DistillConfig",
+    "Distillation",
+    "StudentWithAdapters",
+    "prepare_distillation",
+    "finish_distillation",
+    "distill_stage",
+]
 
 
 class DistillConfig(TrainStageConfig):
@@ -47,6 +55,9 @@ class DistillConfig(TrainStageConfig):
     )
     combine: Combine = Field("mean_logits", description="how several teachers are combined")
     temperature: float = Field(4.0, gt=0)
+    match: Literal["kd", "mae"] = Field(
+        "kd", description="how the student's logits match the teacher's: kd (softened KL, T^2) or mae"
+    )
     alpha: float = Field(
         0.9, ge=0, le=1, description="weight of the soft-target term; 1 - alpha on the labels"
     )
@@ -61,7 +72,7 @@ class DistillConfig(TrainStageConfig):
     epochs: int = Field(10, ge=1)
 
 
-class _Student(nn.Module):
+class StudentWithAdapters(nn.Module):
     """The student plus the feature adapters, so the training loop optimises (and checkpoints) both."""
 
     def __init__(self, student: nn.Module, adapters: dict[str, nn.Module]) -> None:
@@ -102,7 +113,7 @@ def _objective(cfg: DistillConfig, adapters: dict[str, nn.Module]) -> Objective:
     pairs = dict(cfg.features)
     terms = {
         "ce": (1.0 - cfg.alpha, make_term("ce")),
-        "kd": (cfg.alpha, make_term("kd", temperature=cfg.temperature)),
+        cfg.match: (cfg.alpha, make_term(cfg.match, temperature=cfg.temperature)),
     }
     if pairs:
         kind = "feature" if cfg.feature_loss == "hint" else "attention"
@@ -140,25 +151,97 @@ def _adapters(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, exampl
     }
 
 
-@register_stage("distill", DistillConfig, role="transform")
-def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> ModelState:
-    """Train ``cfg.student`` from the teacher(s); the student becomes the pipeline's model."""
+@dataclass
+class Distillation:
+    """What a distillation stage trains with: the frozen teacher, the student (with its adapters, as
+    the training loop's module), the objective and the feature taps on both networks."""
+
+    teacher: nn.Module
+    named: list[tuple[str, nn.Module]]
+    loaded: LoadedModel
+    learner: StudentWithAdapters
+    objective: Objective
+    student_tap: FeatureTap
+    teacher_tap: FeatureTap
+
+    @property
+    def student(self) -> nn.Module:
+        return self.learner.student
+
+    def terms(
+        self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The objective's named terms for one step (the taps hold this step's features)."""
+        return self.objective(
+            StepOutputs(
+                student_logits=student_logits,
+                labels=labels,
+                teacher_logits=teacher_logits,
+                student_features=dict(self.student_tap.outputs),
+                teacher_features=dict(self.teacher_tap.outputs),
+                student=self.student,
+            )
+        )
+
+    def remove_taps(self) -> None:
+        self.student_tap.remove()
+        self.teacher_tap.remove()
+
+
+def prepare_distillation(
+    state: ModelState, cfg: DistillConfig, ctx: RunContext, example: torch.Tensor
+) -> Distillation:
+    """Teacher(s), student, adapters (sized on ``example`` inputs) and objective of a distill stage."""
     teacher, named = _teacher(state, cfg)
     teacher.to(ddp.device_for(ddp.current()))  # live teaching runs it on the training device's batches
     loaded = open_model(cfg.student)
     student = loaded.module
     check_model_fits(
-        student, ctx.data.input_shape, ctx.data.num_classes, source=f"distill.student {cfg.student}"
+        student, ctx.data.input_shape, ctx.data.num_classes, source=f"{ctx.stage_name}.student {cfg.student}"
     )
+    adapters = _adapters(student, teacher, cfg, example)
+    return Distillation(
+        teacher=teacher,
+        named=named,
+        loaded=loaded,
+        learner=StudentWithAdapters(student, adapters),
+        objective=_objective(cfg, adapters),
+        student_tap=FeatureTap(student, [s for s, _ in cfg.features]),
+        teacher_tap=FeatureTap(teacher, [t for _, t in cfg.features]),
+    )
+
+
+def finish_distillation(
+    state: ModelState, setup: Distillation, result: TrainResult, ctx: RunContext
+) -> ModelState:
+    """Report teachers, ensemble and student side by side; the student becomes the pipeline's model."""
+    setup.remove_taps()
+    student = setup.student.eval()
+    rows = [(name, count_params(m)[0], accuracy(m, ctx.data.test)) for name, m in setup.named]
+    rows.append(("student", count_params(student)[0], accuracy(student, ctx.data.test)))
+    ctx.details.update(
+        models={name: {"params": p, "accuracy": a} for name, p, a in rows},
+        terms=sorted(setup.objective.terms),
+        epoch_losses=result.epoch_losses,
+        models_table=markdown_table(
+            ["model", "params", "test accuracy"], [[n, f"{p:,}", f"{a * 100:.2f}%"] for n, p, a in rows]
+        ),
+    )
+    log.info("%s:\n%s", ctx.stage_name, ctx.details["models_table"])
+    return ModelState(
+        model=student, architecture=setup.loaded.architecture, lineage=(*state.lineage, ctx.stage_name)
+    )
+
+
+@register_stage("distill", DistillConfig, role="transform")
+def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> ModelState:
+    """Train ``cfg.student`` from the teacher(s); the student becomes the pipeline's model."""
     x, y = ctx.data.train.tensors[0], ctx.data.train.tensors[1]
-    adapters = _adapters(student, teacher, cfg, x[:2])
-    wrapped = _Student(student, adapters)
-    objective = _objective(cfg, adapters)
+    setup = prepare_distillation(state, cfg, ctx, x[:2])
+    teacher = setup.teacher
     # Features or augmented inputs need the teacher's forward pass on the student's view; else its logits are cached.
     live = bool(cfg.features) or cfg.augment.active
     dataset = TensorDataset(x, y) if live else TensorDataset(x, y, predict(teacher, x))
-    s_tap = FeatureTap(student, [s for s, _ in cfg.features])
-    t_tap = FeatureTap(teacher, [t for _, t in cfg.features])
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         inputs, labels = augment_batch(batch[0], batch[1], cfg.augment, ctx.data.num_classes)
@@ -168,40 +251,19 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
                 t_logits = teacher(inputs)
         else:
             t_logits = batch[2]
-        out = StepOutputs(
-            student_logits=logits,
-            labels=labels,
-            teacher_logits=t_logits,
-            student_features=dict(s_tap.outputs),
-            teacher_features=dict(t_tap.outputs),
-            student=student,
-        )
-        return objective(out)
+        return setup.terms(logits, labels, t_logits)
 
     try:
         result = fit(
-            wrapped,
+            setup.learner,
             DatasetBatches(dataset, cfg.batch_size, seed=ctx.seed),
             loss_fn,
             train_config(cfg, ctx),
             checkpoint_dir=ctx.work_dir,
         )
     finally:
-        s_tap.remove()
-        t_tap.remove()
-    student.eval()
-    rows = [(name, count_params(m)[0], accuracy(m, ctx.data.test)) for name, m in named]
-    rows.append(("student", count_params(student)[0], accuracy(student, ctx.data.test)))
-    ctx.details.update(
-        models={name: {"params": p, "accuracy": a} for name, p, a in rows},
-        terms=sorted(objective.terms),
-        teacher_outputs="live, on the student's view" if live else "cached once for the training set",
-        epoch_losses=result.epoch_losses,
-        models_table=markdown_table(
-            ["model", "params", "test accuracy"], [[n, f"{p:,}", f"{a * 100:.2f}%"] for n, p, a in rows]
-        ),
+        setup.remove_taps()
+    ctx.details["teacher_outputs"] = (
+        "live, on the student's view" if live else "cached once for the training set"
     )
-    log.info("distillation:\n%s", ctx.details["models_table"])
-    return ModelState(
-        model=student, architecture=loaded.architecture, lineage=(*state.lineage, ctx.stage_name)
-    )
+    return finish_distillation(state, setup, result, ctx)

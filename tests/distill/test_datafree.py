@@ -1,0 +1,220 @@
+"""Data-free distillation: generators for every input shape, the gradient reversal, DAFL's terms by
+hand, latent batches that repeat per epoch, the batch-norm prior, and the ``datafree`` stage: a
+student that learns from generated inputs only (the training split is NaN), teachers that never
+change, the adversarial generator ascending what the student descends, the VAE route, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from testkit import DIGITS_CNN, digits_recipe
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from torchshrink import run
+from torchshrink.data import DatasetBundle
+from torchshrink.distill.datafree import (
+    BatchNormStatistics,
+    Generator,
+    LatentBatches,
+    dafl_terms,
+    reverse_gradient,
+    to_range,
+)
+from torchshrink.distill.datafree_stage import DataFreeConfig, DataFreeLearner, datafree_stage
+from torchshrink.distill.losses import logit_mae
+from torchshrink.distill.stage import StudentWithAdapters
+from torchshrink.measure import accuracy
+from torchshrink.models import open_model
+from torchshrink.state import ModelState, RunContext
+
+STUDENT = {"zoo": "lenet300", "kwargs": {"in_features": 64}}
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 30, 30), (1, 40), (64,)])
+def test_generators_make_inputs_of_every_shape_inside_the_range(shape) -> None:
+    torch.manual_seed(0)
+    x = Generator(16, shape, width=8, input_range=(-1.0, 2.0))(torch.randn(32, 16))
+    assert x.shape == (32, *shape)
+    assert x.min() >= -1.0 and x.max() <= 2.0 and x.std() > 0.01
+
+
+def test_an_unknown_range_standardises_each_channel_over_the_batch() -> None:
+    torch.manual_seed(0)
+    x = Generator(16, (3, 8, 8), width=8, input_range=None)(torch.randn(64, 16))
+    per_channel = x.transpose(0, 1).flatten(1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(per_channel.std(1, unbiased=False), torch.ones(3), atol=1e-3)
+    assert torch.allclose(
+        to_range(torch.zeros(2, 3), (0.0, 4.0)), torch.full((2, 3), 2.0)
+    )  # sigmoid(0) = 1/2
+
+
+def test_gradient_reversal_is_the_identity_forward_and_negates_backward() -> None:
+    x = torch.randn(5, requires_grad=True)
+    w = torch.randn(5)
+    y = reverse_gradient(x)
+    assert torch.equal(y, x)
+    (y * w).sum().backward()
+    assert torch.equal(x.grad, -w)
+
+
+def test_dafl_terms_match_hand_computed_values() -> None:
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    features = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    terms = dafl_terms(logits, [features])
+    p0 = math.exp(2) / (math.exp(2) + 2)  # the teacher's confidence in its argmax, sample 0
+    p1 = math.exp(3) / (math.exp(3) + 2)
+    assert float(terms["one_hot"]) == pytest.approx((-math.log(p0) - math.log(p1)) / 2, rel=1e-6)
+    assert float(terms["activation"]) == pytest.approx(-(1 + 2 + 3 + 0) / 4)
+    q0, q1 = (1 - p0) / 2, (1 - p1) / 2  # the other classes' shares
+    mean = [(p0 + q1) / 2, (q0 + p1) / 2, (q0 + q1) / 2]
+    assert float(terms["entropy"]) == pytest.approx(sum(m * math.log(m) for m in mean), rel=1e-6)
+    uniform = dafl_terms(torch.zeros(4, 3), [features])["entropy"]
+    assert float(uniform) == pytest.approx(-math.log(3), rel=1e-6)  # the minimum: classes evenly used
+
+
+def test_latent_batches_repeat_per_epoch_whatever_came_before_and_differ_between_epochs() -> None:
+    source = LatentBatches((7,), batch_size=16, steps=3, seed=4)
+    first = list(source.epoch(0))
+    torch.manual_seed(123)  # the global generator plays no part
+    again = list(LatentBatches((7,), batch_size=16, steps=3, seed=4).epoch(0))
+    assert len(source) == 3 and first[0][0].shape == (16, 7)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0][0], next(iter(source.epoch(1)))[0])
+    assert not torch.equal(first[0][0], first[1][0])
+
+
+def test_the_batch_norm_prior_vanishes_at_the_running_statistics() -> None:
+    bn = nn.BatchNorm2d(2).eval()
+    bn.running_mean.copy_(torch.tensor([1.0, -2.0]))
+    bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+    z = torch.randn(256, 2, 4, 4)
+    z = (z - z.mean((0, 2, 3), keepdim=True)) / z.std((0, 2, 3), unbiased=False, keepdim=True)
+    matching = z * torch.tensor([2.0, 0.5]).view(1, 2, 1, 1) + bn.running_mean.view(1, 2, 1, 1)
+    prior = BatchNormStatistics(nn.Sequential(bn))
+    bn(matching)
+    assert float(prior.take()) == pytest.approx(0.0, abs=1e-4)
+    bn(matching + 1.0)  # every channel's mean off by one
+    assert float(prior.take()) == pytest.approx(math.sqrt(2), rel=1e-4)
+    assert prior.take() is None  # nothing since the last call
+    prior.remove()
+
+
+def test_the_adversarial_step_raises_the_discrepancy_for_the_generator_and_lowers_it_for_the_student() -> (
+    None
+):
+    torch.manual_seed(0)
+    teacher = open_model(DIGITS_CNN).module.eval().requires_grad_(False)
+    student = open_model(STUDENT).module
+    generator = Generator(8, (1, 8, 8), width=8)
+    learner = DataFreeLearner(
+        StudentWithAdapters(student, {}), "adversarial", generator, (0.0, 1.0), adversarial=1.0
+    )
+    z = torch.randn(64, 8)
+
+    def discrepancy() -> torch.Tensor:
+        _, view, logits = learner(z)
+        return logit_mae(logits, teacher(view))
+
+    def after_step(params: list[nn.Parameter]) -> float:
+        saved = copy.deepcopy(learner.state_dict())
+        learner.zero_grad()
+        discrepancy().backward()
+        with torch.no_grad():  # a plain gradient step on one side only
+            for p in params:
+                p -= 0.05 * p.grad
+        value = float(discrepancy().detach())
+        learner.load_state_dict(saved)
+        return value
+
+    learner.train()
+    before = float(discrepancy().detach())
+    assert after_step(list(generator.parameters())) > before  # the generator ascends the discrepancy
+    assert after_step(list(student.parameters())) < before  # the student descends it
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    """A trained ResNet teacher for the 8x8 digits (with batch-norm)."""
+    out = tmp_path_factory.mktemp("teacher")
+    run(digits_recipe({"train": {"epochs": 8, "lr": 0.003}}, model=DIGITS_CNN), out)
+    return open_model(out / "model.safetensors").module
+
+
+def _without_training_inputs(data: DatasetBundle) -> DatasetBundle:
+    """The same data with every training input NaN: any that reached the student would stop training."""
+    x, y = data.train.tensors
+    return DatasetBundle(
+        data.name, TensorDataset(torch.full_like(x, math.nan), y), data.test, data.num_classes
+    )
+
+
+def _datafree(teacher, data, tmp_path, **options) -> tuple[ModelState, RunContext]:
+    cfg = DataFreeConfig(student=STUDENT, lr=0.003, batch_size=64, checkpoint_every=0, **options)
+    ctx = RunContext(data=data, out_dir=tmp_path, seed=0, stage_index=1, stage_name="datafree")
+    return datafree_stage(ModelState(model=teacher, architecture=None), cfg, ctx), ctx
+
+
+def test_dafl_teaches_a_student_that_never_sees_a_training_input(digits_teacher, digits, tmp_path) -> None:
+    data = _without_training_inputs(digits)
+    before = copy.deepcopy(digits_teacher.state_dict())
+    budget = {"epochs": 10, "steps_per_epoch": 30, "temperature": 1.0, "augment": {"shift": 1}}
+    state, ctx = _datafree(digits_teacher, data, tmp_path / "dafl", generator="dafl", **budget)
+    _, noise_ctx = _datafree(digits_teacher, data, tmp_path / "noise", generator="noise", **budget)
+    models = ctx.details["models"]
+    assert models["teacher"]["accuracy"] > 0.9
+    assert accuracy(state.model, digits.test) == models["student"]["accuracy"]
+    assert models["student"]["accuracy"] > 0.6  # 10 classes: learnt from generated inputs alone
+    assert models["student"]["accuracy"] > noise_ctx.details["models"]["student"]["accuracy"] + 0.2
+    assert set(ctx.details["epoch_losses"][-1]) == {
+        "generator_one_hot",
+        "generator_activation",
+        "generator_entropy",
+        "kd",
+    }
+    after = digits_teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm statistics included
+
+
+def test_the_vae_route_inverts_a_pool_the_teacher_recognises_and_teaches_from_samples(
+    digits_teacher, digits, tmp_path
+) -> None:
+    data = _without_training_inputs(digits)
+    options = {"pool": 320, "epochs": 20, "batch_size": 64, "lr": 0.2, "jitter": 0}  # 8x8: no jitter
+    state, ctx = _datafree(
+        digits_teacher, data, tmp_path, generator="vae", epochs=4, steps_per_epoch=25,
+        inversion=options, vae={"epochs": 60}, latent_dim=16,
+    )  # fmt: skip
+    assert (
+        ctx.details["inversion"]["teacher_agrees"] > 0.9
+    )  # the pool holds every class, as the teacher sees it
+    assert ctx.details["models"]["student"]["accuracy"] > 0.3
+    assert (tmp_path / ".work" / "01-datafree" / "vae.safetensors").is_file()  # kept for --resume
+
+
+def test_the_same_seed_gives_the_same_student(digits_teacher, digits, tmp_path) -> None:
+    options = {"generator": "adversarial", "match": "mae", "epochs": 1, "steps_per_epoch": 5}
+    a, _ = _datafree(digits_teacher, digits, tmp_path / "a", **options)
+    b, _ = _datafree(digits_teacher, digits, tmp_path / "b", **options)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True)
+    )
+
+
+def test_options_that_cannot_work_are_refused_clearly() -> None:
+    with pytest.raises(ValidationError, match="augment.mixup blends labelled training inputs"):
+        DataFreeConfig(student=STUDENT, augment={"mixup": 1.0})
+    with pytest.raises(ValidationError, match=r"input_range must be \[lo, hi\] with lo < hi"):
+        DataFreeConfig(student=STUDENT, input_range=(1.0, 0.0))
+    with pytest.raises(ValidationError, match="dafl.*adversarial.*vae.*noise"):
+        DataFreeConfig(student=STUDENT, generator="gan")
+    with pytest.raises(ValidationError, match="generator: noise has none to train"):
+        DataFreeConfig(student=STUDENT, generator="noise", generator_loss={"entropy": 1.0})
+    assert DataFreeConfig(student=STUDENT, generator="adversarial").generator_weights.adversarial == 1.0
+    assert DataFreeConfig(student=STUDENT).generator_weights.entropy == 5.0  # DAFL's weights by default
