@@ -15,6 +15,7 @@ from testkit import DIGITS_CNN, digits_recipe
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import torchshrink.distill.datafree_stage as stage_module
 from torchshrink import run
 from torchshrink.data import DatasetBundle
 from torchshrink.distill.datafree import (
@@ -182,19 +183,28 @@ def test_dafl_teaches_a_student_that_never_sees_a_training_input(digits_teacher,
 
 
 def test_the_vae_route_inverts_a_pool_the_teacher_recognises_and_teaches_from_samples(
-    digits_teacher, digits, tmp_path
+    digits_teacher, digits, tmp_path, monkeypatch
 ) -> None:
     data = _without_training_inputs(digits)
-    options = {"pool": 320, "epochs": 20, "batch_size": 64, "lr": 0.2, "jitter": 0}  # 8x8: no jitter
-    state, ctx = _datafree(
-        digits_teacher, data, tmp_path, generator="vae", epochs=4, steps_per_epoch=25,
-        inversion=options, vae={"epochs": 60}, latent_dim=16,
-    )  # fmt: skip
-    assert (
-        ctx.details["inversion"]["teacher_agrees"] > 0.9
-    )  # the pool holds every class, as the teacher sees it
+    options = {
+        "generator": "vae",
+        "epochs": 4,
+        "steps_per_epoch": 25,
+        "latent_dim": 16,
+        "inversion": {"pool": 320, "epochs": 20, "batch_size": 64, "lr": 0.2, "jitter": 0},  # 8x8: no jitter
+        "vae": {"epochs": 60},
+    }
+    state, ctx = _datafree(digits_teacher, data, tmp_path, **options)
+    inversion = ctx.details["inversion"]
+    assert inversion["teacher_agrees"] > 0.9  # the pool holds every class, as the teacher sees it
     assert ctx.details["models"]["student"]["accuracy"] > 0.3
-    assert (tmp_path / ".work" / "01-datafree" / "vae.safetensors").is_file()  # kept for --resume
+    work = tmp_path / ".work" / "01-datafree"
+    assert len(list(work.glob("inverted-pool-*"))) == len(list(work.glob("vae-*"))) == 1
+    # resumed with the same settings, both phases come from the work folder
+    monkeypatch.setattr(stage_module, "_invert", lambda *a: pytest.fail("the pool was inverted again"))
+    monkeypatch.setattr(stage_module, "vae_terms", lambda *a: pytest.fail("the VAE was fitted again"))
+    _, again = _datafree(digits_teacher, data, tmp_path, **options)
+    assert "inversion" not in again.details and "vae_final_loss" not in again.details
 
 
 def test_the_same_seed_gives_the_same_student(digits_teacher, digits, tmp_path) -> None:

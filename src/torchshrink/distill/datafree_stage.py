@@ -10,6 +10,8 @@ See :mod:`torchshrink.distill.datafree` for the methods.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Literal
 
@@ -239,7 +241,16 @@ def _fitted_decoder(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) ->
     """The ``vae`` route's generator: a VAE fitted to the inverted pool; phases finished by an
     interrupted run are kept in the stage's work folder and reused by ``--resume``."""
     shape = ctx.data.input_shape
-    pool_file, vae_file = ctx.work_dir / "inverted-pool.safetensors", ctx.work_dir / "vae.safetensors"
+    # Files named by the settings that made them: a resumed run with other settings starts afresh.
+    made_by = json.dumps(
+        cfg.model_dump(include={"inversion", "latent_dim", "generator_width", "input_range"}), sort_keys=True
+    )
+    tag = hashlib.sha256(made_by.encode()).hexdigest()[:12]
+    vae_tag = hashlib.sha256(
+        (made_by + json.dumps(cfg.vae.model_dump(), sort_keys=True)).encode()
+    ).hexdigest()[:12]
+    pool_file = ctx.work_dir / f"inverted-pool-{tag}.safetensors"
+    vae_file = ctx.work_dir / f"vae-{vae_tag}.safetensors"
     if pool_file.is_file():
         pool = load_tensors(pool_file)["pool"]
     else:
