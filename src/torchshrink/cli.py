@@ -1,4 +1,4 @@
-"""The ``torchshrink`` command: demo, run, eval, inspect, export."""
+"""The ``torchshrink`` command: demo, run, sweep, eval, inspect, export."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run(args.recipe, args.out, resume=args.resume)
     _print_report(report, args.out)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from torchshrink.errors import MissingFileError
+    from torchshrink.io import write_json_atomic, write_text_atomic
+    from torchshrink.parallel.tasks import Task, run_tasks, summary_table
+
+    out = Path(args.out)
+    missing = [r for r in args.recipes if not Path(r).is_file()]
+    if missing:
+        raise MissingFileError(f"recipe file(s) not found: {', '.join(missing)}")
+    stems = [Path(r).stem for r in args.recipes]
+    names = [stem if stems.count(stem) == 1 else f"{i:02d}-{stem}" for i, stem in enumerate(stems)]
+    tasks = [Task(r, out / name, resume=args.resume) for r, name in zip(args.recipes, names, strict=True)]
+    started = time.perf_counter()
+    results = run_tasks(tasks, jobs=args.jobs)
+    seconds = time.perf_counter() - started
+    table = summary_table(results)
+    write_text_atomic(
+        out / "sweep.md", f"# Sweep: {len(results)} recipes, {args.jobs} jobs, {seconds:.0f} s\n\n{table}\n"
+    )
+    write_json_atomic(
+        out / "sweep.json", {"jobs": args.jobs, "seconds": seconds, "tasks": [r.to_dict() for r in results]}
+    )
+    _out(table)
+    _out(
+        f"{sum(r.ok for r in results)} of {len(results)} recipes done in {seconds:.0f} s; summary: {out / 'sweep.md'}"
+    )
+    return 0 if all(r.ok for r in results) else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -191,6 +221,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from torchshrink import __version__
 
@@ -212,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="skip stages finished by an earlier run")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run several recipes side by side in worker processes")
+    p.add_argument("recipes", nargs="+", help="recipe YAML files")
+    p.add_argument(
+        "--out", required=True, help="output folder: one sub-folder per recipe, plus sweep.md/.json"
+    )
+    p.add_argument("--jobs", type=_positive_int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--resume", action="store_true", help="skip stages finished by an earlier run")
+    p.set_defaults(func=cmd_sweep)
 
     for name, helptext in (("eval", "measure a model on a dataset"), ("export", "export a model to ONNX")):
         p = sub.add_parser(name, help=helptext)

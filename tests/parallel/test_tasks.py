@@ -1,0 +1,64 @@
+"""Task parallelism: recipes run side by side in worker processes give the results they give alone;
+a failing recipe is reported and does not stop the others; the CLI writes a summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from testkit import DIGITS_MLP, digits_recipe
+
+from torchshrink import run
+from torchshrink.cli import main
+from torchshrink.parallel.tasks import Task, default_threads, run_tasks
+
+
+def _recipe(lr: float) -> dict:
+    return digits_recipe({"train": {"epochs": 2, "lr": lr}}, model=DIGITS_MLP)
+
+
+@pytest.mark.slow
+def test_parallel_tasks_match_their_sequential_runs_and_survive_a_failure(tmp_path) -> None:
+    broken = dict(_recipe(0.01), data={"npz": str(tmp_path / "missing.npz")})
+    tasks = [
+        Task(_recipe(0.01), tmp_path / "a"),
+        Task(broken, tmp_path / "broken"),
+        Task(_recipe(0.003), tmp_path / "b"),
+    ]
+    results = run_tasks(tasks, jobs=2, threads=1)
+    assert [r.name for r in results] == ["a", "broken", "b"]  # the order of the tasks
+    assert [r.ok for r in results] == [True, False, True]
+    assert "missing.npz" in results[1].error and "not found" in results[1].error
+    for task, result in zip(tasks[::2], results[::2], strict=True):
+        alone = run(task.recipe, tmp_path / f"alone-{task.name}")  # this process: one thread too
+        assert result.final["accuracy"] == alone.final["accuracy"]
+        assert (task.out_dir / "report.json").is_file()
+    assert results[0].final["accuracy"] != results[2].final["accuracy"]  # two different runs
+
+
+def test_tasks_refuse_one_folder_twice_and_share_the_cores(tmp_path) -> None:
+    with pytest.raises(ValueError, match="two tasks would write the same folder"):
+        run_tasks([Task(_recipe(0.01), tmp_path / "x"), Task(_recipe(0.02), tmp_path / "x")])
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        run_tasks([Task(_recipe(0.01), tmp_path / "x")], jobs=0)
+    assert default_threads(1) >= default_threads(2) >= 1
+
+
+@pytest.mark.slow
+def test_sweep_command_writes_a_summary_and_fails_when_a_recipe_fails(tmp_path, capsys) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_recipe(0.01)))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(dict(_recipe(0.01), model={"zoo": "nosuchnet"})))
+    code = main(["-q", "sweep", str(good), str(bad), "--out", str(tmp_path / "sweep"), "--jobs", "2"])
+    assert code == 1
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    by_name = {t["name"]: t for t in summary["tasks"]}
+    assert by_name["good"]["ok"] and by_name["good"]["final"]["accuracy"] > 0.5
+    assert not by_name["bad"]["ok"] and "nosuchnet" in by_name["bad"]["error"]
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| good | ok |" in table and "| bad | failed |" in table
+    assert "1 of 2 recipes done" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["sweep", str(good), "--out", str(tmp_path / "s2"), "--jobs", "0"])
