@@ -65,7 +65,7 @@ def test_unknown_option_lists_allowed_keys():
 def test_unknown_stage_kind_lists_known_kinds():
     with pytest.raises(
         UnknownStageError,
-        match=r"stages\[0\].*'shrinkify'.*known kinds: distill, encode, ensemble, evaluate, export, finetune, (.*, )?train",
+        match=r"stages\[0\].*'shrinkify'.*known kinds: datafree, distill, encode, ensemble, evaluate, export, finetune, (.*, )?train",
     ):
         parse_recipe({**GOOD, "stages": [{"shrinkify": {}}]})
 
