@@ -7,12 +7,15 @@ the loss function and the batch source they pass in.
   them over ranks with a ``DistributedSampler``, so the loop runs unchanged under ``torchrun``.
 * Checkpoints hold model, optimizer, scheduler, position and RNG state: a resumed run ends with
   bit-identical weights to an uninterrupted one.
+* The progress bar shows on the main process unless ``TORCHSHRINK_PROGRESS=0`` (parallel task
+  workers set it, so their bars do not interleave).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -253,7 +256,7 @@ def fit(
         total=total_steps,
         initial=step,
         desc=cfg.desc,
-        disable=not (cfg.progress and info.is_main),
+        disable=not (cfg.progress and info.is_main and os.environ.get("TORCHSHRINK_PROGRESS", "1") != "0"),
         leave=False,
         mininterval=1.0,
         dynamic_ncols=True,

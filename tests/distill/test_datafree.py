@@ -199,7 +199,9 @@ def test_the_vae_route_inverts_a_pool_the_teacher_recognises_and_teaches_from_sa
     assert inversion["teacher_agrees"] > 0.9  # the pool holds every class, as the teacher sees it
     assert ctx.details["models"]["student"]["accuracy"] > 0.3
     work = tmp_path / ".work" / "01-datafree"
-    assert len(list(work.glob("inverted-pool-*"))) == len(list(work.glob("vae-*"))) == 1
+    assert (
+        len(list(work.glob("inverted-pool-*.safetensors"))) == len(list(work.glob("vae-*.safetensors"))) == 1
+    )
     # resumed with the same settings, both phases come from the work folder
     monkeypatch.setattr(stage_module, "_invert", lambda *a: pytest.fail("the pool was inverted again"))
     monkeypatch.setattr(stage_module, "vae_terms", lambda *a: pytest.fail("the VAE was fitted again"))
@@ -226,5 +228,10 @@ def test_options_that_cannot_work_are_refused_clearly() -> None:
         DataFreeConfig(student=STUDENT, generator="gan")
     with pytest.raises(ValidationError, match="generator: noise has none to train"):
         DataFreeConfig(student=STUDENT, generator="noise", generator_loss={"entropy": 1.0})
-    assert DataFreeConfig(student=STUDENT, generator="adversarial").generator_weights.adversarial == 1.0
+    with pytest.raises(ValidationError, match="every weight is 0, so the generator would never learn"):
+        DataFreeConfig(student=STUDENT, generator="dafl", generator_loss={})
+    adversarial = DataFreeConfig(student=STUDENT, generator="adversarial")
+    assert adversarial.generator_weights.adversarial == 1.0
+    assert (adversarial.match, adversarial.generator_lr) == ("mae", 2e-4)  # B5's settings by default
+    assert DataFreeConfig(student=STUDENT, generator="adversarial", match="kd").match == "kd"
     assert DataFreeConfig(student=STUDENT).generator_weights.entropy == 5.0  # DAFL's weights by default

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -129,6 +130,15 @@ class DataFreeConfig(DistillConfig):
             raise ValueError(
                 f"generator_loss trains a generator; generator: {self.generator} has none to train"
             )
+        if self.generator_loss is not None and not any(self.generator_loss.model_dump().values()):
+            raise ValueError(
+                "generator_loss: every weight is 0, so the generator would never learn; give one a weight"
+            )
+        if self.generator == "adversarial":  # B5's settings, unless given
+            if "match" not in self.model_fields_set:
+                self.match = "mae"
+            if "generator_lr" not in self.model_fields_set:
+                self.generator_lr = 2e-4
         if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
             raise ValueError(f"input_range must be [lo, hi] with lo < hi, got {list(self.input_range)}")
         return self
@@ -190,7 +200,7 @@ def _teachers(teacher: nn.Module) -> list[nn.Module]:
     return list(teacher.members) if isinstance(teacher, Ensemble) else [teacher]
 
 
-def _invert(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) -> torch.Tensor:
+def _invert(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext, checkpoint_dir: Path) -> torch.Tensor:
     """A pool of inputs the teacher assigns to each class in turn, optimised from noise."""
     shape, classes = ctx.data.input_shape, ctx.data.num_classes
     inputs = InvertedInputs(cfg.inversion.pool, shape, cfg.input_range, seed=ctx.seed)
@@ -223,16 +233,18 @@ def _invert(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) -> torch.T
                 epochs=cfg.inversion.epochs,
                 lr=cfg.inversion.lr,
                 seed=ctx.seed,
+                checkpoint_every=cfg.checkpoint_every,
                 desc=f"{ctx.stage_name} inversion",
             ),
-            checkpoint_dir=ctx.work_dir / "inversion",
+            checkpoint_dir=checkpoint_dir,
         )
     finally:
         for s in statistics:
             s.remove()
-    pool = inputs.pool().cpu()
+    pool = inputs.pool()  # on the training device, where the teacher is
     with torch.no_grad():
-        agreement = float((teacher(pool).argmax(1) == targets).float().mean())
+        agreement = float((teacher(pool).argmax(1).cpu() == targets).float().mean())
+    pool = pool.cpu()
     ctx.details["inversion"] = {"pool": len(pool), "teacher_agrees": round(agreement, 4)}
     return pool
 
@@ -241,10 +253,15 @@ def _fitted_decoder(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) ->
     """The ``vae`` route's generator: a VAE fitted to the inverted pool; phases finished by an
     interrupted run are kept in the stage's work folder and reused by ``--resume``."""
     shape = ctx.data.input_shape
-    # Files named by the settings that made them: a resumed run with other settings starts afresh.
-    made_by = json.dumps(
-        cfg.model_dump(include={"inversion", "latent_dim", "generator_width", "input_range"}), sort_keys=True
-    )
+    # Files and checkpoints named by what made them (teacher, seed, settings): a resumed run with
+    # another teacher or other settings starts afresh instead of reusing a stale pool.
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(
+            name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        )
+    settings = cfg.model_dump(include={"inversion", "latent_dim", "generator_width", "input_range"})
+    made_by = json.dumps({"teacher": digest.hexdigest(), "seed": ctx.seed, **settings}, sort_keys=True)
     tag = hashlib.sha256(made_by.encode()).hexdigest()[:12]
     vae_tag = hashlib.sha256(
         (made_by + json.dumps(cfg.vae.model_dump(), sort_keys=True)).encode()
@@ -254,9 +271,10 @@ def _fitted_decoder(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) ->
     if pool_file.is_file():
         pool = load_tensors(pool_file)["pool"]
     else:
-        pool = _invert(teacher, cfg, ctx)
+        pool = _invert(teacher, cfg, ctx, ctx.work_dir / f"inversion-{tag}")
         if ctx.dist.is_main:
             save_tensors(pool_file, {"pool": pool})
+    torch.manual_seed(ctx.seed)  # the same VAE whether the pool was just made or loaded
     decoder = Generator(cfg.latent_dim, shape, cfg.generator_width, cfg.input_range)
     vae = VAE(Encoder(cfg.latent_dim, shape, cfg.generator_width), decoder)
     if vae_file.is_file():
@@ -266,8 +284,14 @@ def _fitted_decoder(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) ->
             vae,
             DatasetBatches(TensorDataset(pool), cfg.vae.batch_size, seed=ctx.seed),
             lambda model, batch: vae_terms(model, batch[0], cfg.vae.beta),
-            TrainConfig(epochs=cfg.vae.epochs, lr=cfg.vae.lr, seed=ctx.seed, desc=f"{ctx.stage_name} vae"),
-            checkpoint_dir=ctx.work_dir / "vae",
+            TrainConfig(
+                epochs=cfg.vae.epochs,
+                lr=cfg.vae.lr,
+                seed=ctx.seed,
+                checkpoint_every=cfg.checkpoint_every,
+                desc=f"{ctx.stage_name} vae",
+            ),
+            checkpoint_dir=ctx.work_dir / f"vae-{vae_tag}",
         )
         ctx.details["vae_final_loss"] = result.epoch_losses[-1]
         if ctx.dist.is_main:

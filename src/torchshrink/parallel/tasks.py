@@ -2,8 +2,10 @@
 
 Each task is one recipe with its own output folder. ``jobs`` worker processes (spawned, so no state
 is shared) take tasks in turn; each worker gives torch ``threads`` threads, by default the cores
-divided by the jobs, so two jobs on two cores do not oversubscribe them. A failing task is
-recorded with its error and does not stop the others. Latencies measured inside parallel tasks
+divided by the jobs, so two jobs on two cores do not oversubscribe them. A task that fails
+(bad input, an exception) is recorded with its error and does not stop the others; a worker process
+that dies outright (killed, out of memory) breaks the pool, and the tasks not finished by then are
+reported as failed with "worker died". Latencies measured inside parallel tasks
 share the machine with the other tasks: compare models by accuracy and size there, time them alone.
 """
 
@@ -66,7 +68,8 @@ def default_threads(jobs: int) -> int:
 def _start_worker(threads: int) -> None:
     """Worker set-up: a fixed thread count, and no progress bars interleaving on the terminal."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["TORCHSHRINK_PROGRESS"] = "0"  # the training loop's bars
+    os.environ["TQDM_DISABLE"] = "1"  # every other bar
     import torch
 
     torch.set_num_threads(threads)
