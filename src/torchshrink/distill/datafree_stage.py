@@ -200,6 +200,17 @@ def _teachers(teacher: nn.Module) -> list[nn.Module]:
     return list(teacher.members) if isinstance(teacher, Ensemble) else [teacher]
 
 
+def _phase_config(phase: str, epochs: int, lr: float, cfg: DataFreeConfig, ctx: RunContext) -> TrainConfig:
+    """The training loop's settings for one fitting phase of the ``vae`` route."""
+    return TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        seed=ctx.seed,
+        checkpoint_every=cfg.checkpoint_every,
+        desc=f"{ctx.stage_name} {phase}",
+    )
+
+
 def _invert(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext, checkpoint_dir: Path) -> torch.Tensor:
     """A pool of inputs the teacher assigns to each class in turn, optimised from noise."""
     shape, classes = ctx.data.input_shape, ctx.data.num_classes
@@ -229,13 +240,7 @@ def _invert(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext, checkpoint
                 seed=ctx.seed,
             ),
             loss_fn,
-            TrainConfig(
-                epochs=cfg.inversion.epochs,
-                lr=cfg.inversion.lr,
-                seed=ctx.seed,
-                checkpoint_every=cfg.checkpoint_every,
-                desc=f"{ctx.stage_name} inversion",
-            ),
+            _phase_config("inversion", cfg.inversion.epochs, cfg.inversion.lr, cfg, ctx),
             checkpoint_dir=checkpoint_dir,
         )
     finally:
@@ -284,13 +289,7 @@ def _fitted_decoder(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) ->
             vae,
             DatasetBatches(TensorDataset(pool), cfg.vae.batch_size, seed=ctx.seed),
             lambda model, batch: vae_terms(model, batch[0], cfg.vae.beta),
-            TrainConfig(
-                epochs=cfg.vae.epochs,
-                lr=cfg.vae.lr,
-                seed=ctx.seed,
-                checkpoint_every=cfg.checkpoint_every,
-                desc=f"{ctx.stage_name} vae",
-            ),
+            _phase_config("vae", cfg.vae.epochs, cfg.vae.lr, cfg, ctx),
             checkpoint_dir=ctx.work_dir / f"vae-{vae_tag}",
         )
         ctx.details["vae_final_loss"] = result.epoch_losses[-1]
