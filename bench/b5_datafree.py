@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import statistics
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,7 +61,7 @@ def _student(
     return accuracy(state.model, data.test)
 
 
-def run_seed(seed: int, data: DatasetBundle, work) -> dict[str, float]:
+def run_seed(seed: int, data: DatasetBundle, work: Path) -> dict[str, float]:
     teacher, _ = trained("lenet5", data, TEACHER_EPOCHS, 100 * seed, lr=TEACHER_LR, shift=SHIFT)
     teacher.eval()
     blind = _no_training_inputs(data)
@@ -76,9 +78,6 @@ def _cell(values: list[float]) -> str:
 
 
 def run_all(seeds: tuple[int, ...] = (0, 1, 2), command: str = "make bench") -> dict:
-    import tempfile
-    from pathlib import Path
-
     torch.set_num_threads(2)
     data = load_data("mnist5k")
     with tempfile.TemporaryDirectory() as work:

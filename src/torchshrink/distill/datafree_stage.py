@@ -216,8 +216,8 @@ def _invert(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext, checkpoint
     shape, classes = ctx.data.input_shape, ctx.data.num_classes
     inputs = InvertedInputs(cfg.inversion.pool, shape, cfg.input_range, seed=ctx.seed)
     targets = torch.arange(cfg.inversion.pool) % classes
-    statistics = [BatchNormStatistics(m) for m in _teachers(teacher)]
-    use_statistics = cfg.inversion.bn_statistics > 0 and any(len(s) for s in statistics)
+    # The batch-norm prior's hooks only when it is weighed (teachers without batch-norm get none).
+    statistics = [BatchNormStatistics(m) for m in _teachers(teacher)] if cfg.inversion.bn_statistics else []
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         indices, labels = batch
@@ -227,7 +227,7 @@ def _invert(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext, checkpoint
         if len(shape) > 1 and cfg.inversion.smoothness:
             terms["smoothness"] = cfg.inversion.smoothness * smoothness(x)
         distances = [d for d in (s.take() for s in statistics) if d is not None]
-        if use_statistics and distances:
+        if distances:
             terms["bn_statistics"] = cfg.inversion.bn_statistics * torch.stack(distances).mean()
         return terms
 
