@@ -420,11 +420,16 @@ def test_check_model_fits_wrong_input_shape() -> None:
     assert model.training
 
 
-def test_check_model_fits_wrong_class_count() -> None:
-    with pytest.raises(ShapeMismatchError, match="3 classes") as excinfo:
-        check_model_fits(lenet5(), (1, 28, 28), 3, "src")
+def test_check_model_fits_too_few_classes() -> None:
+    with pytest.raises(ShapeMismatchError, match="outputs 3 classes") as excinfo:
+        check_model_fits(lenet5(num_classes=3), (1, 28, 28), 10, "src")
     message = str(excinfo.value)
-    assert "(1, 10)" in message and "(1, 3)" in message
+    assert "up to 9" in message and "(1, 10)" in message and "num_classes" in message
+
+
+def test_check_model_fits_returns_a_wider_models_width() -> None:
+    # An ImageNet-style model on data that uses a few of its classes is fine: its own width counts.
+    assert check_model_fits(lenet5(), (1, 28, 28), 3, "src") == 10
 
 
 def test_garbage_torch_files_are_corrupt_not_untrusted(tmp_path):

@@ -196,24 +196,36 @@ def latency_ms(
     return latencies_ms({"model": model}, input_shape, batch_size, repeats, warmup, threads)["model"]
 
 
-def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, source: str) -> None:
-    """Run one zero sample through the model; name both shapes when model and data disagree."""
+def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, source: str) -> int:
+    """Run one zero sample through the model and return its output width (its number of classes).
+
+    A model may have more outputs than the data has classes (an ImageNet model on a few photos);
+    fewer is an error that names both shapes, as is an input shape the model cannot take.
+    """
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             out = model(torch.zeros(1, *input_shape))
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise ShapeMismatchError(
-            f"{source}: the model cannot take inputs of shape {tuple(input_shape)} (per sample): {exc}"
+            f"{source}: the model cannot take inputs of shape {tuple(input_shape)} (per sample): "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     finally:
         model.train(was_training)
-    if out.ndim != 2 or out.shape[1] != num_classes:
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ShapeMismatchError(
-            f"{source}: the model outputs shape {tuple(out.shape)} per batch of 1 but the data has "
-            f"{num_classes} classes (expected (1, {num_classes})); set the model's num_classes"
+            f"{source}: the model outputs {shape} per batch of 1; torchshrink needs logits of shape "
+            "(batch, classes): wrap the model so that forward() returns them"
         )
+    if out.shape[1] < num_classes:
+        raise ShapeMismatchError(
+            f"{source}: the model outputs {out.shape[1]} classes but the data's labels go up to "
+            f"{num_classes - 1} (expected at least (1, {num_classes})); set the model's num_classes"
+        )
+    return int(out.shape[1])
 
 
 def measure(

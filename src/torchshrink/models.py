@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib
 import json
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from torchshrink import zoo
@@ -49,6 +50,10 @@ class ModelSpec(BaseModel, extra="forbid"):
     weights: Path | None = None
     kwargs: dict[str, Any] = {}
     trust_pickle: bool = False
+    import_path: Path | None = Field(
+        None,
+        description="folder searched first for a factory's module (in a recipe: the recipe's folder by default)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -62,6 +67,8 @@ class ModelSpec(BaseModel, extra="forbid"):
             raise ValueError(f"unknown zoo model {self.zoo!r}; known: {', '.join(sorted(zoo.ZOO))}")
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"factory must look like 'package.module:function', got {self.factory!r}")
+        if self.import_path is not None and self.factory is None:
+            raise ValueError("'import_path' says where a factory's module lives; it goes with 'factory'")
         if self.path is not None and self.weights is not None:
             raise ValueError(
                 "'weights' goes with 'zoo' or 'factory'; a 'path' model file carries its own weights"
@@ -78,14 +85,34 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None = None
 
 
-def _call_factory(ref: str, kwargs: dict[str, Any]) -> nn.Module:
+def _import_factory(ref: str, import_path: str | None) -> Any:
+    """The factory function named ``pkg.module:function``, its module looked up in ``import_path`` first."""
     module_name, _, attr = ref.partition(":")
+    added = import_path is not None and import_path not in sys.path
+    if added:
+        sys.path.insert(0, str(import_path))
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        where = f"in {import_path} and on the Python path" if import_path else "on the Python path"
         raise ModelLoadError(
-            f"factory {ref!r}: cannot import {attr!r} from module {module_name!r}: {exc}"
+            f"factory {ref!r}: module {module_name!r} cannot be imported ({type(exc).__name__}: {exc}); "
+            f"it was looked for {where}. Put {module_name.replace('.', '/')}.py next to the recipe, "
+            "set model.import_path to its folder, or pip install the package that provides it"
         ) from exc
+    finally:
+        if added:
+            sys.path.remove(str(import_path))
+    if not hasattr(module, attr):
+        raise ModelLoadError(
+            f"factory {ref!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute "
+            f"{attr!r}; its public names include {sorted(n for n in vars(module) if not n.startswith('_'))[:12]}"
+        )
+    return getattr(module, attr)
+
+
+def _call_factory(ref: str, kwargs: dict[str, Any], import_path: str | None = None) -> nn.Module:
+    fn = _import_factory(ref, import_path)
     try:
         model = fn(**kwargs)
     except TypeError as exc:
@@ -111,7 +138,7 @@ def build_architecture(architecture: dict[str, Any]) -> nn.Module:
     if "zoo" in architecture:
         model = zoo.build(architecture["zoo"], **kwargs)
     elif "factory" in architecture:
-        model = _call_factory(architecture["factory"], kwargs)
+        model = _call_factory(architecture["factory"], kwargs, architecture.get("import_path"))
     else:
         raise ModelLoadError(f"architecture reference {architecture} names neither 'zoo' nor 'factory'")
     model = apply_resized(model, architecture.get("resized") or {})
@@ -253,6 +280,8 @@ def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
         return _open_file(spec.path, spec.trust_pickle)
     architecture: dict[str, Any] = {"zoo": spec.zoo} if spec.zoo else {"factory": spec.factory}
     architecture["kwargs"] = dict(spec.kwargs)
+    if spec.import_path is not None:
+        architecture["import_path"] = str(spec.import_path)
     if spec.weights is not None:
         architecture.update(_recorded_shapes(spec.weights, architecture))
     model = build_architecture(architecture)

@@ -13,6 +13,7 @@ from torch import nn
 
 from torchshrink.errors import CorruptFileError, ExportError, MissingFileError
 from torchshrink.io import atomic_path
+from torchshrink.onnx_passes import clean_graph
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,15 @@ def max_abs_diff_vs_onnx(model: nn.Module, onnx_path: str | Path, x: torch.Tenso
     return float((expected - got).abs().max())
 
 
+def _clean_file(path: Path) -> None:
+    """Fold the exporter's constant sub-graphs and zero Pads into convolutions (see onnx_passes)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if any(clean_graph(model).values()):
+        onnx.save(model, str(path))
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -96,6 +106,7 @@ def export_onnx(
             raise ExportError(
                 f"ONNX export to {path} failed for input shape {tuple(input_shape)}: {exc}"
             ) from exc
+        _clean_file(tmp)
     if check_inputs is None:
         return None
     diff = max_abs_diff_vs_onnx(model, path, check_inputs)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,10 +15,10 @@ from typing import Any
 from torch import nn
 
 from torchshrink import __version__
-from torchshrink.data import load_data
-from torchshrink.errors import TorchshrinkError
+from torchshrink.data import DatasetBundle, load_data
+from torchshrink.errors import DataError, TorchshrinkError
 from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors
-from torchshrink.measure import check_model_fits, measure
+from torchshrink.measure import check_model_fits, measure, predict
 from torchshrink.models import build_architecture, load_weights_into, open_model, save_model
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel import ddp
@@ -93,6 +94,27 @@ def _resumable_prefix(recipe: Recipe, out_dir: Path) -> int:
     return done
 
 
+def _fit_labels(
+    data: DatasetBundle, model: nn.Module, width: int, recipe: Recipe, first_role: str
+) -> DatasetBundle:
+    """Labels for the run: unlabelled data is labelled by the model as given (quality is then
+    top-1 agreement with it); a model wider than the data's classes keeps its own width."""
+    if not data.labelled:
+        if first_role == "reference":
+            raise DataError(
+                f"data {data.name}: has no labels, so stage {recipe.stages[0].kind!r} cannot train a model "
+                "on it; give labels ('y') or start from a trained model"
+            )
+        log.info("data %s has no labels: quality is top-1 agreement with the model as given", data.name)
+        return data.labelled_by(lambda x: predict(model, x, batch_size=64), width)
+    if width > data.num_classes:
+        log.info(
+            "model %s outputs %d classes; the data uses %d of them", recipe.model, width, data.num_classes
+        )
+        return dataclasses.replace(data, num_classes=width)
+    return data
+
+
 def run(
     recipe: Recipe | dict | str | Path,
     out_dir: str | Path,
@@ -120,12 +142,14 @@ def run(
     seed_everything(recipe.seed)
     data = load_data(recipe.data)
     loaded = open_model(recipe.model)
-    check_model_fits(
+    width = check_model_fits(
         loaded.module,
         data.input_shape,
         data.num_classes,
         source=f"model {recipe.model.model_dump(exclude_defaults=True)} on data {data.name}",
     )
+    entries = [get_stage(spec.kind) for spec in recipe.stages]
+    data = _fit_labels(data, loaded.module, width, recipe, entries[0].role)
     state = ModelState(model=loaded.module.eval(), architecture=loaded.architecture)
 
     def measure_state(s: ModelState, reference: nn.Module | None) -> dict[str, float | int]:
@@ -139,7 +163,6 @@ def run(
             reference=reference,
         )
 
-    entries = [get_stage(spec.kind) for spec in recipe.stages]
     # The baseline model is kept so that every later stage is timed interleaved with it.
     baseline: dict[str, float | int] | None = None
     baseline_model: nn.Module | None = None
@@ -220,6 +243,7 @@ def run(
         final=final,
         artefacts=artefacts,
         seconds=round(time.perf_counter() - started, 3),
+        quality="accuracy" if data.labelled else "agreement",
     )
     if info.is_main:
         write_report(report, out_dir)

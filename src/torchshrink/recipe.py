@@ -145,8 +145,16 @@ def _resolve(path: Path | None, base: Path | None) -> Path | None:
 
 
 def _resolve_spec(spec: ModelSpec, base: Path | None) -> ModelSpec:
+    """Relative paths from the recipe's folder; a factory's module is looked for there first."""
+    import_path = _resolve(spec.import_path, base)
+    if spec.factory is not None and import_path is None and base is not None:
+        import_path = base.resolve()
     return spec.model_copy(
-        update={"path": _resolve(spec.path, base), "weights": _resolve(spec.weights, base)}
+        update={
+            "path": _resolve(spec.path, base),
+            "weights": _resolve(spec.weights, base),
+            "import_path": import_path,
+        }
     )
 
 

@@ -30,6 +30,7 @@ class Report:
     final: Metrics
     artefacts: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    quality: str = "accuracy"  # or "agreement": top-1 agreement with the original model (unlabelled data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,25 +80,37 @@ def format_table(report: Report) -> str:
         name = f"{stage['name']} (branch)" if stage.get("branch") else stage["name"]
         rows.append(row(name, stage["kind"], stage["metrics"], seconds))
     header = [
-        "stage", "kind", "accuracy", "Δ acc (pts)", "size", "smaller", "params", "non-zero", "MACs",
+        "stage", "kind", _QUALITY[report.quality][0], "Δ (pts)", "size", "smaller", "params", "non-zero", "MACs",
         "fewer MACs", "latency b1 (ms)", "latency b32 (ms)", "faster b32", "seconds",
     ]  # fmt: skip
     return markdown_table(header, rows)
 
 
+_QUALITY = {
+    "accuracy": ("accuracy", "Accuracy: top-1 on the test split's labels."),
+    "agreement": (
+        "agreement",
+        "Agreement: the data has no labels, so quality is top-1 agreement with the original model on the "
+        "test split (the original scores 100% by definition).",
+    ),
+}
+
+
 def _markdown(report: Report) -> str:
     final, base = report.final, report.baseline
+    quality, quality_note = _QUALITY[report.quality]
     lines = [
         f"# torchshrink report: {report.recipe.get('name', 'recipe')}",
         "",
         f"torchshrink {report.torchshrink_version}, seed {report.seed}, {report.seconds:.1f} s in all.",
         "",
-        f"Final model: accuracy {final['accuracy'] * 100:.2f}% ({(final['accuracy'] - base['accuracy']) * 100:+.2f} "
+        f"Final model: {quality} {final['accuracy'] * 100:.2f}% ({(final['accuracy'] - base['accuracy']) * 100:+.2f} "
         f"points vs baseline), {_bytes(final['size_bytes'])} ({_ratio(base['size_bytes'], final['size_bytes'])} smaller), "
         f"batch-32 latency {final['latency_ms_b32']:.3f} ms ({_speedup(final, base, 'latency_ms_b32')} faster).",
         "",
         format_table(report),
         "",
+        quality_note,
         "Baseline: the model as loaded, or the trained model as it enters the first compressing stage.",
         "Latency: median over repeats after warm-up, fixed thread count; each stage's speed-up is timed",
         "interleaved with the baseline model in the same run (the ratio survives a noisy machine).",
@@ -155,7 +168,7 @@ def _plot(report: Report, path: Path) -> None:
         )
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"test {_QUALITY[report.quality][0]} (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"torchshrink: {report.recipe.get('name', 'recipe')}")

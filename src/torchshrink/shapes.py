@@ -6,8 +6,10 @@ so a smaller model can be rebuilt from its zoo/factory builder without executing
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from torchshrink.errors import ModelLoadError
@@ -37,37 +39,55 @@ def module_shape(module: nn.Module) -> dict[str, Any]:
     raise ModelLoadError(f"layer type {type(module).__name__} cannot be resized")
 
 
+def _reshaped_copy(
+    module: nn.Module, attributes: dict[str, Any], tensors: dict[str, tuple[int, ...]]
+) -> nn.Module:
+    """A copy of ``module`` (its class, settings and children kept) with new shape attributes and
+    uninitialised tensors of the given shapes. Copying rather than calling the constructor keeps
+    subclasses from other packages intact (a "same"-padding conv keeps its padding)."""
+    originals = {**module._parameters, **module._buffers}
+    module._parameters = {k: None for k in module._parameters}
+    module._buffers = {k: None for k in module._buffers}
+    try:
+        new = copy.deepcopy(module)
+    finally:
+        module._parameters = {k: originals[k] for k in module._parameters}
+        module._buffers = {k: originals[k] for k in module._buffers}
+    for name, value in attributes.items():
+        setattr(new, name, value)
+    for name, shape in tensors.items():
+        old = originals[name]
+        if old is None:
+            continue
+        fresh = torch.empty(shape, dtype=old.dtype, device=old.device)
+        if name in new._parameters:
+            new._parameters[name] = nn.Parameter(fresh, requires_grad=old.requires_grad)
+        else:
+            new._buffers[name] = fresh
+    for name in new._buffers:  # e.g. num_batches_tracked: shape-free, kept as it was
+        if new._buffers[name] is None and originals.get(name) is not None:
+            new._buffers[name] = originals[name].clone()
+    return new
+
+
 def resize_module(module: nn.Module, shape: dict[str, Any]) -> nn.Module:
     """A fresh layer of the same type and settings as ``module`` with the given shape attributes."""
     if isinstance(module, _CONV):
-        return type(module)(
-            shape["in_channels"],
-            shape["out_channels"],
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=shape["groups"],
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-        )
+        cin, cout, groups = shape["in_channels"], shape["out_channels"], shape["groups"]
+        tensors = {"weight": (cout, cin // groups, *module.kernel_size), "bias": (cout,)}
+        return _reshaped_copy(module, {"in_channels": cin, "out_channels": cout, "groups": groups}, tensors)
     if isinstance(module, nn.Linear):
-        return nn.Linear(shape["in_features"], shape["out_features"], bias=module.bias is not None)
+        fin, fout = shape["in_features"], shape["out_features"]
+        return _reshaped_copy(
+            module, {"in_features": fin, "out_features": fout}, {"weight": (fout, fin), "bias": (fout,)}
+        )
     if isinstance(module, _BN):
-        return type(module)(
-            shape["num_features"],
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-        )
+        n = shape["num_features"]
+        tensors = {k: (n,) for k in ("weight", "bias", "running_mean", "running_var")}
+        return _reshaped_copy(module, {"num_features": n}, tensors)
     if isinstance(module, nn.LayerNorm):
-        return nn.LayerNorm(
-            tuple(shape["normalized_shape"]),
-            eps=module.eps,
-            elementwise_affine=module.elementwise_affine,
-            bias=module.bias is not None,
-        )
+        dims = tuple(shape["normalized_shape"])
+        return _reshaped_copy(module, {"normalized_shape": dims}, {"weight": dims, "bias": dims})
     raise ModelLoadError(f"layer type {type(module).__name__} cannot be resized")
 
 

@@ -17,29 +17,43 @@ from torchshrink.errors import StructureError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["trace_model"]
+__all__ = ["trace_model", "torch_layer_type"]
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def torch_layer_type(m: nn.Module) -> type[nn.Module] | None:
+    """The torch.nn layer class ``m`` is, or derives from (a "same"-padding ``nn.Conv2d`` subclass
+    from another package is a Conv2d); None for plain user modules and containers."""
+    if isinstance(m, _CONTAINERS):
+        return None
+    for cls in type(m).__mro__:
+        if cls is nn.Module:
+            return None
+        if cls.__module__.startswith("torch.nn"):
+            return cls
+    return None
 
 
 class _LeafTracer(fx.Tracer):
-    """Trace through user modules; stop at torch.nn's own layers and at modules known to be opaque."""
+    """Trace through user modules; stop at torch.nn's layers (and their subclasses from other
+    packages, whose forward may add padding but keeps the layer's weights and meaning) and at
+    modules known to be opaque."""
 
     def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.opaque = opaque
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.opaque:
-            return True
-        return type(m).__module__.startswith("torch.nn") and not isinstance(
-            m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-        )
+        return qualname in self.opaque or torch_layer_type(m) is not None
 
 
 def _first_untraceable(model: nn.Module, opaque: frozenset[str], prefix: str = "") -> str:
     """The deepest submodule whose tracing fails (``prefix`` itself when no child is to blame)."""
     for name, child in model.named_children():
         path = f"{prefix}.{name}" if prefix else name
-        if path in opaque or type(child).__module__.startswith("torch.nn"):
+        if path in opaque or torch_layer_type(child) is not None:
             continue
         inner = frozenset(o[len(path) + 1 :] for o in opaque if o.startswith(path + "."))
         try:

@@ -101,14 +101,28 @@ def test_npz_float_labels_that_are_whole_numbers_become_int64(tmp_path: Path) ->
     assert bundle.num_classes == 2
 
 
-def test_npz_missing_y_names_path_and_key(tmp_path: Path) -> None:
+def test_npz_unknown_key_names_path_and_key(tmp_path: Path) -> None:
+    # Labels under another name must not be taken for unlabelled data.
     path = tmp_path / "no_labels.npz"
     np.savez(path, x=np.zeros((10, 2)), labels=np.zeros(10))
     with pytest.raises(DataError, match=re.escape(str(path))) as excinfo:
         load_npz(path)
     message = str(excinfo.value)
-    assert "missing key(s) ['y']" in message
-    assert "'labels'" in message  # lists what was found
+    assert "unknown key(s) ['labels']" in message and "'y'" in message
+
+
+def test_npz_without_labels_is_unlabelled_and_split_by_seed(tmp_path: Path) -> None:
+    path = tmp_path / "x.npz"
+    np.savez(path, x=np.arange(40, dtype=np.float32).reshape(20, 2))
+    first, again, other = load_npz(path, seed=0), load_npz(path, seed=0), load_npz(path, seed=1)
+    assert not first.labelled and len(first.train) == 16 and len(first.test) == 4
+    assert torch.equal(first.test.tensors[0], again.test.tensors[0])
+    assert not torch.equal(first.test.tensors[0], other.test.tensors[0])
+    inputs = torch.cat([first.train.tensors[0], first.test.tensors[0]])
+    assert sorted(inputs[:, 0].tolist()) == list(range(0, 40, 2))  # a split, nothing lost or repeated
+    with pytest.raises(DataError, match="'y_test' but no 'y'"):
+        np.savez(path, x=np.zeros((4, 2)), y_test=np.zeros(2))
+        load_npz(path)
 
 
 def test_npz_length_mismatch(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -74,10 +75,9 @@ def load_data(spec: DataSpec | dict | str) -> DatasetBundle:
             seed=spec.split_seed,
         )
     if spec.train_limit or spec.test_limit:
-        bundle = DatasetBundle(
-            name=bundle.name,
+        bundle = dataclasses.replace(
+            bundle,
             train=bundle.subset("train", spec.train_limit or len(bundle.train), spec.split_seed),
             test=bundle.subset("test", spec.test_limit or len(bundle.test), spec.split_seed),
-            num_classes=bundle.num_classes,
         )
     return bundle

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,12 +16,18 @@ from torchshrink.errors import DataError
 
 @dataclass(frozen=True)
 class DatasetBundle:
-    """A classification dataset held in memory as float inputs and int64 labels."""
+    """A classification dataset held in memory as float inputs and int64 labels.
+
+    ``labelled`` is False for data that came without labels: its label tensors are placeholders
+    until :meth:`labelled_by` fills them with a model's top-1 predictions, and quality is then
+    top-1 agreement with that model rather than accuracy.
+    """
 
     name: str
     train: TensorDataset
     test: TensorDataset
     num_classes: int
+    labelled: bool = True
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -37,6 +45,13 @@ class DatasetBundle:
         generator = torch.Generator().manual_seed(seed)
         idx = torch.randperm(total, generator=generator)[:n]
         return TensorDataset(*(t[idx] for t in dataset.tensors))
+
+    def labelled_by(self, predict: Callable[[torch.Tensor], torch.Tensor], num_classes: int) -> DatasetBundle:
+        """The same inputs labelled with ``predict``'s top-1 class (the original model's view of them)."""
+        train, test = (
+            TensorDataset(d.tensors[0], predict(d.tensors[0]).argmax(dim=1)) for d in (self.train, self.test)
+        )
+        return dataclasses.replace(self, train=train, test=test, num_classes=num_classes, labelled=False)
 
     def calibration(self, n: int = 256, seed: int = 0) -> torch.Tensor:
         """Up to ``n`` training inputs (no labels) for calibration or importance estimation."""
@@ -88,3 +103,30 @@ def make_bundle(
         torch.from_numpy(np.ascontiguousarray(x_te)), torch.as_tensor(y_te, dtype=torch.long)
     )
     return DatasetBundle(name=name, train=train, test=test, num_classes=num_classes)
+
+
+def make_unlabelled_bundle(
+    name: str,
+    x: np.ndarray | torch.Tensor,
+    x_test: np.ndarray | torch.Tensor | None = None,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> DatasetBundle:
+    """A bundle of inputs without labels (placeholders, ``labelled=False``), split with ``seed`` if no test set."""
+    x_arr = np.asarray(x, dtype=np.float32)
+    if x_test is None:
+        order = np.random.default_rng(seed).permutation(len(x_arr))
+        n_test = max(1, round(len(x_arr) * test_fraction))
+        x_arr, x_te = x_arr[order[n_test:]], x_arr[order[:n_test]]
+    else:
+        x_te = np.asarray(x_test, dtype=np.float32)
+        if x_te.shape[1:] != x_arr.shape[1:]:
+            raise DataError(f"{name}: x_test samples have shape {x_te.shape[1:]} but x has {x_arr.shape[1:]}")
+    if len(x_arr) == 0 or len(x_te) == 0:
+        raise DataError(f"{name}: needs training and test inputs; got {len(x_arr)} and {len(x_te)}")
+    train, test = (
+        TensorDataset(torch.from_numpy(np.ascontiguousarray(a)), torch.zeros(len(a), dtype=torch.long))
+        for a in (x_arr, x_te)
+    )
+    return DatasetBundle(name=name, train=train, test=test, num_classes=0, labelled=False)

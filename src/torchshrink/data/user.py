@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from torchshrink.data.bundle import DatasetBundle, make_bundle
+from torchshrink.data.bundle import DatasetBundle, make_bundle, make_unlabelled_bundle
 from torchshrink.errors import CorruptFileError, DataError, MissingFileError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -45,14 +45,23 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
         )
     with loaded as archive:
         arrays = {k: archive[k] for k in archive.files}
-    missing = [k for k in ("x", "y") if k not in arrays]
-    if missing:
+    if "x" not in arrays:
         raise DataError(
-            f"{path}: missing key(s) {missing}; an npz dataset needs 'x' (inputs) and 'y' (integer labels), "
-            f"optionally 'x_test' and 'y_test'; found {sorted(arrays)}"
+            f"{path}: missing key 'x'; an npz dataset needs 'x' (inputs), optionally 'y' (integer labels; "
+            f"without them quality is agreement with the original model), 'x_test' and 'y_test'; found {sorted(arrays)}"
+        )
+    unknown = sorted(set(arrays) - {"x", "y", "x_test", "y_test"})
+    if unknown:
+        raise DataError(
+            f"{path}: unknown key(s) {unknown}; an npz dataset holds 'x', optionally 'y' (integer labels), "
+            "'x_test' and 'y_test' (rename the arrays: unlabelled data would otherwise be assumed)"
         )
     x = _to_channels_first(arrays["x"], path, "x")
     x_test = _to_channels_first(arrays["x_test"], path, "x_test") if "x_test" in arrays else None
+    if "y" not in arrays:
+        if "y_test" in arrays:
+            raise DataError(f"{path}: has 'y_test' but no 'y'; give labels for both splits or for neither")
+        return make_unlabelled_bundle(path.stem, x, x_test, test_fraction=test_fraction, seed=seed)
     return make_bundle(
         path.stem, x, arrays["y"], x_test, arrays.get("y_test"), test_fraction=test_fraction, seed=seed
     )

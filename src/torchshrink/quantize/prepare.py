@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from torchshrink.errors import QuantizationError
 from torchshrink.quantize.affine import QuantSpec
 from torchshrink.quantize.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
-from torchshrink.tracing import trace_model
+from torchshrink.tracing import torch_layer_type, trace_model
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ Mode = Literal["static", "dynamic", "weight_only", "qat"]
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BN = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 _PASS_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Dropout, nn.Identity, nn.Unflatten)
+# Zero padding keeps values on the quantization grid (zero is exactly representable), so a point
+# re-applied after it is a no-op in PyTorch; in ONNX the Pad then merges into the next convolution.
+_ZERO_PAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+_CONSTANT_PAD_MODULES = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 _PASS_FUNCTIONS = {
     torch.flatten,
     F.max_pool1d,
@@ -139,10 +143,11 @@ def _fold_batchnorm(gm: fx.GraphModule) -> list[str]:
             continue
         src = node.args[0]
         conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
-        if conv is None or type(conv) not in _BN or len(src.users) != 1:
+        kind = torch_layer_type(conv) if conv is not None else None
+        if kind not in _BN or len(src.users) != 1:
             continue
         bn = modules[node.target]
-        if not isinstance(bn, _BN[type(conv)]) or bn.running_mean is None:
+        if not isinstance(bn, _BN[kind]) or bn.running_mean is None:
             continue
         with torch.no_grad():
             factor = (
@@ -170,7 +175,22 @@ def _delete_submodule(gm: fx.GraphModule, target: str) -> None:
     setattr(parent, leaf, nn.Identity())
 
 
+def _is_zero_pad(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        return isinstance(module, _ZERO_PAD_MODULES) or (
+            isinstance(module, _CONSTANT_PAD_MODULES) and module.value == 0
+        )
+    if node.op == "call_function" and node.target in (F.pad, torch.nn.functional.pad):
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        return mode == "constant" and not value
+    return False
+
+
 def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if _is_zero_pad(node, modules):
+        return True
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _PASS_MODULES)
     if node.op == "call_function":

@@ -1,0 +1,170 @@
+"""Clean-ups of an exported ONNX graph that let ONNX Runtime fuse int8 kernels.
+
+The TorchScript exporter writes a static ``F.pad`` as a chain of Constant / ConstantOfShape /
+Slice / Transpose / Cast nodes that compute the pads at run time. A ``Pad`` whose pads are not an
+initializer cannot be fused, and a ``DequantizeLinear -> Pad -> Conv`` keeps the convolution in
+float ("same"-padding convolutions of TensorFlow-born models, e.g. EfficientNet). Two passes fix it:
+
+- :func:`fold_constants` evaluates small nodes whose inputs are all constants (never Q/DQ nodes,
+  whose constant weights are what int8 kernels read);
+- :func:`fold_pad_into_conv` moves a zero ``Pad`` on the spatial axes into the ``pads`` attribute
+  of the ``Conv`` it feeds (ONNX convolutions take asymmetric padding; torch's do not).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["fold_constants", "fold_pad_into_conv", "clean_graph"]
+
+_NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike"}
+_MAX_FOLDED_ELEMENTS = 1 << 16
+
+
+def _constants(graph: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+
+
+def fold_constants(model: Any) -> int:
+    """Replace small nodes computed from constants only by initializers; returns how many were folded."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    known = _constants(graph)
+    opset = [helper.make_opsetid(o.domain, o.version) for o in model.opset_import]
+    kept, folded = [], 0
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if (
+            node.domain not in ("", "ai.onnx")
+            or node.op_type in _NEVER_FOLD
+            or not all(name in known for name in inputs)
+        ):
+            kept.append(node)
+            continue
+        single = helper.make_graph(
+            [node],
+            "fold",
+            [
+                helper.make_tensor_value_info(
+                    n, helper.np_dtype_to_tensor_dtype(known[n].dtype), known[n].shape
+                )
+                for n in inputs
+            ],
+            [helper.make_value_info(n, helper.TypeProto()) for n in node.output],
+        )
+        try:
+            outputs = ReferenceEvaluator(helper.make_model(single, opset_imports=opset)).run(
+                None, {n: known[n] for n in inputs}
+            )
+        except Exception:  # noqa: BLE001 - a node the reference runtime cannot evaluate stays as it is
+            kept.append(node)
+            continue
+        if sum(np.asarray(o).size for o in outputs) > _MAX_FOLDED_ELEMENTS:
+            kept.append(node)
+            continue
+        for name, value in zip(node.output, outputs, strict=True):
+            known[name] = np.asarray(value)
+            graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        folded += 1
+    del graph.node[:]
+    graph.node.extend(kept)
+    _drop_unused_initializers(graph)
+    return folded
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _zero_pad_amounts(node: Any, known: dict[str, np.ndarray], rank: int | None) -> list[int] | None:
+    """The spatial pads [begin..., end...] of a constant-zero ``Pad`` on an N, C, spatial... tensor."""
+    from onnx import helper
+
+    mode = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "mode"), b"constant")
+    if mode not in (b"constant", "constant") or len(node.input) < 2 or node.input[1] not in known:
+        return None
+    if len(node.input) > 2 and node.input[2]:
+        value = known.get(node.input[2])
+        if value is None or np.any(value != 0):
+            return None
+    if len(node.input) > 3 and node.input[3]:
+        return None  # explicit axes: rare, left alone
+    pads = [int(p) for p in known[node.input[1]].reshape(-1)]
+    dims = len(pads) // 2
+    if rank is not None and dims != rank:
+        return None
+    begin, end = pads[:dims], pads[dims:]
+    if begin[:2] != [0, 0] or end[:2] != [0, 0] or min(pads) < 0:
+        return None  # pads on the batch or channel axis, or cropping
+    return begin[2:] + end[2:]
+
+
+def _conv_pads(conv: Any, size: int) -> list[int] | None:
+    """A convolution's explicit pads (zeros if absent), or None when it pads itself (auto_pad)."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None
+    pads = list(attrs.get("pads", [0] * size))
+    return pads if len(pads) == size else None
+
+
+def fold_pad_into_conv(model: Any) -> int:
+    """Merge each zero ``Pad`` feeding only convolutions into their ``pads``; returns how many Pads went."""
+    from onnx import helper
+
+    graph = model.graph
+    known = _constants(graph)
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    removed = []
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        users = consumers.get(pad.output[0], [])
+        if (
+            pad.output[0] in outputs
+            or not users
+            or any(u.op_type != "Conv" or u.input[0] != pad.output[0] for u in users)
+        ):
+            continue
+        amounts = _zero_pad_amounts(pad, known, None)
+        if amounts is None:
+            continue
+        if not all(_conv_pads(conv, len(amounts)) is not None for conv in users):
+            continue
+        for conv in users:
+            new = [a + b for a, b in zip(_conv_pads(conv, len(amounts)), amounts, strict=True)]
+            keep = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend([*keep, helper.make_attribute("pads", new)])
+            conv.input[0] = pad.input[0]
+        removed.append(pad)
+    for pad in removed:
+        graph.node.remove(pad)
+    if removed:
+        _drop_unused_initializers(graph)
+    return len(removed)
+
+
+def clean_graph(model: Any) -> dict[str, int]:
+    """Both passes, in order; returns what each did."""
+    folded = fold_constants(model)
+    pads = fold_pad_into_conv(model)
+    if folded or pads:
+        log.info("ONNX graph: %d constant node(s) folded, %d Pad(s) merged into convolutions", folded, pads)
+    return {"constants_folded": folded, "pads_merged": pads}

@@ -1,0 +1,73 @@
+"""Models torchshrink did not write: ``nn.Conv2d`` subclasses that pad themselves, quantized to int8
+kernels end to end (no float convolution left behind a Pad) and structurally pruned."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+from same_padding import SamePadConv2d, same_pad_net
+from testkit import randomise_bn
+from torch import nn
+
+from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
+from torchshrink.quantize.onnx_int8 import export_int8, int8_kernel_counts
+from torchshrink.quantize.prepare import activation_quantizers
+from torchshrink.quantize.ptq import quantize_model, uniform_plan
+from torchshrink.tracing import torch_layer_type, trace_model
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def _ops(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_a_conv_subclass_is_one_leaf_of_the_traced_graph(images) -> None:
+    model = same_pad_net()
+    assert torch_layer_type(model.stem) is nn.Conv2d and torch_layer_type(model) is None
+    gm = trace_model(model, images[:2])
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"stem", "blocks.0.depthwise", "head"} <= called
+    assert not any(t == "stem.pad" for t in called)  # the padding stays inside its conv
+
+
+def test_zero_pads_merge_into_the_convolution_in_onnx(tmp_path, images) -> None:
+    model = nn.Sequential(SamePadConv2d(3, 4, 3, stride=2, image_size=16), nn.ReLU()).eval()
+    assert model[0].pad.padding == (0, 1, 0, 1)  # asymmetric: torch's Conv2d cannot express it
+    path = tmp_path / "pad.onnx"
+    diff = export_onnx(model, path, (3, 16, 16), check_inputs=images[:8])
+    ops = _ops(path)
+    assert "Pad" not in ops and ops.count("Conv") == 1 and diff < 1e-5
+    conv = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv")
+    pads = next(list(a.ints) for a in conv.attribute if a.name == "pads")
+    assert pads == [0, 0, 1, 1]  # ONNX order: begins (H, W), then ends (H, W)
+
+
+def test_a_nonzero_pad_is_not_merged(tmp_path, images) -> None:
+    model = nn.Sequential(nn.ConstantPad2d(1, 0.5), nn.Conv2d(3, 4, 3)).eval()
+    path = tmp_path / "pad.onnx"
+    export_onnx(model, path, (3, 16, 16), check_inputs=images[:8])
+    assert "Pad" in _ops(path)
+
+
+def test_same_padding_model_runs_every_conv_on_int8_kernels(tmp_path, images) -> None:
+    model = randomise_bn(same_pad_net())
+    gm = quantize_model(model, images[:2], uniform_plan(model, "static", 8, reduce_range=True), [images[:48]])
+    path = tmp_path / "net.int8.onnx"
+    info = export_int8(gm, path, (3, 16, 16), check_inputs=images[48:])
+    steps = [float(fq.step().max()) for fq in activation_quantizers(gm).values()]
+    assert info["max_abs_diff_vs_fakequant"] <= max(steps)
+    kernels = int8_kernel_counts(path)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert kernels.get("QLinearConv") == convs == 8
+    assert kernels.get("QLinearAdd") == 2 and kernels.get("QGemm") == 1
+    for float_op in ("Conv", "Pad", "Transpose", "BatchNormalization"):
+        assert float_op not in kernels, kernels  # batch-norms folded, pads merged, no layout shuffles
+    with torch.no_grad():
+        expected = model(images[48:])
+    got = OnnxRuntimeModel(path)(images[48:])
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.75

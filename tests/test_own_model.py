@@ -1,0 +1,117 @@
+"""A user's own model: a factory module beside the recipe, a model with more outputs than the
+data's classes, unlabelled data (quality = agreement with the original model), and the errors."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from torchshrink.cli import main
+from torchshrink.data import load_data
+from torchshrink.errors import DataError, ModelLoadError
+from torchshrink.models import open_model
+from torchshrink.pipeline import run
+from torchshrink.recipe import load_recipe
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+def wide_mlp(outputs: int = 20) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, outputs))
+"""
+
+
+def _recipe(folder, model, data, *stages) -> object:
+    path = folder / "recipe.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"model": model, "data": data, "measure": {"latency_repeats": 3}, "stages": list(stages)}
+        )
+    )
+    return path
+
+
+def test_factory_beside_the_recipe_is_imported_and_a_wider_model_keeps_its_width(tmp_path) -> None:
+    (tmp_path / "my_models.py").write_text(FACTORY)
+    path = _recipe(tmp_path, {"factory": "my_models:wide_mlp"}, {"name": "digits"}, {"train": {"epochs": 1}})
+    before = list(sys.path)
+    report = run(load_recipe(path), tmp_path / "out")
+    assert sys.path == before  # the recipe's folder is on the path only while the factory is imported
+    assert report.quality == "accuracy" and 0 < report.final["accuracy"] <= 1
+    # The saved file rebuilds through the same factory (named by the user, never by the file).
+    model = open_model(
+        {
+            "factory": "my_models:wide_mlp",
+            "import_path": str(tmp_path),
+            "weights": str(tmp_path / "out" / "model.safetensors"),
+        }
+    ).module
+    assert model[-1].out_features == 20
+
+
+def test_unlabelled_data_is_measured_as_agreement_with_the_original(tmp_path) -> None:
+    (tmp_path / "my_models.py").write_text(FACTORY)
+    digits = load_data("digits")
+    np.savez(
+        tmp_path / "photos.npz", x=digits.train.tensors[0].numpy(), x_test=digits.test.tensors[0].numpy()
+    )
+    path = _recipe(
+        tmp_path, {"factory": "my_models:wide_mlp"}, {"npz": "photos.npz"}, {"quantize": {"mode": "dynamic"}}
+    )
+    report = run(load_recipe(path), tmp_path / "out")
+    assert report.quality == "agreement"
+    assert report.baseline["accuracy"] == 1.0  # the original agrees with itself
+    assert 0.5 < report.final["accuracy"] <= 1.0
+    assert "agreement" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_unlabelled_data_cannot_train(tmp_path) -> None:
+    np.savez(tmp_path / "x.npz", x=np.zeros((20, 64), np.float32))
+    path = _recipe(
+        tmp_path, {"zoo": "lenet300", "kwargs": {"in_features": 64}}, {"npz": "x.npz"}, {"train": {}}
+    )
+    with pytest.raises(DataError, match="no labels"):
+        run(load_recipe(path), tmp_path / "out")
+
+
+def test_missing_factory_module_says_where_it_looked(tmp_path, capsys) -> None:
+    path = _recipe(tmp_path, {"factory": "nowhere_to_be_found:net"}, {"name": "digits"}, {"evaluate": {}})
+    with pytest.raises(ModelLoadError, match=str(tmp_path.resolve())):
+        open_model(load_recipe(path).model)
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere_to_be_found" in err and str(tmp_path.resolve()) in err and "Traceback" not in err
+
+
+def test_factory_without_the_function_lists_what_the_module_has(tmp_path) -> None:
+    (tmp_path / "my_models.py").write_text(FACTORY)
+    with pytest.raises(ModelLoadError, match="no attribute 'resnet'.*wide_mlp"):
+        open_model({"factory": "my_models:resnet", "import_path": str(tmp_path)})
+
+
+def test_model_narrower_than_the_data_exits_2(tmp_path, capsys) -> None:
+    (tmp_path / "my_models.py").write_text(FACTORY)
+    path = _recipe(
+        tmp_path,
+        {"factory": "my_models:wide_mlp", "kwargs": {"outputs": 4}},
+        {"name": "digits"},
+        {"evaluate": {}},
+    )
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "outputs 4 classes" in err and "num_classes" in err and "Traceback" not in err
+
+
+def test_data_of_the_wrong_shape_exits_2(tmp_path, capsys) -> None:
+    (tmp_path / "my_models.py").write_text(FACTORY)
+    np.savez(tmp_path / "x.npz", x=np.zeros((20, 3, 5, 5), np.float32))
+    path = _recipe(tmp_path, {"factory": "my_models:wide_mlp"}, {"npz": "x.npz"}, {"evaluate": {}})
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "(3, 5, 5)" in err and "Traceback" not in err
