@@ -1,5 +1,5 @@
 """``python -m bench [TABLE ...]``: run benchmark tables (all by default) and rewrite their sections
-of docs/benchmarks.md. Tables: b0 (float references), b1 (Deep Compression), b2 (int8 on ONNX Runtime), b3 (structured
+of docs/benchmarks.md. Tables: b0 (float references), b1 (Deep Compression), b2 (int8 on ONNX Runtime), b2e (EfficientNet-Lite0 int8), b3 (structured
 pruning), b3u (unstructured), b4 (distillation and ensembles), b5 (data-free distillation)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from bench import (
     b0_reference,
     b1_deep_compression,
     b2_int8,
+    b2e_efficientnet,
     b3_structured,
     b3u_unstructured,
     b4_distillation,
@@ -21,6 +22,7 @@ TABLES = {
     "b0": b0_reference.run,
     "b1": b1_deep_compression.run_all,
     "b2": b2_int8.run_all,
+    "b2e": b2e_efficientnet.run_all,
     "b3": b3_structured.run_all,
     "b3u": b3u_unstructured.run_all,
     "b4": b4_distillation.run_all,

@@ -23,6 +23,20 @@ CACHE = ROOT / "out" / "bench-cache"
 DOC = ROOT / "docs" / "benchmarks.md"
 
 
+def int8_flags() -> str:
+    """The CPU flags int8 speed depends on, as lscpu / /proc/cpuinfo name them."""
+    try:
+        flags = set(
+            next(
+                line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+            ).split()
+        )
+    except (OSError, StopIteration):
+        return "flags unknown"
+    names = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return "flags: " + ", ".join(f"{n} {'yes' if n in flags else 'no'}" for n in names)
+
+
 def machine_line() -> str:
     import onnxruntime
 
@@ -35,7 +49,7 @@ def machine_line() -> str:
     except OSError:
         pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"{cpu} ({int8_flags()}), {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
     )
 

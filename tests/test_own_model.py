@@ -11,7 +11,7 @@ import yaml
 
 from torchshrink.cli import main
 from torchshrink.data import load_data
-from torchshrink.errors import DataError, ModelLoadError
+from torchshrink.errors import DataError, ModelLoadError, RecipeError
 from torchshrink.models import open_model
 from torchshrink.pipeline import run
 from torchshrink.recipe import load_recipe
@@ -27,12 +27,11 @@ def wide_mlp(outputs: int = 20) -> nn.Module:
 """
 
 
-def _recipe(folder, model, data, *stages) -> object:
+def _recipe(folder, model, data, *stages, batch_sizes=(1, 32)) -> object:
     path = folder / "recipe.yaml"
+    measure = {"latency_repeats": 3, "batch_sizes": list(batch_sizes)}
     path.write_text(
-        yaml.safe_dump(
-            {"model": model, "data": data, "measure": {"latency_repeats": 3}, "stages": list(stages)}
-        )
+        yaml.safe_dump({"model": model, "data": data, "measure": measure, "stages": list(stages)})
     )
     return path
 
@@ -62,13 +61,19 @@ def test_unlabelled_data_is_measured_as_agreement_with_the_original(tmp_path) ->
         tmp_path / "photos.npz", x=digits.train.tensors[0].numpy(), x_test=digits.test.tensors[0].numpy()
     )
     path = _recipe(
-        tmp_path, {"factory": "my_models:wide_mlp"}, {"npz": "photos.npz"}, {"quantize": {"mode": "dynamic"}}
+        tmp_path,
+        {"factory": "my_models:wide_mlp"},
+        {"npz": "photos.npz"},
+        {"quantize": {"mode": "dynamic"}},
+        batch_sizes=(1, 4),
     )
     report = run(load_recipe(path), tmp_path / "out")
     assert report.quality == "agreement"
     assert report.baseline["accuracy"] == 1.0  # the original agrees with itself
     assert 0.5 < report.final["accuracy"] <= 1.0
-    assert "agreement" in (tmp_path / "out" / "report.md").read_text()
+    assert "latency_ms_b4" in report.final and "latency_ms_b32" not in report.final
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "agreement" in md and "latency b4 (ms)" in md
 
 
 def test_unlabelled_data_cannot_train(tmp_path) -> None:
@@ -115,3 +120,9 @@ def test_data_of_the_wrong_shape_exits_2(tmp_path, capsys) -> None:
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "(3, 5, 5)" in err and "Traceback" not in err
+
+
+def test_batch_sizes_must_be_small_then_large(tmp_path) -> None:
+    path = _recipe(tmp_path, {"zoo": "lenet5"}, {"name": "digits"}, {"evaluate": {}}, batch_sizes=(8, 1))
+    with pytest.raises(RecipeError, match="measure.batch_sizes.*small then large"):
+        load_recipe(path)

@@ -237,14 +237,18 @@ def measure(
     threads: int = 2,
     reference: nn.Module | None = None,
     runtime: nn.Module | None = None,
+    onnx_reference: nn.Module | None = None,
+    batch_sizes: tuple[int, ...] = (1, 32),
 ) -> dict[str, float | int]:
     """All metrics of ``model``: accuracy on ``test``, size (the ``artefact`` file if given), MACs, latency.
 
     With a ``runtime`` (what executes the artefact, e.g. ONNX Runtime on an int8 file), accuracy and
     latency are measured on it; parameters and MACs still come from ``model``.
 
-    With a ``reference`` model, latency is timed interleaved with it and ``speedup_b1`` /
-    ``speedup_b32`` (reference time / model time, from the same run) are added.
+    With a ``reference`` model, latency is timed interleaved with it and ``speedup_b{n}`` (reference
+    time / model time, from the same run) are added. With a ``runtime`` and an ``onnx_reference`` (the
+    reference model on ONNX Runtime in fp32), ``speedup_onnx_fp32_b{n}`` is added too: what the ONNX
+    file gains over the same model on the same runtime, the honest measure of quantization.
     """
     input_shape = tuple(test.tensors[0].shape[1:])
     params, nonzero = count_params(model)
@@ -256,11 +260,16 @@ def measure(
         "macs": count_macs(model, input_shape),
         "size_bytes": size,
     }
-    for batch in (1, 32):
-        runner = runtime or model
-        pair = {"model": runner} if reference is None else {"model": runner, "reference": reference}
-        times = latencies_ms(pair, input_shape, batch, repeats=latency_repeats, threads=threads)
+    for batch in batch_sizes:
+        variants = {"model": runtime or model}
+        if reference is not None:
+            variants["reference"] = reference
+        if runtime is not None and onnx_reference is not None:
+            variants["onnx_fp32"] = onnx_reference
+        times = latencies_ms(variants, input_shape, batch, repeats=latency_repeats, threads=threads)
         metrics[f"latency_ms_b{batch}"] = times["model"]
         if reference is not None:
             metrics[f"speedup_b{batch}"] = times["reference"] / times["model"]
+        if "onnx_fp32" in times:
+            metrics[f"speedup_onnx_fp32_b{batch}"] = times["onnx_fp32"] / times["model"]
     return metrics

@@ -20,7 +20,7 @@ from torchshrink.errors import DataError, TorchshrinkError
 from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors
 from torchshrink.measure import check_model_fits, measure, predict
 from torchshrink.models import build_architecture, load_weights_into, open_model, save_model
-from torchshrink.onnx_export import OnnxRuntimeModel
+from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.parallel import ddp
 from torchshrink.recipe import Recipe, load_recipe, parse_recipe
 from torchshrink.registry import get_stage
@@ -94,6 +94,22 @@ def _resumable_prefix(recipe: Recipe, out_dir: Path) -> int:
     return done
 
 
+def _onnx_fp32(
+    model: nn.Module, input_shape: tuple[int, ...], out_dir: Path, info: ddp.DistInfo
+) -> nn.Module | None:
+    """The baseline model on ONNX Runtime in fp32, the fair reference for an ONNX artefact's speed."""
+    path = out_dir / WORK_DIR / "baseline.fp32.onnx"
+    try:
+        if info.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_onnx(copy.deepcopy(model), path, input_shape)
+        ddp.barrier()
+        return OnnxRuntimeModel(path)
+    except TorchshrinkError as exc:
+        log.warning("the baseline model does not export to ONNX (%s): no speed-up vs ONNX Runtime fp32", exc)
+        return None
+
+
 def _fit_labels(
     data: DatasetBundle, model: nn.Module, width: int, recipe: Recipe, first_role: str
 ) -> DatasetBundle:
@@ -152,7 +168,14 @@ def run(
     data = _fit_labels(data, loaded.module, width, recipe, entries[0].role)
     state = ModelState(model=loaded.module.eval(), architecture=loaded.architecture)
 
+    onnx_references: dict[int, nn.Module | None] = {}
+
     def measure_state(s: ModelState, reference: nn.Module | None) -> dict[str, float | int]:
+        onnx_reference = None
+        if s.runtime is not None and reference is not None:
+            if id(reference) not in onnx_references:
+                onnx_references[id(reference)] = _onnx_fp32(reference, data.input_shape, out_dir, info)
+            onnx_reference = onnx_references[id(reference)]
         return measure(
             s.model,
             data.test,
@@ -161,6 +184,8 @@ def run(
             latency_repeats=recipe.measure.latency_repeats,
             threads=recipe.measure.threads,
             reference=reference,
+            onnx_reference=onnx_reference,
+            batch_sizes=recipe.measure.batch_sizes,
         )
 
     # The baseline model is kept so that every later stage is timed interleaved with it.

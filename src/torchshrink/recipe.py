@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from torchshrink.data import DataSpec
 from torchshrink.errors import MissingFileError, RecipeError, UnknownStageError
@@ -37,6 +37,17 @@ class MeasureSettings(BaseModel, extra="forbid"):
 
     latency_repeats: int = Field(30, ge=3, description="timed forward passes per latency number (median)")
     threads: int = Field(2, ge=1, description="torch threads while timing")
+    batch_sizes: tuple[int, int] = Field(
+        (1, 32),
+        description="the small and the large batch latency is timed at (e.g. [1, 8] for 224x224 images)",
+    )
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] < value[1]:
+            raise ValueError("give two batch sizes, small then large, e.g. [1, 32]")
+        return value
 
 
 class _RecipeHead(BaseModel, extra="forbid"):

@@ -15,7 +15,15 @@ from torchshrink.io import atomic_path, write_json_atomic, write_text_atomic
 Metrics = dict[str, Any]
 REPORT_FILES = {"report_json": "report.json", "report_md": "report.md", "pareto_png": "pareto.png"}
 
-__all__ = ["Report", "write_report", "read_report", "format_table", "markdown_table", "REPORT_FILES"]
+__all__ = [
+    "Report",
+    "batch_sizes",
+    "write_report",
+    "read_report",
+    "format_table",
+    "markdown_table",
+    "REPORT_FILES",
+]
 
 
 @dataclass
@@ -54,6 +62,18 @@ def _speedup(m: Metrics, base: Metrics, key: str) -> str:
     return f"{m[f'speedup_{batch}']:.2f}x" if f"speedup_{batch}" in m else _ratio(base[key], m[key])
 
 
+def _speedup_onnx(m: Metrics, batch: int) -> str:
+    """An ONNX artefact's speed-up over the baseline on ONNX Runtime fp32, timed in the same run."""
+    value = m.get(f"speedup_onnx_fp32_b{batch}")
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def batch_sizes(report: Report) -> tuple[int, int]:
+    """The small and large batch the run timed (older reports: 1 and 32)."""
+    small, large = (report.recipe.get("measure") or {}).get("batch_sizes", (1, 32))
+    return int(small), int(large)
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A Markdown table; the one way stages and the report print tables."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -64,14 +84,16 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
 def format_table(report: Report) -> str:
     """A Markdown table: one row for the baseline and one per stage, with ratios to the baseline."""
     base = report.baseline
+    small, large = batch_sizes(report)
 
     def row(name: str, kind: str, m: Metrics, seconds: str) -> list[str]:
         delta = (m["accuracy"] - base["accuracy"]) * 100
         return [
             name, kind, f"{m['accuracy'] * 100:.2f}%", f"{delta:+.2f}", _bytes(m["size_bytes"]),
             _ratio(base["size_bytes"], m["size_bytes"]), f"{m['params']:,}", f"{m['nonzero_params']:,}",
-            f"{m['macs']:,}", _ratio(base["macs"], m["macs"]), f"{m['latency_ms_b1']:.3f}",
-            f"{m['latency_ms_b32']:.3f}", _speedup(m, base, "latency_ms_b32"), seconds,
+            f"{m['macs']:,}", _ratio(base["macs"], m["macs"]), f"{m[f'latency_ms_b{small}']:.3f}",
+            f"{m[f'latency_ms_b{large}']:.3f}", _speedup(m, base, f"latency_ms_b{large}"),
+            _speedup_onnx(m, large), seconds,
         ]  # fmt: skip
 
     rows = [row("**baseline**", "-", base, "-")]
@@ -81,7 +103,8 @@ def format_table(report: Report) -> str:
         rows.append(row(name, stage["kind"], stage["metrics"], seconds))
     header = [
         "stage", "kind", _QUALITY[report.quality][0], "Δ (pts)", "size", "smaller", "params", "non-zero", "MACs",
-        "fewer MACs", "latency b1 (ms)", "latency b32 (ms)", "faster b32", "seconds",
+        "fewer MACs", f"latency b{small} (ms)", f"latency b{large} (ms)", f"faster b{large} vs torch",
+        f"faster b{large} vs ORT fp32", "seconds",
     ]  # fmt: skip
     return markdown_table(header, rows)
 
@@ -99,6 +122,12 @@ _QUALITY = {
 def _markdown(report: Report) -> str:
     final, base = report.final, report.baseline
     quality, quality_note = _QUALITY[report.quality]
+    large = batch_sizes(report)[1]
+    onnx_gain = (
+        f"; {_speedup_onnx(final, large)} vs the baseline on ONNX Runtime fp32"
+        if f"speedup_onnx_fp32_b{large}" in final
+        else ""
+    )
     lines = [
         f"# torchshrink report: {report.recipe.get('name', 'recipe')}",
         "",
@@ -106,14 +135,17 @@ def _markdown(report: Report) -> str:
         "",
         f"Final model: {quality} {final['accuracy'] * 100:.2f}% ({(final['accuracy'] - base['accuracy']) * 100:+.2f} "
         f"points vs baseline), {_bytes(final['size_bytes'])} ({_ratio(base['size_bytes'], final['size_bytes'])} smaller), "
-        f"batch-32 latency {final['latency_ms_b32']:.3f} ms ({_speedup(final, base, 'latency_ms_b32')} faster).",
+        f"batch-{large} latency {final[f'latency_ms_b{large}']:.3f} ms ({_speedup(final, base, f'latency_ms_b{large}')} "
+        f"faster than the baseline in PyTorch{onnx_gain}).",
         "",
         format_table(report),
         "",
         quality_note,
         "Baseline: the model as loaded, or the trained model as it enters the first compressing stage.",
         "Latency: median over repeats after warm-up, fixed thread count; each stage's speed-up is timed",
-        "interleaved with the baseline model in the same run (the ratio survives a noisy machine).",
+        "interleaved with the baseline model in the same run (the ratio survives a noisy machine). An ONNX",
+        "file is also timed against the baseline exported to ONNX Runtime fp32: what quantization buys on",
+        "the same runtime; the PyTorch column adds what the change of runtime buys.",
         "Size: the file a user would ship.",
         "",
         "## Artefacts",
@@ -150,7 +182,11 @@ def _plot(report: Report, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in (
         (axes[0], "size_bytes", "size of the shipped file (kB, log)"),
-        (axes[1], "latency_ms_b32", "latency, batch 32 (ms, log)"),
+        (
+            axes[1],
+            f"latency_ms_b{batch_sizes(report)[1]}",
+            f"latency, batch {batch_sizes(report)[1]} (ms, log)",
+        ),
     ):
         xs = [m[key] / (1000 if key == "size_bytes" else 1) for _, m in named]
         ys = [m["accuracy"] * 100 for _, m in named]

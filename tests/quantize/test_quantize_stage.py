@@ -44,6 +44,19 @@ def test_static_stage_ships_an_int8_file_measured_on_onnx_runtime(static, digits
     assert "## quantize: plan" in md and "8-bit" in md  # the chosen plan, as printed
 
 
+def test_an_onnx_file_is_timed_against_the_baseline_on_onnx_runtime_fp32(static) -> None:
+    out, report = static
+    trained, quantized = report.stages
+    for batch in (1, 32):
+        # Both ratios come from one interleaved run: vs eager PyTorch and vs ONNX Runtime fp32.
+        assert quantized["metrics"][f"speedup_onnx_fp32_b{batch}"] > 0
+        assert quantized["metrics"][f"speedup_b{batch}"] > 0
+        assert f"speedup_onnx_fp32_b{batch}" not in trained["metrics"]  # a torch model has no ONNX reference
+    assert (out / ".work" / "baseline.fp32.onnx").is_file()
+    md = (out / "report.md").read_text()
+    assert "faster b32 vs ORT fp32" in md and "vs the baseline on ONNX Runtime fp32" in md
+
+
 def test_saved_quantized_model_reloads_with_identical_outputs(static, digits) -> None:
     out, _ = static
     reloaded = load_model(out / "model.safetensors")
