@@ -145,7 +145,9 @@ def run_case() -> dict:
                 "agreement": float((out.argmax(1) == reference.argmax(1)).float().mean()),
                 "cosine": float(torch.nn.functional.cosine_similarity(out, reference).mean()),
                 "bytes": files[key].stat().st_size if key in files else None,
-                "float_convs": kernels.get("Conv", 0) if key in files else None,
+                "float_convs": sum(kernels.get(op, 0) for op in ("Conv", "FusedConv"))
+                if key in files
+                else None,
                 "int8_convs": kernels.get("QLinearConv", 0) if key in files else None,
                 "transposes": kernels.get("Transpose", 0) if key in files else None,
             }

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
+from torchshrink.errors import StructureError
 from torchshrink.measure import count_macs, count_params, latencies_ms
 from torchshrink.models import build_architecture
 from torchshrink.prune.allocation import sensitivity_plan
@@ -116,6 +117,11 @@ class PruneConfig(BaseModel, extra="forbid"):
         True, description="structured, allocation 'ranking': rank channels by importance per MAC they cost"
     )
     ignore: list[str] = Field(default_factory=list, description="layer names never pruned")
+    allow_partial: bool = Field(
+        False,
+        description="structured: accept a model short of the target (or unchanged, when nothing is "
+        "prunable) instead of stopping with an error",
+    )
     calibration_batches: int = Field(8, ge=1, description="batches for taylor / snip / entropy scores")
     batch_size: int = Field(64, ge=1)
     schedule: ScheduleConfig = ScheduleConfig()
@@ -298,6 +304,31 @@ def _check_speedup(
     return {"speedup_predicted": round(predicted, 3), "speedup_measured": round(measured, 3)}
 
 
+TARGET_TOLERANCE = 0.98  # a plan this close to a MACs / parameter target counts as reaching it
+
+
+def _check_target_reached(cfg: PruneConfig, base: Size, after: Size) -> None:
+    """Stop with an error when a MACs or parameter target was not reached (unless ``allow_partial``)."""
+    for key, before, now in (
+        ("macs_reduction", base.macs, after.macs),
+        ("params_reduction", base.params, after.params),
+    ):
+        target = getattr(cfg, key)
+        if target is None:
+            continue
+        achieved = before / max(now, 1)
+        if achieved >= TARGET_TOLERANCE * target:
+            return
+        message = (
+            f"structured pruning reached {key} {achieved:.2f}x of the {target:g}x asked: the prunable "
+            f"groups cannot lose more within max_channel_ratio {cfg.max_channel_ratio} (residual "
+            f"{cfg.max_channel_ratio_residual}) and the layers that are pinned or kept whole"
+        )
+        if not cfg.allow_partial:
+            raise StructureError(message + "; lower the target, raise the ratios, or set allow_partial: true")
+        log.warning("%s; allow_partial: keeping the partial result", message)
+
+
 def _prune_structured_step(
     model: nn.Module,
     cfg: PruneConfig,
@@ -315,7 +346,14 @@ def _prune_structured_step(
     Returns the rounds (predicted and measured speed-up of each plan)."""
     groups = find_groups(model, example, cfg.ignore)
     if not groups:
-        log.warning("no prunable channel groups found (all pinned)")
+        message = (
+            f"structured pruning found no prunable channel group in {type(model).__name__}: every conv / "
+            "linear is pinned (a model input or output, a layer in prune.ignore, or inside a module that "
+            "cannot be traced and is kept whole: see the warnings above)"
+        )
+        if not cfg.allow_partial:
+            raise StructureError(message + "; set allow_partial: true to go on with the model unchanged")
+        log.warning("%s; allow_partial: the model goes on unchanged", message)
         return []
     importance = make_importance(cfg.importance, model, batches, norm=cfg.norm, seed=seed)
     scores = [importance(g) for g in groups]
@@ -441,6 +479,8 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
                 batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)
     ctx.details["steps"] = trajectory
     ctx.details["params_before"], ctx.details["macs_before"] = base.params, base.macs
+    if structured:
+        _check_target_reached(cfg, base, model_size(model, input_shape))
     if unpruned is not None and latency is not None:
         assert cfg.speedup is not None
         ctx.details.update(_check_speedup(unpruned, model, latency, cfg.speedup, base, input_shape))

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
+from torchshrink.errors import QuantizationError
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel import ddp
 from torchshrink.prune.stage import PRUNED_WEIGHTS
 from torchshrink.quantize.mixed import MixedConfig, choose_plan, describe_plan
 from torchshrink.quantize.observers import ObserverName
 from torchshrink.quantize.onnx_int8 import export_int8, needs_reduced_range
-from torchshrink.quantize.prepare import activation_quantizers, quantization_record, weight_quantizers
+from torchshrink.quantize.prepare import (
+    QuantPlan,
+    activation_quantizers,
+    quantization_record,
+    weight_quantizers,
+)
 from torchshrink.quantize.ptq import quantize_model, stem_layer, uniform_plan
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import FinetuneStageConfig, run_training
@@ -58,6 +65,11 @@ class QuantizeConfig(BaseModel, extra="forbid"):
         "onnxruntime", description="onnxruntime: write and measure the int8 ONNX file; torch: fake-quant only"
     )
     file: str = Field("model.int8.onnx", pattern=r"^[^/\\]+\.onnx$")
+    allow_partial: bool = Field(
+        False,
+        description="static: accept an int8 file in which ONNX Runtime runs more convolutions / linears in "
+        "float than the plan keeps float, instead of stopping with an error",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
@@ -144,9 +156,32 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
     path = ctx.out_dir / cfg.file
     if ctx.dist.is_main:
         ctx.details.update(export_int8(model, path, ctx.data.input_shape, ctx.data.test.tensors[0][:64]))
+        if mode == "static" and cfg.mixed is None and cfg.bits == 8:
+            _check_int8_coverage(plan, ctx.details["operators"], cfg.allow_partial, path)
     ddp.barrier()
     ctx.artefacts["int8_onnx"] = cfg.file
     return new.replace(artefact=path, runtime=OnnxRuntimeModel(path))
+
+
+# ONNX Runtime's float kernels of a conv / linear layer, after its graph optimisation (fusions included).
+FLOAT_WEIGHTED_OPS = ("Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm")
+
+
+def _check_int8_coverage(plan: QuantPlan, operators: dict[str, int], allow_partial: bool, path: Path) -> None:
+    """Every conv / linear the plan quantizes must run on an int8 kernel: a float ``Conv`` / ``Gemm``
+    left in the optimised graph beyond the planned float layers means the file is int8 in name only."""
+    planned_float = sum(bits is None for bits in plan.layers.values())
+    left_float = sum(operators.get(op, 0) for op in FLOAT_WEIGHTED_OPS)
+    if left_float <= planned_float:
+        return
+    message = (
+        f"{path}: ONNX Runtime runs {left_float} convolution / linear layer(s) in float, but the plan keeps only "
+        f"{planned_float} float; the others sit where torchshrink placed no quantization point (inside a "
+        f"module kept whole because it cannot be traced, see the warnings above). Operators: {operators}"
+    )
+    if not allow_partial:
+        raise QuantizationError(message + "; make that module traceable or set allow_partial: true")
+    log.warning("%s; allow_partial: keeping the file", message)
 
 
 def _train_aware(model: nn.Module, state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> nn.Module:
