@@ -39,40 +39,45 @@ def _calibration(data: DatasetBundle, seed: int) -> np.ndarray:
     return data.subset("train", n, seed=seed).tensors[0].numpy().astype(np.float32)
 
 
-def ort_peers(fp32: Path, data: DatasetBundle, seed: int, tmp: Path) -> dict[str, Path]:
-    """ONNX Runtime's own static (QDQ, per-channel) and dynamic quantization of the same fp32 graph."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    images = _calibration(data, seed)
-    fp32, tmp = fp32.resolve(), tmp.resolve()
+def ort_calibration_reader(images: np.ndarray, batch: int):  # noqa: ANN201 - onnxruntime's reader type
+    """ONNX Runtime's calibration reader over ``images`` in batches of ``batch`` (input name "input")."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(images[i : i + CALIBRATION[1]] for i in range(0, len(images), CALIBRATION[1]))
+            self.batches = iter(images[i : i + batch] for i in range(0, len(images), batch))
 
         def get_next(self) -> dict | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {"input": batch}
+            chunk = next(self.batches, None)
+            return None if chunk is None else {"input": chunk}
 
-    prepared = tmp / "prepared.onnx"
+    return Reader()
+
+
+def ort_prepared(fp32: Path, tmp: Path) -> Path:
+    """``quant_pre_process`` of the fp32 graph, as ONNX Runtime recommends before its quantizers."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared, tmp = tmp.resolve() / "prepared.onnx", tmp.resolve()
     cwd = os.getcwd()
     os.chdir(tmp)  # quant_pre_process may leave temporary files in the working directory
     try:
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quant_pre_process(str(fp32.resolve()), str(prepared), skip_symbolic_shape=True)
     finally:
         os.chdir(cwd)
-    static, dynamic = tmp / "ort_static.onnx", tmp / "ort_dynamic.onnx"
+    return prepared
+
+
+def ort_peers(fp32: Path, data: DatasetBundle, seed: int, tmp: Path) -> dict[str, Path]:
+    """ONNX Runtime's own static (QDQ, per-channel) and dynamic quantization of the same fp32 graph."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    prepared = ort_prepared(fp32, tmp)
+    static, dynamic = tmp.resolve() / "ort_static.onnx", tmp.resolve() / "ort_dynamic.onnx"
     quantize_static(
         str(prepared),
         str(static),
-        Reader(),
+        ort_calibration_reader(_calibration(data, seed), CALIBRATION[1]),
         quant_format=QuantFormat.QDQ,
         per_channel=True,
         activation_type=QuantType.QUInt8,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.b2_int8 import ort_calibration_reader, ort_prepared
 from bench.common import ROOT, machine_line, write_section
 from torchshrink import run
 from torchshrink.measure import interleaved_medians
@@ -65,29 +65,14 @@ def _model() -> nn.Module:
 
 
 def _peers(fp32: Path, calibration: np.ndarray, tmp: Path) -> dict[str, Path]:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(calibration[i : i + 32] for i in range(0, len(calibration), 32))
-
-        def get_next(self) -> dict | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {"input": batch}
-
-    prepared = tmp / "prepared.onnx"
-    cwd = os.getcwd()
-    os.chdir(tmp)  # quant_pre_process may leave temporary files in the working directory
-    try:
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    finally:
-        os.chdir(cwd)
+    prepared = ort_prepared(fp32, tmp)
     out = {}
     for label, reduce_range in (("ORT quantize_static", False), ("ORT quantize_static reduce_range", True)):
         path = tmp / f"ort_{reduce_range}.onnx"
         quantize_static(
-            str(prepared), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            str(prepared), str(path), ort_calibration_reader(calibration, 32), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
         )  # fmt: skip
         out[label] = path

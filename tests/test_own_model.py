@@ -126,3 +126,44 @@ def test_batch_sizes_must_be_small_then_large(tmp_path) -> None:
     path = _recipe(tmp_path, {"zoo": "lenet5"}, {"name": "digits"}, {"evaluate": {}}, batch_sizes=(8, 1))
     with pytest.raises(RecipeError, match="measure.batch_sizes.*small then large"):
         load_recipe(path)
+
+
+WEIGHT_NORMED = """
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        weight_norm(nn.Conv2d(1, 16, 3, padding=1)), nn.ReLU(), weight_norm(nn.Conv2d(16, 16, 3, padding=1)),
+        nn.ReLU(), nn.Flatten(), weight_norm(nn.Linear(16 * 64, 10)),
+    )
+"""
+
+
+def test_parametrized_model_is_pruned_structurally_saved_and_rebuilt(tmp_path) -> None:
+    (tmp_path / "wn_models.py").write_text(WEIGHT_NORMED)
+    path = _recipe(
+        tmp_path,
+        {"factory": "wn_models:net"},
+        {"name": "digits"},
+        {"train": {"epochs": 1}},
+        {"prune": {"granularity": "structured", "macs_reduction": 2}},
+        {"finetune": {"epochs": 1}},
+    )
+    report = run(load_recipe(path), tmp_path / "out")
+    assert report.baseline["macs"] / report.final["macs"] >= 1.96
+    again = run(
+        load_recipe(path), tmp_path / "out", resume=True
+    )  # checkpoints rebuild the baked, smaller model
+    assert all(s["resumed"] for s in again.stages)
+    model = open_model(
+        {
+            "factory": "wn_models:net",
+            "import_path": str(tmp_path),
+            "weights": str(tmp_path / "out" / "model.safetensors"),
+        }
+    ).module
+    assert model[0].out_channels < 16 and "0.weight" in model.state_dict()  # plain, smaller weights

@@ -94,7 +94,8 @@ def _forward_once(model: nn.Module, input_shape: tuple[int, ...], mode: TorchDis
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
-    sample = torch.zeros(1, *input_shape)  # made outside the mode: the input is not the model's work
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    sample = torch.zeros(1, *input_shape, device=device)  # made outside the mode: not the model's work
     try:
         with mode:
             model(sample)

@@ -141,7 +141,8 @@ def build_architecture(architecture: dict[str, Any]) -> nn.Module:
         model = _call_factory(architecture["factory"], kwargs, architecture.get("import_path"))
     else:
         raise ModelLoadError(f"architecture reference {architecture} names neither 'zoo' nor 'factory'")
-    model = apply_resized(model, architecture.get("resized") or {})
+    if "resized" in architecture:  # written by structured pruning (parametrizations baked, layers resized)
+        model = apply_resized(model, architecture["resized"] or {})
     if architecture.get("quantized"):
         from torchshrink.quantize.prepare import restore  # only quantized files need torch.fx
 
@@ -265,7 +266,7 @@ def _recorded_shapes(weights: Path, architecture: dict[str, Any]) -> dict[str, A
     same_builder = all(saved.get(k) == architecture.get(k) for k in ("zoo", "factory")) and (
         (saved.get("kwargs") or {}) == architecture["kwargs"]
     )
-    return {"resized": saved["resized"]} if same_builder and saved.get("resized") else {}
+    return {"resized": saved["resized"]} if same_builder and "resized" in saved else {}
 
 
 def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from torchshrink.errors import ModelLoadError
+from torchshrink.tracing import bake_parametrizations
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -92,7 +93,11 @@ def resize_module(module: nn.Module, shape: dict[str, Any]) -> nn.Module:
 
 
 def apply_resized(model: nn.Module, resized: dict[str, dict[str, Any]]) -> nn.Module:
-    """Replace each named layer by a resized copy (weights uninitialised: load a state_dict after)."""
+    """Replace each named layer by a resized copy (weights uninitialised: load a state_dict after).
+
+    Parametrizations are baked first, as structured pruning baked them before it resized anything.
+    """
+    bake_parametrizations(model)
     for path, shape in resized.items():
         parent_path, _, name = path.rpartition(".")
         try:

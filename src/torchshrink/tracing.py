@@ -12,12 +12,13 @@ import logging
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
 
 from torchshrink.errors import StructureError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["trace_model", "torch_layer_type"]
+__all__ = ["trace_model", "torch_layer_type", "bake_parametrizations"]
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -31,9 +32,29 @@ def torch_layer_type(m: nn.Module) -> type[nn.Module] | None:
     for cls in type(m).__mro__:
         if cls is nn.Module:
             return None
-        if cls.__module__.startswith("torch.nn"):
-            return cls
+        if cls.__module__.startswith("torch.nn") and cls.__module__ != parametrize.__name__:
+            return cls  # (the Parametrized* classes parametrize makes on the fly are skipped)
     return None
+
+
+def bake_parametrizations(model: nn.Module) -> list[str]:
+    """Replace every parametrized tensor (weight norm, spectral norm, orthogonal, ...) by its current
+    value, in place: pruning and quantization then see plain layers. Returns the baked tensor names."""
+    baked = []
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        # By hand rather than parametrize.remove_parametrizations, which deletes the property from the
+        # Parametrized* class that every deep copy of the module shares: the caller's own model would break.
+        values = {tensor: getattr(module, tensor).detach().clone() for tensor in module.parametrizations}
+        del module._modules["parametrizations"]
+        module.__class__ = module.__class__.__bases__[0]
+        for tensor, value in values.items():
+            module.register_parameter(tensor, nn.Parameter(value))
+            baked.append(f"{name}.{tensor}" if name else tensor)
+    if baked:
+        log.info("parametrized tensors baked into plain weights: %s", ", ".join(baked))
+    return baked
 
 
 class _LeafTracer(fx.Tracer):

@@ -71,3 +71,37 @@ def test_same_padding_model_runs_every_conv_on_int8_kernels(tmp_path, images) ->
         expected = model(images[48:])
     got = OnnxRuntimeModel(path)(images[48:])
     assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.75
+
+
+def weight_normed_net() -> nn.Module:
+    """A CNN whose layers carry torch.nn.utils parametrizations (weight norm), as trained."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        weight_norm(nn.Conv2d(1, 16, 3, padding=1)), nn.BatchNorm2d(16), nn.ReLU(),
+        weight_norm(nn.Conv2d(16, 16, 3, padding=1)), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        weight_norm(nn.Linear(64, 10)),
+    )  # fmt: skip
+
+
+def test_parametrized_layers_are_quantized_to_int8_kernels(tmp_path) -> None:
+    model = randomise_bn(weight_normed_net())
+    images = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    plan = uniform_plan(model, "static", 8, reduce_range=True)
+    gm = quantize_model(model, images[:2], plan, [images[:48]])
+    info = export_int8(gm, tmp_path / "wn.int8.onnx", (1, 8, 8), check_inputs=images[48:])
+    kernels = int8_kernel_counts(tmp_path / "wn.int8.onnx")
+    assert (
+        kernels.get("QLinearConv") == 2 and kernels.get("QGemm") == 1 and "BatchNormalization" not in kernels
+    )
+    assert info["max_abs_diff_vs_fakequant"] <= info["tolerance"]
+    with torch.no_grad():
+        assert torch.allclose(gm(images[48:]), model(images[48:]), atol=0.3)  # the weight-normed weights
+    assert parametrize_count(model) == 3  # the user's model is left as it was
+
+
+def parametrize_count(model: nn.Module) -> int:
+    from torch.nn.utils import parametrize
+
+    return sum(parametrize.is_parametrized(m) for m in model.modules())

@@ -43,6 +43,7 @@ from torchshrink.prune.structural import (
 )
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
+from torchshrink.tracing import bake_parametrizations
 from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -423,6 +424,8 @@ def _plan(
 def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelState:
     """Prune ``state.model`` in place to the target; structured pruning returns a smaller architecture."""
     model = state.model
+    if cfg.granularity == "structured":
+        bake_parametrizations(model)  # channels are removed from plain weights
     example = ctx.data.train.tensors[0][:2]
     input_shape = tuple(example.shape[1:])
     base = model_size(model, input_shape)

@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from torchshrink.errors import QuantizationError
 from torchshrink.quantize.affine import QuantSpec
 from torchshrink.quantize.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
-from torchshrink.tracing import torch_layer_type, trace_model
+from torchshrink.tracing import bake_parametrizations, torch_layer_type, trace_model
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ def prepare(model: nn.Module, example: torch.Tensor, plan: QuantPlan) -> fx.Grap
     is dynamic; call :func:`torchshrink.quantize.ptq.calibrate` next.
     """
     model = copy.deepcopy(model).eval()
+    bake_parametrizations(model)  # a weight-normed layer quantizes its current weight
     unknown = sorted(set(plan.layers) - set(quantizable_layers(model)))
     if unknown:
         raise QuantizationError(
