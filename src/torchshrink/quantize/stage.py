@@ -46,6 +46,11 @@ class QuantizeConfig(BaseModel, extra="forbid"):
     )
     weight_observer: ObserverName = Field("mse", description="weight range per channel")
     calibration_batches: int = Field(16, ge=1)
+    bias_correction: bool = Field(
+        True,
+        description="static/qat: biases absorb the mean output shift weight rounding causes, measured on "
+        "the calibration batches (empirical bias correction)",
+    )
     batch_size: int = Field(32, ge=1, description="calibration batch size")
     epochs: int = Field(3, ge=1, description="qat: training epochs")
     lr: float = Field(1e-4, gt=0, description="qat: learning rate")
@@ -134,7 +139,7 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
         )
     else:
         plan = uniform_plan(state.model, mode, cfg.bits, skip=skip, **options)
-    model = quantize_model(state.model, example, plan, calibration)
+    model = quantize_model(state.model, example, plan, calibration, bias_correction=cfg.bias_correction)
     if cfg.mode == "qat":
         model = _train_aware(model, state, cfg, ctx)
     ctx.details.update(describe_plan(model, plan))
