@@ -56,3 +56,10 @@ def test_readme_recipe_validates():
     block = readme.split("## A recipe", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     recipe = parse_recipe(yaml.safe_load(block), source="README.md")
     assert [s.kind for s in recipe.stages][:2] == ["ensemble", "distill"] and recipe.stages[4].branch
+
+
+def test_efficientnet_example_validates_and_finds_its_factory_beside_it():
+    path = Path(__file__).parents[1] / "examples" / "efficientnet" / "int8.yaml"
+    recipe = load_recipe(path)
+    assert recipe.model.import_path == path.parent.resolve()  # factory.py is found without installing it
+    assert recipe.data.npz == path.parent / "photos.npz" and recipe.measure.batch_sizes == (1, 8)
