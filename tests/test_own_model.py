@@ -167,3 +167,20 @@ def test_parametrized_model_is_pruned_structurally_saved_and_rebuilt(tmp_path) -
         }
     ).module
     assert model[0].out_channels < 16 and "0.weight" in model.state_dict()  # plain, smaller weights
+
+
+def test_two_recipes_with_same_named_factory_modules_get_their_own(tmp_path) -> None:
+    for width in (12, 14):
+        folder = tmp_path / f"w{width}"
+        folder.mkdir()
+        (folder / "my_models.py").write_text(FACTORY.replace("outputs: int = 20", f"outputs: int = {width}"))
+        model = open_model({"factory": "my_models:wide_mlp", "import_path": str(folder)}).module
+        assert model[-1].out_features == width
+
+
+def test_unlabelled_data_cannot_train_in_a_later_stage_either(tmp_path) -> None:
+    np.savez(tmp_path / "x.npz", x=np.zeros((20, 64), np.float32))
+    model = {"zoo": "lenet300", "kwargs": {"in_features": 64}}
+    path = _recipe(tmp_path, model, {"npz": "x.npz"}, {"evaluate": {}}, {"train": {}})
+    with pytest.raises(DataError, match="no labels, so stage 'train'"):
+        run(load_recipe(path), tmp_path / "out")

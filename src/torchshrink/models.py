@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import pickle
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,8 @@ from torchshrink.io import (
     save_tensors,
 )
 from torchshrink.shapes import apply_resized
+
+log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "torchshrink-model"
 MODEL_FORMAT_VERSION = 1
@@ -85,12 +90,22 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None = None
 
 
+@contextmanager
+def _search_first(import_path: str | None) -> Iterator[None]:
+    """``import_path`` at the front of sys.path for the duration (the factory may import siblings)."""
+    added = import_path is not None and str(import_path) not in sys.path
+    if added:
+        sys.path.insert(0, str(import_path))
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(str(import_path))
+
+
 def _import_factory(ref: str, import_path: str | None) -> Any:
     """The factory function named ``pkg.module:function``, its module looked up in ``import_path`` first."""
     module_name, _, attr = ref.partition(":")
-    added = import_path is not None and import_path not in sys.path
-    if added:
-        sys.path.insert(0, str(import_path))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -100,9 +115,18 @@ def _import_factory(ref: str, import_path: str | None) -> Any:
             f"it was looked for {where}. Put {module_name.replace('.', '/')}.py next to the recipe, "
             "set model.import_path to its folder, or pip install the package that provides it"
         ) from exc
-    finally:
-        if added:
-            sys.path.remove(str(import_path))
+    wanted = Path(import_path or "") / (module_name.replace(".", "/") + ".py")
+    loaded_from = Path(getattr(module, "__file__", None) or "")
+    if import_path is not None and wanted.is_file() and loaded_from.resolve() != wanted.resolve():
+        if "." in module_name:
+            raise ModelLoadError(
+                f"factory {ref!r}: a module {module_name!r} from {loaded_from} is already imported in this "
+                f"process, so {wanted} cannot be; give the factory module a name of its own"
+            )
+        # Another recipe's module of the same name: this recipe means the one beside it.
+        log.info("factory module %r re-imported from %s (was %s)", module_name, wanted, loaded_from)
+        del sys.modules[module_name]
+        module = importlib.import_module(module_name)
     if not hasattr(module, attr):
         raise ModelLoadError(
             f"factory {ref!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute "
@@ -112,11 +136,12 @@ def _import_factory(ref: str, import_path: str | None) -> Any:
 
 
 def _call_factory(ref: str, kwargs: dict[str, Any], import_path: str | None = None) -> nn.Module:
-    fn = _import_factory(ref, import_path)
-    try:
-        model = fn(**kwargs)
-    except TypeError as exc:
-        raise ModelLoadError(f"factory {ref!r} rejected arguments {kwargs}: {exc}") from exc
+    with _search_first(import_path):
+        fn = _import_factory(ref, import_path)
+        try:
+            model = fn(**kwargs)
+        except TypeError as exc:
+            raise ModelLoadError(f"factory {ref!r} rejected arguments {kwargs}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"factory {ref!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model

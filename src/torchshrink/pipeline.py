@@ -111,15 +111,16 @@ def _onnx_fp32(
 
 
 def _fit_labels(
-    data: DatasetBundle, model: nn.Module, width: int, recipe: Recipe, first_role: str
+    data: DatasetBundle, model: nn.Module, width: int, recipe: Recipe, roles: list[str]
 ) -> DatasetBundle:
     """Labels for the run: unlabelled data is labelled by the model as given (quality is then
     top-1 agreement with it); a model wider than the data's classes keeps its own width."""
     if not data.labelled:
-        if first_role == "reference":
+        training = [spec.kind for spec, role in zip(recipe.stages, roles, strict=True) if role == "reference"]
+        if training:
             raise DataError(
-                f"data {data.name}: has no labels, so stage {recipe.stages[0].kind!r} cannot train a model "
-                "on it; give labels ('y') or start from a trained model"
+                f"data {data.name}: has no labels, so stage {training[0]!r} cannot train a model on it; "
+                "give labels ('y') or start from a trained model"
             )
         log.info("data %s has no labels: quality is top-1 agreement with the model as given", data.name)
         return data.labelled_by(lambda x: predict(model, x, batch_size=64), width)
@@ -165,7 +166,7 @@ def run(
         source=f"model {recipe.model.model_dump(exclude_defaults=True)} on data {data.name}",
     )
     entries = [get_stage(spec.kind) for spec in recipe.stages]
-    data = _fit_labels(data, loaded.module, width, recipe, entries[0].role)
+    data = _fit_labels(data, loaded.module, width, recipe, [e.role for e in entries])
     state = ModelState(model=loaded.module.eval(), architecture=loaded.architecture)
 
     onnx_references: dict[int, nn.Module | None] = {}

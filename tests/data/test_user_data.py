@@ -109,6 +109,8 @@ def test_npz_unknown_key_names_path_and_key(tmp_path: Path) -> None:
         load_npz(path)
     message = str(excinfo.value)
     assert "unknown key(s) ['labels']" in message and "'y'" in message
+    np.savez(path, x=np.zeros((10, 2)), y=np.arange(10) % 2, classes=np.array(["a", "b"]))
+    assert load_npz(path).labelled  # with labels, extra arrays (class names, say) are fine
 
 
 def test_npz_without_labels_is_unlabelled_and_split_by_seed(tmp_path: Path) -> None:

@@ -105,3 +105,35 @@ def parametrize_count(model: nn.Module) -> int:
     from torch.nn.utils import parametrize
 
     return sum(parametrize.is_parametrized(m) for m in model.modules())
+
+
+class _StdConv2d(nn.Conv2d):
+    """Weight standardisation in forward (as in BiT / timm's StdConv2d): folding a BN into it is wrong."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """A batch-norm subclass that also applies its activation (as timm's BatchNormAct2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x)) - 0.5
+
+
+@pytest.mark.parametrize("conv, bn", [(_StdConv2d, nn.BatchNorm2d), (nn.Conv2d, _BatchNormAct)])
+def test_batch_norm_folds_only_where_it_is_exact(conv, bn, images) -> None:
+    model = randomise_bn(nn.Sequential(conv(3, 8, 3), bn(8), nn.Flatten(), nn.Linear(8 * 14 * 14, 4)))
+    gm = quantize_model(model, images[:2], uniform_plan(model, "weight_only", 8), [])
+    for fq in weight_quantizers_of(gm):
+        fq.enabled = False
+    with torch.no_grad():
+        assert torch.allclose(gm(images), model(images), atol=1e-4)  # the float graph is unchanged
+
+
+def weight_quantizers_of(model: nn.Module) -> list:
+    from torchshrink.quantize.prepare import weight_quantizers
+
+    return list(weight_quantizers(model).values())

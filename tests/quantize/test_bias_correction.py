@@ -50,3 +50,11 @@ def test_layers_without_bias_are_left_alone() -> None:
     x = torch.rand(16, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     gm = quantize_model(model, x[:2], uniform_plan(model, "static", 8), [x])
     assert correct_bias(gm, [x]) == 0
+
+
+def test_linear_layers_on_token_inputs_are_corrected_per_feature() -> None:
+    # (batch, tokens, features): the features are on the last axis, not axis 1.
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).eval()
+    x = torch.rand(16, 7, 6, generator=torch.Generator().manual_seed(0))
+    gm = quantize_model(model, x[:2], uniform_plan(model, "static", 4), [x], bias_correction=True)
+    assert gm(x).shape == (16, 7, 3)

@@ -51,10 +51,10 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
             f"without them quality is agreement with the original model), 'x_test' and 'y_test'; found {sorted(arrays)}"
         )
     unknown = sorted(set(arrays) - {"x", "y", "x_test", "y_test"})
-    if unknown:
+    if unknown and "y" not in arrays:
         raise DataError(
             f"{path}: unknown key(s) {unknown}; an npz dataset holds 'x', optionally 'y' (integer labels), "
-            "'x_test' and 'y_test' (rename the arrays: unlabelled data would otherwise be assumed)"
+            "'x_test' and 'y_test'; without 'y' it would be taken as unlabelled (rename the labels to 'y')"
         )
     x = _to_channels_first(arrays["x"], path, "x")
     x_test = _to_channels_first(arrays["x_test"], path, "x_test") if "x_test" in arrays else None

@@ -147,8 +147,14 @@ def _fold_batchnorm(gm: fx.GraphModule) -> list[str]:
         if kind not in _BN or len(src.users) != 1:
             continue
         bn = modules[node.target]
-        if not isinstance(bn, _BN[kind]) or bn.running_mean is None:
+        # Exactly torch's batch-norm: a subclass may do more in forward (an activation, say).
+        if type(bn) is not _BN[kind] or bn.running_mean is None:
             continue
+        saved = (conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone())
+        probe = _probe_input(src)
+        if probe is not None:
+            with torch.no_grad():
+                expected = bn(conv(probe))
         with torch.no_grad():
             factor = (
                 bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -160,6 +166,18 @@ def _fold_batchnorm(gm: fx.GraphModule) -> list[str]:
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
             new_bias = (bias - bn.running_mean) * factor + shift
             conv.bias = nn.Parameter(new_bias.clone())
+        if probe is not None and not _same_output(conv, probe, expected):
+            # The conv's forward does more than convolve its weight (weight standardisation, say):
+            # the folded weights would be transformed again. Undo the fold; the batch-norm stays.
+            log.warning(
+                "batch-norm %r not folded into %r: the conv's forward changes its weight",
+                node.target,
+                src.target,
+            )
+            with torch.no_grad():
+                conv.weight.copy_(saved[0])
+                conv.bias = None if saved[1] is None else nn.Parameter(saved[1])
+            continue
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         _delete_submodule(gm, node.target)
@@ -167,6 +185,21 @@ def _fold_batchnorm(gm: fx.GraphModule) -> list[str]:
     gm.graph.lint()
     gm.recompile()
     return folded
+
+
+def _probe_input(conv_node: fx.Node) -> torch.Tensor | None:
+    """A random input of the shape the traced conv reads (from the recorded shapes), or None."""
+    source = conv_node.args[0] if conv_node.args else None
+    meta = source.meta.get("tensor_meta") if isinstance(source, fx.Node) else None
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return torch.randn(1, *meta.shape[1:], generator=torch.Generator().manual_seed(0))
+
+
+def _same_output(conv: nn.Module, probe: torch.Tensor, expected: torch.Tensor) -> bool:
+    with torch.no_grad():
+        got = conv(probe)
+    return torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()) + 1e-6)
 
 
 def _delete_submodule(gm: fx.GraphModule, target: str) -> None:

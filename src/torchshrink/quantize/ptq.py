@@ -125,7 +125,10 @@ def correct_bias(model: nn.Module, batches: Iterable[torch.Tensor | Sequence[tor
             finally:
                 quantizers[name].enabled = True
                 busy.discard(name)
-            shifts[name].append((output - reference).mean(dim=[0, *range(2, output.dim())]))
+            diff = output - reference
+            if isinstance(layer, nn.Linear):  # features on the last axis: (..., F) -> (N, F, ...)
+                diff = diff.reshape(-1, diff.shape[-1])
+            shifts[name].append(diff.mean(dim=[0, *range(2, diff.dim())]))
 
         return hook
 
