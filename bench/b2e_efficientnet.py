@@ -28,6 +28,7 @@ from bench.b2_int8 import ort_calibration_reader, ort_prepared
 from bench.common import ROOT, machine_line, write_section
 from torchshrink import run
 from torchshrink.measure import interleaved_medians
+from torchshrink.models import open_model
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.quantize.onnx_int8 import int8_kernel_counts
 from torchshrink.report import markdown_table
@@ -56,12 +57,8 @@ def _photos(tmp: Path) -> Path:
 
 
 def _model() -> nn.Module:
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        from factory import efficientnet_lite0
-    finally:
-        sys.path.remove(str(EXAMPLE))
-    return efficientnet_lite0()
+    """The model through torchshrink's own factory route, as the recipe stage gets it."""
+    return open_model({"factory": "factory:efficientnet_lite0", "import_path": str(EXAMPLE)}).module.eval()
 
 
 def _peers(fp32: Path, calibration: np.ndarray, tmp: Path) -> dict[str, Path]:

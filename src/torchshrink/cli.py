@@ -191,9 +191,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     elif kind == "onnx":
         _inspect_onnx(path)
     else:
-        from torchshrink.io import load_state_dict_file
+        from torchshrink.models import load_weights_file
 
-        for name, tensor in load_state_dict_file(path).items():
+        for name, tensor in load_weights_file(path).items():
             _out(f"{name:<40} {tuple(tensor.shape)}")
     return 0
 

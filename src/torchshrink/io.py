@@ -185,7 +185,7 @@ def file_kind(path: str | Path) -> str:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state_dict from safetensors, a packed ``.tshrink`` or a ``torch.save`` file, never executing code.
+    """Load a state_dict from safetensors or a ``torch.save`` file, never executing code.
 
     A file that holds a whole pickled module (not a state_dict) is refused with
     :class:`UntrustedPickleError`; load it through ``load_model(..., trust_pickle=True)`` instead.
@@ -193,9 +193,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     kind = file_kind(path)
     if kind == "packed":
-        from torchshrink.encode.packfile import read_packed  # the packed format builds on this module
-
-        return read_packed(path).state_dict
+        raise CorruptFileError(
+            path, "a packed .tshrink file: read it with torchshrink.models.load_weights_file"
+        )
     if kind == "safetensors":
         tensors = load_tensors(path)
         metadata = read_safetensors_metadata(path)

@@ -39,7 +39,15 @@ log = logging.getLogger(__name__)
 MODEL_FORMAT = "torchshrink-model"
 MODEL_FORMAT_VERSION = 1
 
-__all__ = ["ModelSpec", "LoadedModel", "open_model", "load_model", "save_model", "load_weights_into"]
+__all__ = [
+    "ModelSpec",
+    "LoadedModel",
+    "open_model",
+    "load_model",
+    "save_model",
+    "load_weights_into",
+    "load_weights_file",
+]
 
 
 class ModelSpec(BaseModel, extra="forbid"):
@@ -173,6 +181,15 @@ def build_architecture(architecture: dict[str, Any]) -> nn.Module:
 
         model = restore(model, architecture["quantized"])
     return model
+
+
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from safetensors, a ``torch.save`` file or a packed ``.tshrink`` file (never code)."""
+    if file_kind(Path(path)) == "packed":
+        from torchshrink.encode.packfile import read_packed  # numpy bit-unpacking only when needed
+
+        return read_packed(path).state_dict
+    return load_state_dict_file(path)
 
 
 def load_weights_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -312,7 +329,7 @@ def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
         architecture.update(_recorded_shapes(spec.weights, architecture))
     model = build_architecture(architecture)
     if spec.weights is not None:
-        load_weights_into(model, load_state_dict_file(spec.weights), str(spec.weights))
+        load_weights_into(model, load_weights_file(spec.weights), str(spec.weights))
     return LoadedModel(model, architecture)
 
 

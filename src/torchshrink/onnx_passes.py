@@ -88,7 +88,7 @@ def _drop_unused_initializers(graph: Any) -> None:
     graph.initializer.extend(keep)
 
 
-def _zero_pad_amounts(node: Any, known: dict[str, np.ndarray], rank: int | None) -> list[int] | None:
+def _zero_pad_amounts(node: Any, known: dict[str, np.ndarray]) -> list[int] | None:
     """The spatial pads [begin..., end...] of a constant-zero ``Pad`` on an N, C, spatial... tensor."""
     from onnx import helper
 
@@ -103,8 +103,6 @@ def _zero_pad_amounts(node: Any, known: dict[str, np.ndarray], rank: int | None)
         return None  # explicit axes: rare, left alone
     pads = [int(p) for p in known[node.input[1]].reshape(-1)]
     dims = len(pads) // 2
-    if rank is not None and dims != rank:
-        return None
     begin, end = pads[:dims], pads[dims:]
     if begin[:2] != [0, 0] or end[:2] != [0, 0] or min(pads) < 0:
         return None  # pads on the batch or channel axis, or cropping
@@ -142,7 +140,7 @@ def fold_pad_into_conv(model: Any) -> int:
             or any(u.op_type != "Conv" or u.input[0] != pad.output[0] for u in users)
         ):
             continue
-        amounts = _zero_pad_amounts(pad, known, None)
+        amounts = _zero_pad_amounts(pad, known)
         if amounts is None:
             continue
         if not all(_conv_pads(conv, len(amounts)) is not None for conv in users):

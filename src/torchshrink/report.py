@@ -4,13 +4,13 @@ and ``pareto.png`` (accuracy against size and against latency, one point per sta
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torchshrink.errors import CorruptFileError, MissingFileError
 from torchshrink.io import atomic_path, write_json_atomic, write_text_atomic
+from torchshrink.tables import markdown_table
 
 Metrics = dict[str, Any]
 REPORT_FILES = {"report_json": "report.json", "report_md": "report.md", "pareto_png": "pareto.png"}
@@ -72,13 +72,6 @@ def batch_sizes(report: Report) -> tuple[int, int]:
     """The small and large batch the run timed (older reports: 1 and 32)."""
     small, large = (report.recipe.get("measure") or {}).get("batch_sizes", (1, 32))
     return int(small), int(large)
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A Markdown table; the one way stages and the report print tables."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def format_table(report: Report) -> str:

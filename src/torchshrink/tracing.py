@@ -47,10 +47,11 @@ def bake_parametrizations(model: nn.Module) -> list[str]:
         # By hand rather than parametrize.remove_parametrizations, which deletes the property from the
         # Parametrized* class that every deep copy of the module shares: the caller's own model would break.
         values = {tensor: getattr(module, tensor).detach().clone() for tensor in module.parametrizations}
+        trainable = {t: any(p.requires_grad for p in module.parametrizations[t].parameters()) for t in values}
         del module._modules["parametrizations"]
         module.__class__ = module.__class__.__bases__[0]
         for tensor, value in values.items():
-            module.register_parameter(tensor, nn.Parameter(value))
+            module.register_parameter(tensor, nn.Parameter(value, requires_grad=trainable[tensor]))
             baked.append(f"{name}.{tensor}" if name else tensor)
     if baked:
         log.info("parametrized tensors baked into plain weights: %s", ", ".join(baked))

@@ -137,3 +137,15 @@ def weight_quantizers_of(model: nn.Module) -> list:
     from torchshrink.quantize.prepare import weight_quantizers
 
     return list(weight_quantizers(model).values())
+
+
+def test_baking_keeps_frozen_layers_frozen() -> None:
+    from torchshrink.tracing import bake_parametrizations
+
+    model = weight_normed_net()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    expected = model(torch.ones(1, 1, 8, 8))
+    assert bake_parametrizations(model) == ["0.weight", "3.weight", "7.weight"]
+    assert not model[0].weight.requires_grad and model[3].weight.requires_grad
+    assert torch.allclose(model(torch.ones(1, 1, 8, 8)), expected)

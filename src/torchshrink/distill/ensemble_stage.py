@@ -22,9 +22,9 @@ from torchshrink.errors import RecipeError
 from torchshrink.measure import accuracy, count_params
 from torchshrink.models import ModelSpec, build_architecture, open_model
 from torchshrink.registry import register_stage
-from torchshrink.report import markdown_table
 from torchshrink.stages.training import TrainStageConfig, run_training
 from torchshrink.state import ModelState, RunContext
+from torchshrink.tables import markdown_table
 
 log = logging.getLogger(__name__)
 

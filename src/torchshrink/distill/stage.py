@@ -29,9 +29,9 @@ from torchshrink.measure import accuracy, check_model_fits, count_params, predic
 from torchshrink.models import LoadedModel, ModelSpec, open_model
 from torchshrink.parallel import ddp
 from torchshrink.registry import register_stage
-from torchshrink.report import markdown_table
 from torchshrink.stages.training import TrainStageConfig, train_config
 from torchshrink.state import ModelState, RunContext
+from torchshrink.tables import markdown_table
 from torchshrink.train import Batch, DatasetBatches, TrainResult, fit
 
 log = logging.getLogger(__name__)

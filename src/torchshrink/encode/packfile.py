@@ -35,7 +35,7 @@ from torchshrink.encode.kmeans import codebook_of, plain_state_dict, shared_laye
 from torchshrink.encode.positions import MAX_WIDTH, from_gaps, gap_histogram, to_gaps
 from torchshrink.errors import CorruptFileError, MissingFileError
 from torchshrink.io import PACKED_MAGIC, atomic_path
-from torchshrink.report import markdown_table
+from torchshrink.tables import markdown_table
 
 __all__ = [
     "MAGIC",

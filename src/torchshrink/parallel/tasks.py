@@ -137,7 +137,7 @@ def run_tasks(tasks: Sequence[Task], jobs: int = 2, threads: int | None = None) 
 
 def summary_table(results: Sequence[TaskResult]) -> str:
     """A Markdown table of the tasks: status, final accuracy, size and compute against their baselines."""
-    from torchshrink.report import markdown_table
+    from torchshrink.tables import markdown_table
 
     rows = []
     for r in results:

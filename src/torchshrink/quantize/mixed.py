@@ -25,7 +25,7 @@ from torchshrink.data import DatasetBundle
 from torchshrink.measure import accuracy, predict
 from torchshrink.quantize.prepare import QuantPlan, quantizable_layers
 from torchshrink.quantize.ptq import quantize_model
-from torchshrink.report import markdown_table
+from torchshrink.tables import markdown_table
 
 log = logging.getLogger(__name__)
 

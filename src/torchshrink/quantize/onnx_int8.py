@@ -30,7 +30,7 @@ from torchshrink.quantize.prepare import activation_quantizers
 
 log = logging.getLogger(__name__)
 
-__all__ = ["needs_reduced_range", "export_int8", "int8_kernel_counts", "INT8_KERNELS"]
+__all__ = ["needs_reduced_range", "export_int8", "int8_kernel_counts", "INT8_KERNELS", "FLOAT_WEIGHTED_OPS"]
 
 INT8_KERNELS = (
     "QLinearConv",
@@ -48,6 +48,9 @@ INT8_KERNELS = (
     "QLinearSigmoid",
     "QLinearLeakyRelu",
 )
+
+# ONNX Runtime's float kernels of a conv / linear layer after its graph optimisation (fusions included).
+FLOAT_WEIGHTED_OPS = ("Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm")
 
 
 @cache

@@ -214,7 +214,7 @@ def _is_zero_pad(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return isinstance(module, _ZERO_PAD_MODULES) or (
             isinstance(module, _CONSTANT_PAD_MODULES) and module.value == 0
         )
-    if node.op == "call_function" and node.target in (F.pad, torch.nn.functional.pad):
+    if node.op == "call_function" and node.target is F.pad:
         mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
         value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
         return mode == "constant" and not value

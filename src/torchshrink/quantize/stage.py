@@ -15,7 +15,7 @@ from torchshrink.parallel import ddp
 from torchshrink.prune.stage import PRUNED_WEIGHTS
 from torchshrink.quantize.mixed import MixedConfig, choose_plan, describe_plan
 from torchshrink.quantize.observers import ObserverName
-from torchshrink.quantize.onnx_int8 import export_int8, needs_reduced_range
+from torchshrink.quantize.onnx_int8 import FLOAT_WEIGHTED_OPS, export_int8, needs_reduced_range
 from torchshrink.quantize.prepare import (
     QuantPlan,
     activation_quantizers,
@@ -166,10 +166,6 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
     ddp.barrier()
     ctx.artefacts["int8_onnx"] = cfg.file
     return new.replace(artefact=path, runtime=OnnxRuntimeModel(path))
-
-
-# ONNX Runtime's float kernels of a conv / linear layer, after its graph optimisation (fusions included).
-FLOAT_WEIGHTED_OPS = ("Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm")
 
 
 def _check_int8_coverage(plan: QuantPlan, operators: dict[str, int], allow_partial: bool, path: Path) -> None:
