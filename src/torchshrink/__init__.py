@@ -10,8 +10,7 @@ Public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from torchshrink._version import __version__
 from torchshrink.data import DataSpec, load_data  # noqa: E402
 from torchshrink.measure import measure  # noqa: E402
 from torchshrink.models import ModelSpec, load_model, save_model  # noqa: E402

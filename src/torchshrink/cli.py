@@ -229,7 +229,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from torchshrink import __version__
+    from torchshrink._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="torchshrink", description="Make trained PyTorch models smaller and faster."

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from torchshrink import __version__
+from torchshrink._version import __version__
 from torchshrink.data import DatasetBundle, load_data
 from torchshrink.errors import DataError, TorchshrinkError
 from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors
