@@ -285,11 +285,11 @@ def test_save_model_load_model_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = lenet5(num_classes=4)
     path = tmp_path / "lenet.safetensors"
-    save_model(path, model, {"zoo": "lenet5", "kwargs": {"num_classes": 4}}, input_shape=(1, 28, 28))
+    save_model(path, model, {"zoo": "lenet5", "kwargs": {"num_classes": 4}}, inputs=(1, 28, 28))
 
     loaded = open_model(path)
     assert loaded.architecture == {"zoo": "lenet5", "kwargs": {"num_classes": 4}}
-    assert loaded.input_shape == (1, 28, 28)
+    assert loaded.inputs is not None and loaded.inputs.shape == (1, 28, 28)
     x = torch.randn(3, 1, 28, 28)
     model.eval()
     assert torch.equal(load_model(path).eval()(x), model(x))

@@ -90,6 +90,13 @@ def augment_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets augmented as ``cfg`` says: shifted, then mixed (targets become class
     distributions only under mixup; both are returned unchanged when augmentation is off)."""
+    if not cfg.active:
+        return x, labels
+    if isinstance(x, (tuple, list)):
+        raise ValueError(
+            f"augmentation shifts and mixes one image or signal input; this model takes {len(x)} inputs: "
+            "set augment off for it"
+        )
     x = random_shift(x, cfg.shift)
     if cfg.mixup > 0:
         return mixup(x, labels, cfg.mixup, num_classes)

@@ -23,21 +23,21 @@ def _out(text: str = "") -> None:
 
 
 def _open_for_cli(model: str, factory: str | None, trust_pickle: bool) -> tuple[nn.Module, Path | None, Any]:
-    """(module, file to count as the artefact, input shape known from the file or None)."""
+    """(module, file to count as the artefact, input description known from the file or None)."""
     from torchshrink.models import ModelSpec, open_model
     from torchshrink.onnx_export import OnnxRuntimeModel
 
     path = Path(model)
     if path.suffix == ".onnx":
         runner = OnnxRuntimeModel(path)
-        return runner, path, runner.input_shape
+        return runner, path, None
     if factory:
         loaded = open_model(ModelSpec(factory=factory, weights=path))
         return loaded.module, path, None
     loaded = open_model(
         ModelSpec(path=path, trust_pickle=trust_pickle) if path.exists() or "/" in model else model
     )
-    return loaded.module, (path if path.exists() else None), loaded.input_shape
+    return loaded.module, (path if path.exists() else None), loaded.inputs
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -113,8 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, artefact, _ = _open_for_cli(args.model, args.factory, args.trust_pickle)
     data = load_data(args.data)
     if not hasattr(model, "session"):
-        check_model_fits(model, data.input_shape, data.num_classes, source=f"{args.model} on {data.name}")
-    metrics = measure(model, data.test, artefact=artefact, latency_repeats=args.repeats)
+        check_model_fits(model, data.inputs, data.num_classes, source=f"{args.model} on {data.name}")
+    metrics = measure(model, data.test, artefact=artefact, latency_repeats=args.repeats, inputs=data.inputs)
     if args.json:
         _out(json.dumps(metrics, indent=2))
     else:
@@ -170,7 +170,7 @@ def _inspect_packed(path: Path) -> None:
 
     packed = read_packed(path)
     _out(f"architecture: {json.dumps(packed.architecture, sort_keys=True)}")
-    _out(f"input shape: {list(packed.input_shape) if packed.input_shape else 'unknown'}")
+    _out(f"inputs: {packed.inputs.describe() if packed.inputs else 'unknown'}")
     _out(format_layer_table(packed))
 
 
@@ -201,17 +201,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from torchshrink.data import load_data
     from torchshrink.errors import ShapeMismatchError
+    from torchshrink.inputs import take
     from torchshrink.onnx_export import export_onnx
 
-    model, _, known_shape = _open_for_cli(args.model, args.factory, args.trust_pickle)
+    model, _, known = _open_for_cli(args.model, args.factory, args.trust_pickle)
     check = None
     if args.input_shape:
-        shape = tuple(int(v) for v in args.input_shape.split(","))
+        shape: Any = tuple(int(v) for v in args.input_shape.split(","))
     elif args.data:
         data = load_data(args.data)
-        shape, check = data.input_shape, data.test.tensors[0][:32]
-    elif known_shape:
-        shape = tuple(known_shape)
+        shape, check = data.inputs, take(data.test.tensors[0], slice(0, 32))
+    elif known:
+        shape = known
     else:
         raise ShapeMismatchError(
             f"{args.model}: input shape unknown; pass --input-shape C,H,W or --data NAME"

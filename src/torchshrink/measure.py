@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from torchshrink.errors import ShapeMismatchError
+from torchshrink.inputs import InputSpec, ModelInput, as_spec, call, count, spec_of, take
 from torchshrink.io import encode_sparse
 
 METRIC_NAMES = (
@@ -57,7 +58,7 @@ def _threads(n: int) -> Iterator[None]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def predict(model: nn.Module, inputs: ModelInput, batch_size: int = 500) -> torch.Tensor:
     """The outputs of ``model`` for all ``inputs``, in eval mode and batches, without gradients.
 
     (``no_grad`` rather than ``inference_mode``: the result may serve as a training target.)
@@ -65,7 +66,10 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> to
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+        n = count(inputs)
+        return torch.cat(
+            [call(model, take(inputs, slice(i, i + batch_size))) for i in range(0, n, batch_size)]
+        )
     finally:
         model.train(was_training)
 
@@ -73,9 +77,9 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 500) -> to
 def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) -> float:
     """Top-1 accuracy (0-1) of ``model`` on ``dataset`` (inputs, integer labels), in eval mode."""
     x, y = dataset.tensors[0], dataset.tensors[1]
-    if len(x) == 0:
+    if count(x) == 0:
         return 0.0
-    return int((predict(model, x, batch_size).argmax(dim=1) == y).sum()) / len(x)
+    return int((predict(model, x, batch_size).argmax(dim=1) == y).sum()) / count(x)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -85,8 +89,8 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def _forward_once(model: nn.Module, input_shape: tuple[int, ...], mode: TorchDispatchMode) -> None:
-    """Run one zero sample through ``model`` in eval mode under a dispatch ``mode`` that counts."""
+def _forward_once(model: nn.Module, inputs: InputSpec | Sequence[int], mode: TorchDispatchMode) -> None:
+    """Run one stand-in sample through ``model`` in eval mode under a dispatch ``mode`` that counts."""
     was_training = model.training
     model.eval()
     # FlopCounterMode's module tracker hooks gradients of any module input that requires grad, which
@@ -95,20 +99,22 @@ def _forward_once(model: nn.Module, input_shape: tuple[int, ...], mode: TorchDis
     for p in trainable:
         p.requires_grad_(False)
     device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-    sample = torch.zeros(1, *input_shape, device=device)  # made outside the mode: not the model's work
+    sample = as_spec(inputs).example(1, device=device)  # made outside the mode: not the model's work
     try:
         with mode:
-            model(sample)
+            call(model, sample)
     finally:
         for p in trainable:
             p.requires_grad_(True)
         model.train(was_training)
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass on one sample (FLOPs / 2, by torch.utils.flop_counter)."""
+def count_macs(model: nn.Module, inputs: InputSpec | Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass on one sample (FLOPs / 2, by torch.utils.flop_counter).
+
+    ``inputs`` describes what the model takes (a per-sample shape means one float input)."""
     counter = FlopCounterMode(display=False)
-    _forward_once(model, input_shape, counter)
+    _forward_once(model, inputs, counter)
     return counter.get_total_flops() // 2
 
 
@@ -126,7 +132,7 @@ class _ElementCounter(TorchDispatchMode):
         return out
 
 
-def count_activations(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def count_activations(model: nn.Module, inputs: InputSpec | Sequence[int]) -> int:
     """Elements written by one forward pass on one sample (outputs of every operator except views).
 
     Small models on a CPU are bound by this traffic as much as by MACs: a LeNet-5's first conv costs
@@ -134,7 +140,7 @@ def count_activations(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     are large.
     """
     counter = _ElementCounter()
-    _forward_once(model, input_shape, counter)
+    _forward_once(model, inputs, counter)
     return counter.elements
 
 
@@ -164,21 +170,23 @@ def interleaved_medians(
 
 def latencies_ms(
     models: Mapping[str, nn.Module],
-    input_shape: tuple[int, ...],
+    inputs: InputSpec | Sequence[int],
     batch_size: int = 1,
     repeats: int = 30,
     warmup: int = 5,
     threads: int = 2,
 ) -> dict[str, float]:
-    """Median forward-pass milliseconds of several models on the same input, timed interleaved."""
-    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
+    """Median forward-pass milliseconds of several models on the same stand-in input, timed interleaved."""
+    x = as_spec(inputs).example(batch_size)
     modes = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
     try:
         with _threads(threads), torch.inference_mode():
             return interleaved_medians(
-                {name: functools.partial(m, x) for name, m in models.items()}, repeats=repeats, warmup=warmup
+                {name: functools.partial(call, m, x) for name, m in models.items()},
+                repeats=repeats,
+                warmup=warmup,
             )
     finally:
         for name, m in models.items():
@@ -187,31 +195,40 @@ def latencies_ms(
 
 def latency_ms(
     model: nn.Module,
-    input_shape: tuple[int, ...],
+    inputs: InputSpec | Sequence[int],
     batch_size: int = 1,
     repeats: int = 30,
     warmup: int = 5,
     threads: int = 2,
 ) -> float:
     """Median wall-clock milliseconds of one forward pass, after warm-up, with a fixed thread count."""
-    return latencies_ms({"model": model}, input_shape, batch_size, repeats, warmup, threads)["model"]
+    return latencies_ms({"model": model}, inputs, batch_size, repeats, warmup, threads)["model"]
 
 
-def check_model_fits(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, source: str) -> int:
-    """Run one zero sample through the model and return its output width (its number of classes).
+def check_model_fits(
+    model: nn.Module, inputs: InputSpec | Sequence[int], num_classes: int, source: str
+) -> int:
+    """Run one stand-in sample through the model and return its output width (its number of classes).
 
     A model may have more outputs than the data has classes (an ImageNet model on a few photos);
-    fewer is an error that names both shapes, as is an input shape the model cannot take.
+    fewer is an error that names both shapes, as are inputs the model cannot take (their number,
+    order, dtype or shape).
     """
+    spec = as_spec(inputs)
+    spec.check_order(model, source)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            out = model(torch.zeros(1, *input_shape))
+            out = call(model, spec.example(1))
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        shown = (
+            f"of shape {spec.fields[0].shape}"
+            if spec.single and not spec.fields[0].is_integer
+            else spec.describe()
+        )
         raise ShapeMismatchError(
-            f"{source}: the model cannot take inputs of shape {tuple(input_shape)} (per sample): "
-            f"{type(exc).__name__}: {exc}"
+            f"{source}: the model cannot take inputs {shown} (per sample): {type(exc).__name__}: {exc}"
         ) from exc
     finally:
         model.train(was_training)
@@ -240,6 +257,7 @@ def measure(
     runtime: nn.Module | None = None,
     onnx_reference: nn.Module | None = None,
     batch_sizes: tuple[int, ...] = (1, 32),
+    inputs: InputSpec | None = None,
 ) -> dict[str, float | int]:
     """All metrics of ``model``: accuracy on ``test``, size (the ``artefact`` file if given), MACs, latency.
 
@@ -250,15 +268,18 @@ def measure(
     time / model time, from the same run) are added. With a ``runtime`` and an ``onnx_reference`` (the
     reference model on ONNX Runtime in fp32), ``speedup_onnx_fp32_b{n}`` is added too: what the ONNX
     file gains over the same model on the same runtime, the honest measure of quantization.
+
+    ``inputs`` describes the model's inputs (the data's :attr:`~DatasetBundle.inputs`); without it the
+    test inputs are described as they are.
     """
-    input_shape = tuple(test.tensors[0].shape[1:])
+    spec = inputs if inputs is not None else spec_of(test.tensors[0])
     params, nonzero = count_params(model)
     size = Path(artefact).stat().st_size if artefact is not None else serialized_size(model)
     metrics: dict[str, float | int] = {
         "accuracy": accuracy(runtime or model, test),
         "params": params,
         "nonzero_params": nonzero,
-        "macs": count_macs(model, input_shape),
+        "macs": count_macs(model, spec),
         "size_bytes": size,
     }
     for batch in batch_sizes:
@@ -267,7 +288,7 @@ def measure(
             variants["reference"] = reference
         if runtime is not None and onnx_reference is not None:
             variants["onnx_fp32"] = onnx_reference
-        times = latencies_ms(variants, input_shape, batch, repeats=latency_repeats, threads=threads)
+        times = latencies_ms(variants, spec, batch, repeats=latency_repeats, threads=threads)
         metrics[f"latency_ms_b{batch}"] = times["model"]
         if reference is not None:
             metrics[f"speedup_b{batch}"] = times["reference"] / times["model"]

@@ -13,7 +13,7 @@ import json
 import logging
 import pickle
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from torch import nn
 
 from torchshrink import zoo
 from torchshrink.errors import ModelLoadError, ShapeMismatchError, UntrustedPickleError
+from torchshrink.inputs import InputSpec, as_spec
 from torchshrink.io import (
     encode_sparse,
     file_kind,
@@ -95,7 +96,16 @@ class LoadedModel:
 
     module: nn.Module
     architecture: dict[str, Any] | None
-    input_shape: tuple[int, ...] | None = None
+    inputs: InputSpec | None = None
+
+
+def recorded_inputs(record: dict[str, Any]) -> InputSpec | None:
+    """The input description a model file recorded ("inputs"; older files: a float "input_shape")."""
+    if record.get("inputs"):
+        return InputSpec.from_dict(record["inputs"])
+    if record.get("input_shape"):
+        return InputSpec.of_shape(record["input_shape"])
+    return None
 
 
 @contextmanager
@@ -250,7 +260,7 @@ def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
 
         packed = read_packed(path)
         model = _from_recorded(path, packed.architecture, packed.state_dict)
-        return LoadedModel(model, packed.architecture, packed.input_shape)
+        return LoadedModel(model, packed.architecture, packed.inputs)
     if kind == "safetensors":
         meta = read_safetensors_metadata(path)
         if meta.get("format") != MODEL_FORMAT:
@@ -260,8 +270,7 @@ def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
             )
         architecture = json.loads(meta["architecture"]) if "architecture" in meta else None
         model = _from_recorded(path, architecture, load_state_dict_file(path))
-        shape = tuple(json.loads(meta["input_shape"])) if meta.get("input_shape") else None
-        return LoadedModel(model, architecture, shape)
+        return LoadedModel(model, architecture, _recorded_inputs(path))
     if kind == "torchscript":
         return LoadedModel(torch.jit.load(str(path), map_location="cpu"), None)
     if kind == "onnx":
@@ -311,6 +320,16 @@ def _recorded_shapes(weights: Path, architecture: dict[str, Any]) -> dict[str, A
     return {"resized": saved["resized"]} if same_builder and "resized" in saved else {}
 
 
+def _recorded_inputs(weights: Path) -> InputSpec | None:
+    """The input description a torchshrink model file records (data, like the layer shapes)."""
+    if file_kind(weights) != "safetensors":
+        return None
+    meta = read_safetensors_metadata(weights)
+    if meta.get("format") != MODEL_FORMAT:
+        return None
+    return recorded_inputs({k: json.loads(meta[k]) for k in ("inputs", "input_shape") if meta.get(k)})
+
+
 def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
     """Build or load a model from a spec, a dict, a zoo name, or a path to a model file."""
     if isinstance(spec, Path):
@@ -328,9 +347,11 @@ def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
     if spec.weights is not None:
         architecture.update(_recorded_shapes(spec.weights, architecture))
     model = build_architecture(architecture)
+    inputs = None
     if spec.weights is not None:
         load_weights_into(model, load_weights_file(spec.weights), str(spec.weights))
-    return LoadedModel(model, architecture)
+        inputs = _recorded_inputs(spec.weights)
+    return LoadedModel(model, architecture, inputs)
 
 
 def load_model(spec: ModelSpec | dict | str | Path) -> nn.Module:
@@ -342,7 +363,7 @@ def save_model(
     path: str | Path,
     model: nn.Module,
     architecture: dict[str, Any] | None,
-    input_shape: tuple[int, ...] | None = None,
+    inputs: InputSpec | Sequence[int] | None = None,
 ) -> Path:
     """Save a model as a torchshrink model file (safetensors + architecture metadata), atomically.
 
@@ -353,7 +374,7 @@ def save_model(
     meta = {"format": MODEL_FORMAT, "version": str(MODEL_FORMAT_VERSION)}
     if architecture is not None:
         meta["architecture"] = json.dumps(architecture, sort_keys=True)
-    if input_shape is not None:
-        meta["input_shape"] = json.dumps(list(input_shape))
+    if inputs is not None:
+        meta["inputs"] = json.dumps(as_spec(inputs).to_dict())
     tensors, sparse_meta = encode_sparse(model.state_dict())
     return save_tensors(path, tensors, meta | sparse_meta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from torchshrink.errors import CorruptFileError, ExportError, MissingFileError
+from torchshrink.inputs import InputSpec, ModelInput, as_spec, as_tuple, call
 from torchshrink.io import atomic_path
 from torchshrink.onnx_passes import clean_graph
 
@@ -21,7 +23,8 @@ __all__ = ["export_onnx", "OnnxRuntimeModel", "max_abs_diff_vs_onnx"]
 
 
 class OnnxRuntimeModel(nn.Module):
-    """An ONNX file behind ONNX Runtime, callable like a module: float tensor in, float tensor out."""
+    """An ONNX file behind ONNX Runtime, callable like a module: the graph's inputs in (positionally, in
+    the graph's order, each cast to the dtype the graph declares), its first output out."""
 
     def __init__(self, path: str | Path, threads: int = 2) -> None:
         super().__init__()
@@ -42,27 +45,34 @@ class OnnxRuntimeModel(nn.Module):
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise CorruptFileError(self.path, f"ONNX Runtime cannot load it: {exc}") from exc
-        self.input_name = self.session.get_inputs()[0].name
+        graph_inputs = self.session.get_inputs()
+        self.input_names = [i.name for i in graph_inputs]
+        self.input_dtypes = [np.int64 if i.type == "tensor(int64)" else np.float32 for i in graph_inputs]
         self.output_name = self.session.get_outputs()[0].name
 
     @property
     def input_shape(self) -> tuple[int | str, ...]:
-        """Per-sample input shape as declared in the graph (symbolic dims stay strings)."""
+        """Per-sample shape of the first input as declared in the graph (symbolic dims stay strings)."""
         return tuple(self.session.get_inputs()[0].shape[1:])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(
-            [self.output_name], {self.input_name: x.detach().cpu().numpy().astype(np.float32)}
-        )
-        return torch.from_numpy(out[0])
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        if len(xs) != len(self.input_names):
+            raise ExportError(
+                f"{self.path}: the graph takes {len(self.input_names)} input(s) {self.input_names}, got {len(xs)}"
+            )
+        feed = {
+            name: x.detach().cpu().numpy().astype(dtype, copy=False)
+            for name, dtype, x in zip(self.input_names, self.input_dtypes, xs, strict=True)
+        }
+        return torch.from_numpy(self.session.run([self.output_name], feed)[0])
 
 
-def max_abs_diff_vs_onnx(model: nn.Module, onnx_path: str | Path, x: torch.Tensor) -> float:
+def max_abs_diff_vs_onnx(model: nn.Module, onnx_path: str | Path, x: ModelInput) -> float:
     """Largest absolute difference between the module's and ONNX Runtime's outputs on ``x``."""
     model.eval()
     with torch.inference_mode():
-        expected = model(x)
-    got = OnnxRuntimeModel(onnx_path)(x)
+        expected = call(model, x)
+    got = call(OnnxRuntimeModel(onnx_path), x)
     return float((expected - got).abs().max())
 
 
@@ -78,34 +88,35 @@ def _clean_file(path: Path) -> None:
 def export_onnx(
     model: nn.Module,
     path: str | Path,
-    input_shape: tuple[int, ...],
+    inputs: InputSpec | Sequence[int],
     *,
     opset: int = 17,
-    check_inputs: torch.Tensor | None = None,
+    check_inputs: ModelInput | None = None,
     atol: float = 1e-4,
 ) -> float | None:
-    """Export ``model`` to ``path`` (dynamic batch axis) atomically; with ``check_inputs``, verify that
-    ONNX Runtime reproduces PyTorch within ``atol`` and return the max abs difference."""
+    """Export ``model`` to ``path`` atomically, with the graph inputs named and shaped as ``inputs``
+    describes (dynamic batch axis, and dynamic sequence axes for variable-length inputs); with
+    ``check_inputs``, verify that ONNX Runtime reproduces PyTorch within ``atol`` and return the max
+    abs difference."""
     path = Path(path)
+    spec = as_spec(inputs)
     model.eval()
-    dummy = torch.zeros(2, *input_shape)
+    dummy = as_tuple(spec.example(2))
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
                 model,
-                (dummy,),
+                dummy,
                 str(tmp),
                 dynamo=False,
                 opset_version=opset,
-                input_names=["input"],
+                input_names=list(spec.names),
                 output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                dynamic_axes={**spec.onnx_axes(), "output": {0: "batch"}},
             )
         except Exception as exc:  # the exporter raises many unrelated types
-            raise ExportError(
-                f"ONNX export to {path} failed for input shape {tuple(input_shape)}: {exc}"
-            ) from exc
+            raise ExportError(f"ONNX export to {path} failed for inputs {spec.describe()}: {exc}") from exc
         _clean_file(tmp)
     if check_inputs is None:
         return None

@@ -17,6 +17,7 @@ from torch import nn
 from torchshrink._version import __version__
 from torchshrink.data import DatasetBundle, load_data
 from torchshrink.errors import DataError, TorchshrinkError
+from torchshrink.inputs import InputSpec
 from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors
 from torchshrink.measure import check_model_fits, measure, predict
 from torchshrink.models import build_architecture, load_weights_into, open_model, save_model
@@ -94,15 +95,13 @@ def _resumable_prefix(recipe: Recipe, out_dir: Path) -> int:
     return done
 
 
-def _onnx_fp32(
-    model: nn.Module, input_shape: tuple[int, ...], out_dir: Path, info: ddp.DistInfo
-) -> nn.Module | None:
+def _onnx_fp32(model: nn.Module, inputs: InputSpec, out_dir: Path, info: ddp.DistInfo) -> nn.Module | None:
     """The baseline model on ONNX Runtime in fp32, the fair reference for an ONNX artefact's speed."""
     path = out_dir / WORK_DIR / "baseline.fp32.onnx"
     try:
         if info.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            export_onnx(copy.deepcopy(model), path, input_shape)
+            export_onnx(copy.deepcopy(model), path, inputs)
         ddp.barrier()
         return OnnxRuntimeModel(path)
     except TorchshrinkError as exc:
@@ -161,7 +160,7 @@ def run(
     loaded = open_model(recipe.model)
     width = check_model_fits(
         loaded.module,
-        data.input_shape,
+        data.inputs,
         data.num_classes,
         source=f"model {recipe.model.model_dump(exclude_defaults=True)} on data {data.name}",
     )
@@ -175,7 +174,7 @@ def run(
         onnx_reference = None
         if s.runtime is not None and reference is not None:
             if id(reference) not in onnx_references:
-                onnx_references[id(reference)] = _onnx_fp32(reference, data.input_shape, out_dir, info)
+                onnx_references[id(reference)] = _onnx_fp32(reference, data.inputs, out_dir, info)
             onnx_reference = onnx_references[id(reference)]
         return measure(
             s.model,
@@ -187,6 +186,7 @@ def run(
             reference=reference,
             onnx_reference=onnx_reference,
             batch_sizes=recipe.measure.batch_sizes,
+            inputs=data.inputs,
         )
 
     # The baseline model is kept so that every later stage is timed interleaved with it.
@@ -254,7 +254,7 @@ def run(
     assert baseline is not None
     final = next((r["metrics"] for r in reversed(records) if not r.get("branch")), baseline)
     if info.is_main:
-        save_model(out_dir / MODEL_FILE, state.model, state.architecture, data.input_shape)
+        save_model(out_dir / MODEL_FILE, state.model, state.architecture, data.inputs)
     artefacts = {"model": MODEL_FILE, **artefacts}
     report = Report(
         torchshrink_version=__version__,

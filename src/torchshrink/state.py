@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from torchshrink.data import DatasetBundle
+from torchshrink.inputs import ModelInput, take
 from torchshrink.parallel.ddp import DistInfo
 
 
@@ -66,8 +67,10 @@ class RunContext:
         """Results worth reusing across runs into the same output folder (e.g. a trained teacher)."""
         return self.out_dir / "cache"
 
-    def calibration_batches(self, batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def calibration_batches(self, batches: int, batch_size: int) -> list[tuple[ModelInput, torch.Tensor]]:
         """Labelled training batches for calibration and importance scores, the same for the same seed."""
         subset = self.data.subset("train", batches * batch_size, seed=self.seed)
         x, y = subset.tensors[0], subset.tensors[1]
-        return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        return [
+            (take(x, slice(i, i + batch_size)), y[i : i + batch_size]) for i in range(0, len(y), batch_size)
+        ]

@@ -15,6 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
 from torchshrink.errors import StructureError
+from torchshrink.inputs import ModelInput, as_tuple
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _first_untraceable(model: nn.Module, opaque: frozenset[str], prefix: str = "
 
 def trace_model(
     model: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     purpose: str = "structured pruning",
     advice: str = " or use unstructured pruning",
 ) -> fx.GraphModule:
@@ -122,6 +123,6 @@ def trace_model(
     was_training = model.training
     gm.eval()
     with torch.no_grad():
-        ShapeProp(gm).propagate(example)
+        ShapeProp(gm).propagate(*as_tuple(example))
     model.train(was_training)
     return gm

@@ -30,12 +30,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from torchshrink.errors import TrainingError
+from torchshrink.inputs import call, to_device
+from torchshrink.inputs import count as count_samples
 from torchshrink.io import atomic_path
 from torchshrink.parallel import ddp
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, ...]
+Batch = tuple["torch.Tensor | tuple[torch.Tensor, ...]", ...]
+"""A batch: the model input first (a tensor, or a tuple for a model that takes several), then targets."""
 LossFn = Callable[[nn.Module, Batch], "torch.Tensor | Mapping[str, torch.Tensor]"]
 CHECKPOINT_NAME = "train-state.pt"
 
@@ -90,7 +93,7 @@ class DatasetBatches:
 def classification_loss(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     """Cross-entropy of the model's logits against integer labels (or class distributions, as mixup makes)."""
     x, y = batch[0], batch[1]
-    return {"ce": F.cross_entropy(model(x), y)}
+    return {"ce": F.cross_entropy(call(model, x), y)}
 
 
 @dataclass
@@ -271,7 +274,7 @@ def fit(
             for index, batch in enumerate(batches.epoch(epoch)):
                 if index < skip:
                     continue
-                batch = tuple(t.to(device) for t in batch)
+                batch = tuple(to_device(t, device) for t in batch)
                 terms = _terms(loss_fn(wrapped, batch))
                 for name, value in terms.items():
                     if not torch.isfinite(value).all():
@@ -291,7 +294,7 @@ def fit(
                 if after_step is not None:
                     after_step(model)
                 step += 1
-                samples += len(batch[0]) * info.world_size
+                samples += count_samples(batch[0]) * info.world_size
                 count += 1
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach())

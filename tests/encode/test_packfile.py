@@ -60,7 +60,7 @@ def test_round_trip_is_bit_identical(tmp_path: Path, name, bits, use_huffman, fl
         assert tensor.dtype == expected[key].dtype
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(loaded.module(x), model(x))
-    assert loaded.input_shape == (1, 28, 28) and loaded.architecture == arch
+    assert loaded.inputs.shape == (1, 28, 28) and loaded.architecture == arch
     # the size breakdown adds up to the file, and reading reports the same breakdown as writing
     packed = read_packed(path)
     assert packed.file_bytes == path.stat().st_size == written.file_bytes

@@ -39,6 +39,16 @@ class DataSpec(BaseModel, extra="forbid"):
     split_seed: int = 0
     train_limit: int | None = Field(None, gt=0, description="use only this many training samples")
     test_limit: int | None = Field(None, gt=0, description="use only this many test samples")
+    inputs: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="npz: the arrays that are the model's inputs, in forward's order (default: 'x')",
+    )
+    input_ranges: dict[str, tuple[int, int]] = Field(
+        default_factory=dict,
+        description="integer inputs: the range [low, high) of their values, e.g. [0, vocabulary size] "
+        "(default: the range the data spans)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -47,6 +57,8 @@ class DataSpec(BaseModel, extra="forbid"):
             raise ValueError(
                 f"give exactly one of 'name' ({', '.join(BUILTIN)}), 'npz' (path) or 'folder' (path); got {given or 'none'}"
             )
+        if (self.inputs or self.input_ranges) and self.npz is None:
+            raise ValueError("'inputs' and 'input_ranges' describe the arrays of an 'npz' file")
         return self
 
 
@@ -64,7 +76,13 @@ def load_data(spec: DataSpec | dict | str) -> DatasetBundle:
     if spec.name is not None:
         bundle = BUILTIN[spec.name](seed=spec.split_seed)
     elif spec.npz is not None:
-        bundle = load_npz(spec.npz, test_fraction=spec.test_fraction, seed=spec.split_seed)
+        bundle = load_npz(
+            spec.npz,
+            test_fraction=spec.test_fraction,
+            seed=spec.split_seed,
+            inputs=spec.inputs,
+            input_ranges=spec.input_ranges,
+        )
     else:
         assert spec.folder is not None
         bundle = load_image_folder(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -12,11 +13,13 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from torchshrink.errors import DataError
+from torchshrink.inputs import DEFAULT_NAME, InputSpec, ModelInput, samples, take
 
 
 @dataclass(frozen=True)
 class DatasetBundle:
-    """A classification dataset held in memory as float inputs and int64 labels.
+    """A classification dataset held in memory: model inputs (one tensor, or a tuple for a model that
+    takes several, named by ``input_names``) and int64 labels.
 
     ``labelled`` is False for data that came without labels: its label tensors are placeholders
     until :meth:`labelled_by` fills them with a model's top-1 predictions, and quality is then
@@ -28,11 +31,25 @@ class DatasetBundle:
     test: TensorDataset
     num_classes: int
     labelled: bool = True
+    input_names: tuple[str, ...] = (DEFAULT_NAME,)
+    input_ranges: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+    @functools.cached_property
+    def inputs(self) -> InputSpec:
+        """What a model takes from this data: names, dtypes, shapes, integer ranges (observed in both
+        splits, or as declared in ``input_ranges``)."""
+        train, test = self.train.tensors[0], self.test.tensors[0]
+        if isinstance(train, torch.Tensor):
+            train, test = (train,), (test,)
+        if len(train) != len(self.input_names):
+            raise DataError(f"{self.name}: {len(train)} input tensor(s) but names {list(self.input_names)}")
+        named = {n: (a, b) for n, a, b in zip(self.input_names, train, test, strict=True)}
+        return InputSpec.observe(named, self.input_ranges)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input sample (without the batch dimension)."""
-        return tuple(self.train.tensors[0].shape[1:])
+        """Shape of one sample of the only float input (without the batch dimension)."""
+        return self.inputs.shape
 
     def subset(self, split: str, n: int, seed: int = 0) -> TensorDataset:
         """A random subset of ``n`` samples of ``split`` ("train" or "test"), e.g. for calibration."""
@@ -44,49 +61,99 @@ class DatasetBundle:
             return dataset
         generator = torch.Generator().manual_seed(seed)
         idx = torch.randperm(total, generator=generator)[:n]
-        return TensorDataset(*(t[idx] for t in dataset.tensors))
+        return samples(*(take(t, idx) for t in dataset.tensors))
 
-    def labelled_by(self, predict: Callable[[torch.Tensor], torch.Tensor], num_classes: int) -> DatasetBundle:
+    def labelled_by(self, predict: Callable[[ModelInput], torch.Tensor], num_classes: int) -> DatasetBundle:
         """The same inputs labelled with ``predict``'s top-1 class (the original model's view of them)."""
         train, test = (
-            TensorDataset(d.tensors[0], predict(d.tensors[0]).argmax(dim=1)) for d in (self.train, self.test)
+            samples(d.tensors[0], predict(d.tensors[0]).argmax(dim=1)) for d in (self.train, self.test)
         )
         return dataclasses.replace(self, train=train, test=test, num_classes=num_classes, labelled=False)
 
-    def calibration(self, n: int = 256, seed: int = 0) -> torch.Tensor:
+    def calibration(self, n: int = 256, seed: int = 0) -> ModelInput:
         """Up to ``n`` training inputs (no labels) for calibration or importance estimation."""
         return self.subset("train", n, seed).tensors[0]
 
 
+def _columns(name: str, x: object, what: str) -> dict[str, np.ndarray]:
+    """Input arrays by name: one unnamed array is the model's only input (float32); named integer or
+    boolean arrays (token ids, masks) become int64, the rest float32. All need the same sample count."""
+    named = dict(x) if isinstance(x, Mapping) else {DEFAULT_NAME: x}
+    if not named:
+        raise DataError(f"{name}: no input arrays")
+    out = {}
+    for key, value in named.items():
+        arr = np.asarray(value)
+        integer = isinstance(x, Mapping) and (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_)
+        out[key] = arr.astype(np.int64 if integer else np.float32)
+    lengths = {key: len(a) for key, a in out.items()}
+    if len(set(lengths.values())) != 1:
+        raise DataError(f"{name}: {what} arrays hold different numbers of samples: {lengths}")
+    return out
+
+
+def _check_same_samples(name: str, train: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> None:
+    for key in train:
+        if test[key].shape[1:] != train[key].shape[1:]:
+            suffix = "" if key == DEFAULT_NAME else f" of {key!r}"
+            raise DataError(
+                f"{name}: test samples{suffix} have shape {test[key].shape[1:]} but training samples have "
+                f"{train[key].shape[1:]}"
+            )
+
+
+def _model_input(columns: dict[str, np.ndarray]) -> ModelInput:
+    tensors = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in columns.values())
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
+def _names(columns: dict[str, np.ndarray]) -> tuple[str, ...]:
+    return tuple(columns)
+
+
 def make_bundle(
     name: str,
-    x: np.ndarray | torch.Tensor,
+    x: np.ndarray | torch.Tensor | Mapping[str, np.ndarray | torch.Tensor],
     y: np.ndarray | torch.Tensor,
-    x_test: np.ndarray | torch.Tensor | None = None,
+    x_test: np.ndarray | torch.Tensor | Mapping[str, np.ndarray | torch.Tensor] | None = None,
     y_test: np.ndarray | torch.Tensor | None = None,
     *,
     test_fraction: float = 0.2,
     test_size: int | None = None,
     seed: int = 0,
+    input_ranges: Mapping[str, tuple[int, int]] | None = None,
 ) -> DatasetBundle:
-    """Build a bundle, splitting off a stratified test set with ``seed`` when none is given."""
-    x_arr, y_arr = np.asarray(x, dtype=np.float32), np.asarray(y)
-    if len(x_arr) != len(y_arr):
-        raise DataError(f"{name}: x has {len(x_arr)} samples but y has {len(y_arr)}")
+    """Build a bundle, splitting off a stratified test set with ``seed`` when none is given.
+
+    ``x`` is one array (the model's only input) or a mapping of named arrays, in the order the
+    model's ``forward`` takes them.
+    """
+    columns, y_arr = _columns(name, x, "input"), np.asarray(y)
+    n = len(next(iter(columns.values())))
+    if n != len(y_arr):
+        raise DataError(f"{name}: x has {n} samples but y has {len(y_arr)}")
     if x_test is None:
         if y_test is not None:
             raise DataError(f"{name}: y_test given without x_test")
-        x_arr, x_te, y_arr, y_te = train_test_split(
-            x_arr, y_arr, test_size=test_size or test_fraction, stratify=y_arr, random_state=seed
+        train_idx, test_idx = train_test_split(
+            np.arange(n), test_size=test_size or test_fraction, stratify=y_arr, random_state=seed
         )
+        test_columns = {k: a[test_idx] for k, a in columns.items()}
+        columns = {k: a[train_idx] for k, a in columns.items()}
+        y_arr, y_te = y_arr[train_idx], y_arr[test_idx]
     else:
         if y_test is None:
             raise DataError(f"{name}: x_test given without y_test")
-        x_te, y_te = np.asarray(x_test, dtype=np.float32), np.asarray(y_test)
-        if len(x_te) != len(y_te):
-            raise DataError(f"{name}: x_test has {len(x_te)} samples but y_test has {len(y_te)}")
-        if x_te.shape[1:] != x_arr.shape[1:]:
-            raise DataError(f"{name}: x_test samples have shape {x_te.shape[1:]} but x has {x_arr.shape[1:]}")
+        test_columns, y_te = _columns(name, x_test, "test input"), np.asarray(y_test)
+        if set(test_columns) != set(columns):
+            raise DataError(
+                f"{name}: test inputs {sorted(test_columns)} differ from training inputs {sorted(columns)}"
+            )
+        test_columns = {k: test_columns[k] for k in columns}
+        n_test = len(next(iter(test_columns.values())))
+        if n_test != len(y_te):
+            raise DataError(f"{name}: x_test has {n_test} samples but y_test has {len(y_te)}")
+        _check_same_samples(name, columns, test_columns)
     labels = np.concatenate([y_arr, y_te])
     if not np.issubdtype(labels.dtype, np.integer):
         if np.all(np.mod(labels, 1) == 0):
@@ -96,37 +163,60 @@ def make_bundle(
     if labels.min() < 0:
         raise DataError(f"{name}: labels must be >= 0, found {labels.min()}")
     num_classes = int(labels.max()) + 1
-    train = TensorDataset(
-        torch.from_numpy(np.ascontiguousarray(x_arr)), torch.as_tensor(y_arr, dtype=torch.long)
+    train = samples(_model_input(columns), torch.as_tensor(y_arr, dtype=torch.long))
+    test = samples(_model_input(test_columns), torch.as_tensor(y_te, dtype=torch.long))
+    bundle = DatasetBundle(
+        name=name,
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        input_names=_names(columns),
+        input_ranges=dict(input_ranges or {}),
     )
-    test = TensorDataset(
-        torch.from_numpy(np.ascontiguousarray(x_te)), torch.as_tensor(y_te, dtype=torch.long)
-    )
-    return DatasetBundle(name=name, train=train, test=test, num_classes=num_classes)
+    bundle.inputs  # noqa: B018 - a declared range that does not hold the data fails here, at load time
+    return bundle
 
 
 def make_unlabelled_bundle(
     name: str,
-    x: np.ndarray | torch.Tensor,
-    x_test: np.ndarray | torch.Tensor | None = None,
+    x: np.ndarray | torch.Tensor | Mapping[str, np.ndarray | torch.Tensor],
+    x_test: np.ndarray | torch.Tensor | Mapping[str, np.ndarray | torch.Tensor] | None = None,
     *,
     test_fraction: float = 0.2,
     seed: int = 0,
+    input_ranges: Mapping[str, tuple[int, int]] | None = None,
 ) -> DatasetBundle:
     """A bundle of inputs without labels (placeholders, ``labelled=False``), split with ``seed`` if no test set."""
-    x_arr = np.asarray(x, dtype=np.float32)
+    columns = _columns(name, x, "input")
     if x_test is None:
-        order = np.random.default_rng(seed).permutation(len(x_arr))
-        n_test = max(1, round(len(x_arr) * test_fraction))
-        x_arr, x_te = x_arr[order[n_test:]], x_arr[order[:n_test]]
+        n = len(next(iter(columns.values())))
+        order = np.random.default_rng(seed).permutation(n)
+        n_test = max(1, round(n * test_fraction))
+        test_columns = {k: a[order[:n_test]] for k, a in columns.items()}
+        columns = {k: a[order[n_test:]] for k, a in columns.items()}
     else:
-        x_te = np.asarray(x_test, dtype=np.float32)
-        if x_te.shape[1:] != x_arr.shape[1:]:
-            raise DataError(f"{name}: x_test samples have shape {x_te.shape[1:]} but x has {x_arr.shape[1:]}")
-    if len(x_arr) == 0 or len(x_te) == 0:
-        raise DataError(f"{name}: needs training and test inputs; got {len(x_arr)} and {len(x_te)}")
+        test_columns = _columns(name, x_test, "test input")
+        if set(test_columns) != set(columns):
+            raise DataError(
+                f"{name}: test inputs {sorted(test_columns)} differ from training inputs {sorted(columns)}"
+            )
+        test_columns = {k: test_columns[k] for k in columns}
+        _check_same_samples(name, columns, test_columns)
+    sizes = [len(next(iter(c.values()))) for c in (columns, test_columns)]
+    if min(sizes) == 0:
+        raise DataError(f"{name}: needs training and test inputs; got {sizes[0]} and {sizes[1]}")
     train, test = (
-        TensorDataset(torch.from_numpy(np.ascontiguousarray(a)), torch.zeros(len(a), dtype=torch.long))
-        for a in (x_arr, x_te)
+        samples(_model_input(c), torch.zeros(size, dtype=torch.long))
+        for c, size in zip((columns, test_columns), sizes, strict=True)
     )
-    return DatasetBundle(name=name, train=train, test=test, num_classes=0, labelled=False)
+    bundle = DatasetBundle(
+        name=name,
+        train=train,
+        test=test,
+        num_classes=0,
+        labelled=False,
+        input_names=_names(columns),
+        input_ranges=dict(input_ranges or {}),
+    )
+    bundle.inputs  # noqa: B018 - fail at load time on a declared range that does not hold the data
+    return bundle

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,29 @@ def _to_channels_first(x: np.ndarray, path: Path, key: str) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> DatasetBundle:
-    """Load ``x`` and ``y`` (and optionally ``x_test``, ``y_test``) from an ``.npz`` file."""
+def _named_input(arr: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """A named input array: integer and boolean arrays (token ids, masks) stay integers, uint8 and
+    float arrays are read as images or features like ``x``."""
+    if arr.dtype == np.bool_ or (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8):
+        if arr.ndim < 1:
+            raise DataError(f"{path}: key {key!r} must have a sample axis, got shape {arr.shape}")
+        return arr.astype(np.int64)
+    return _to_channels_first(arr, path, key)
+
+
+def load_npz(
+    path: str | Path,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    inputs: Sequence[str] | None = None,
+    input_ranges: Mapping[str, tuple[int, int]] | None = None,
+) -> DatasetBundle:
+    """Load ``x`` and ``y`` (and optionally ``x_test``, ``y_test``) from an ``.npz`` file.
+
+    With ``inputs`` (names of arrays, in the order the model's ``forward`` takes them), each named
+    array is one model input and ``<name>_test`` its test split: token ids and attention masks,
+    or an image with side information.
+    """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(path, "npz data file")
@@ -45,25 +67,56 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
         )
     with loaded as archive:
         arrays = {k: archive[k] for k in archive.files}
-    if "x" not in arrays:
+    names = list(inputs) if inputs else ["x"]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        if inputs:
+            raise DataError(
+                f"{path}: data.inputs names {missing}, which the file does not hold; it holds {sorted(arrays)}"
+            )
         raise DataError(
             f"{path}: missing key 'x'; an npz dataset needs 'x' (inputs), optionally 'y' (integer labels; "
-            f"without them quality is agreement with the original model), 'x_test' and 'y_test'; found {sorted(arrays)}"
+            f"without them quality is agreement with the original model), 'x_test' and 'y_test' (or list "
+            f"the input arrays in data.inputs); found {sorted(arrays)}"
         )
-    unknown = sorted(set(arrays) - {"x", "y", "x_test", "y_test"})
+    known = {*names, *(f"{n}_test" for n in names), "y", "y_test"}
+    unknown = sorted(set(arrays) - known)
     if unknown and "y" not in arrays:
         raise DataError(
-            f"{path}: unknown key(s) {unknown}; an npz dataset holds 'x', optionally 'y' (integer labels), "
-            "'x_test' and 'y_test'; without 'y' it would be taken as unlabelled (rename the labels to 'y')"
+            f"{path}: unknown key(s) {unknown}; an npz dataset holds {names}, optionally 'y' (integer labels) "
+            f"and test splits {[f'{n}_test' for n in names]} and 'y_test'; without 'y' it would be taken as "
+            "unlabelled (rename the labels to 'y', or list the arrays in data.inputs)"
         )
-    x = _to_channels_first(arrays["x"], path, "x")
-    x_test = _to_channels_first(arrays["x_test"], path, "x_test") if "x_test" in arrays else None
+    has_test = [f"{n}_test" in arrays for n in names]
+    if any(has_test) and not all(has_test):
+        raise DataError(
+            f"{path}: give a test split for every input or for none: {[f'{n}_test' for n in names]}"
+        )
+    if inputs:
+        x = {n: _named_input(arrays[n], path, n) for n in names}
+        x_test = (
+            {n: _named_input(arrays[f"{n}_test"], path, f"{n}_test") for n in names}
+            if all(has_test)
+            else None
+        )
+    else:
+        x = _to_channels_first(arrays["x"], path, "x")
+        x_test = _to_channels_first(arrays["x_test"], path, "x_test") if "x_test" in arrays else None
     if "y" not in arrays:
         if "y_test" in arrays:
             raise DataError(f"{path}: has 'y_test' but no 'y'; give labels for both splits or for neither")
-        return make_unlabelled_bundle(path.stem, x, x_test, test_fraction=test_fraction, seed=seed)
+        return make_unlabelled_bundle(
+            path.stem, x, x_test, test_fraction=test_fraction, seed=seed, input_ranges=input_ranges
+        )
     return make_bundle(
-        path.stem, x, arrays["y"], x_test, arrays.get("y_test"), test_fraction=test_fraction, seed=seed
+        path.stem,
+        x,
+        arrays["y"],
+        x_test,
+        arrays.get("y_test"),
+        test_fraction=test_fraction,
+        seed=seed,
+        input_ranges=input_ranges,
     )
 
 

@@ -57,12 +57,12 @@ class Ensemble(nn.Module):
             raise ValueError(f"{n} members need {n} weights, got {tuple(w.shape)}")
         self.register_buffer("weights", w)
 
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def member_logits(self, *inputs: torch.Tensor) -> torch.Tensor:
         """Every member's logits, stacked: (members, batch, classes)."""
-        return torch.stack([m(x) for m in self.members])
+        return torch.stack([m(*inputs) for m in self.members])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return combine_logits(self.member_logits(x), self.combine, self.weights)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return combine_logits(self.member_logits(*inputs), self.combine, self.weights)
 
 
 def combine_logits(logits: torch.Tensor, combine: str, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,12 +19,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from torchshrink.augment import augment_batch
 from torchshrink.distill.ensemble import Combine, Ensemble
 from torchshrink.distill.losses import FeatureAdapter, FeatureTap, Objective, StepOutputs, make_term
 from torchshrink.errors import RecipeError
+from torchshrink.inputs import ModelInput, call, samples, take
 from torchshrink.measure import accuracy, check_model_fits, count_params, predict
 from torchshrink.models import LoadedModel, ModelSpec, open_model
 from torchshrink.parallel import ddp
@@ -81,8 +81,8 @@ class StudentWithAdapters(nn.Module):
         # Layer names contain dots, which ModuleDict keys may not.
         self.adapters = nn.ModuleDict({k.replace(".", "__"): v for k, v in adapters.items()})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student(x)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.student(*inputs)
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -123,7 +123,7 @@ def _objective(cfg: DistillConfig, adapters: dict[str, nn.Module]) -> Objective:
     return Objective(terms)
 
 
-def _adapters(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, example: torch.Tensor) -> dict:
+def _adapters(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, example: ModelInput) -> dict:
     """One adapter per feature pair, sized from the features of an example batch."""
     if not cfg.features:
         return {}
@@ -131,8 +131,8 @@ def _adapters(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, exampl
     try:
         with FeatureTap(student, s_names) as s_tap, FeatureTap(teacher, t_names) as t_tap, torch.no_grad():
             student.eval()
-            student(example)
-            teacher(example)
+            call(student, example)
+            call(teacher, example)
     except ValueError as exc:
         raise RecipeError(f"distill.features: {exc}") from exc
     if cfg.feature_loss == "attention":
@@ -189,7 +189,7 @@ class Distillation:
 
 
 def prepare_distillation(
-    state: ModelState, cfg: DistillConfig, ctx: RunContext, example: torch.Tensor
+    state: ModelState, cfg: DistillConfig, ctx: RunContext, example: ModelInput
 ) -> Distillation:
     """Teacher(s), student, adapters (sized on ``example`` inputs) and objective of a distill stage."""
     teacher, named = _teacher(state, cfg)
@@ -197,7 +197,7 @@ def prepare_distillation(
     loaded = open_model(cfg.student)
     student = loaded.module
     check_model_fits(
-        student, ctx.data.input_shape, ctx.data.num_classes, source=f"{ctx.stage_name}.student {cfg.student}"
+        student, ctx.data.inputs, ctx.data.num_classes, source=f"{ctx.stage_name}.student {cfg.student}"
     )
     adapters = _adapters(student, teacher, cfg, example)
     return Distillation(
@@ -237,18 +237,18 @@ def finish_distillation(
 def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> ModelState:
     """Train ``cfg.student`` from the teacher(s); the student becomes the pipeline's model."""
     x, y = ctx.data.train.tensors[0], ctx.data.train.tensors[1]
-    setup = prepare_distillation(state, cfg, ctx, x[:2])
+    setup = prepare_distillation(state, cfg, ctx, take(x, slice(0, 2)))
     teacher = setup.teacher
     # Features or augmented inputs need the teacher's forward pass on the student's view; else its logits are cached.
     live = bool(cfg.features) or cfg.augment.active
-    dataset = TensorDataset(x, y) if live else TensorDataset(x, y, predict(teacher, x))
+    dataset = samples(x, y) if live else samples(x, y, predict(teacher, x))
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         inputs, labels = augment_batch(batch[0], batch[1], cfg.augment, ctx.data.num_classes)
-        logits = model(inputs)
+        logits = call(model, inputs)
         if live:
             with torch.no_grad():
-                t_logits = teacher(inputs)
+                t_logits = call(teacher, inputs)
         else:
             t_logits = batch[2]
         return setup.terms(logits, labels, t_logits)

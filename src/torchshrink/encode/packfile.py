@@ -22,6 +22,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from torchshrink.encode import huffman
 from torchshrink.encode.kmeans import codebook_of, plain_state_dict, shared_layers
 from torchshrink.encode.positions import MAX_WIDTH, from_gaps, gap_histogram, to_gaps
 from torchshrink.errors import CorruptFileError, MissingFileError
+from torchshrink.inputs import InputSpec, as_spec
 from torchshrink.io import PACKED_MAGIC, atomic_path
 from torchshrink.tables import markdown_table
 
@@ -101,7 +103,7 @@ class PackedModel:
 
     state_dict: dict[str, torch.Tensor]
     architecture: dict[str, Any] | None
-    input_shape: tuple[int, ...] | None
+    inputs: InputSpec | None
     layers: list[LayerRow] = field(default_factory=list)
     other_bytes: int = 0
     header_bytes: int = 0
@@ -218,7 +220,7 @@ def write_packed(
     path: str | Path,
     model: nn.Module,
     architecture: dict[str, Any] | None,
-    input_shape: tuple[int, ...] | None,
+    inputs: InputSpec | Sequence[int] | None,
     *,
     use_huffman: bool = True,
     float_dtype: FloatDtype = "float16",
@@ -272,7 +274,7 @@ def write_packed(
     header = {
         "format": "torchshrink-packed",
         "architecture": architecture,
-        "input_shape": list(input_shape) if input_shape is not None else None,
+        "inputs": as_spec(inputs).to_dict() if inputs is not None else None,
         "float_dtype": float_dtype,
         "float_bytes": sum(4 * t.numel() for t in plain.values()),
         "layers": layers,
@@ -287,7 +289,7 @@ def write_packed(
     return PackedModel(
         state_dict=plain,
         architecture=architecture,
-        input_shape=input_shape,
+        inputs=as_spec(inputs) if inputs is not None else None,
         layers=rows,
         other_bytes=sum(len(sections.parts[t["section"]]) for t in tensors),
         header_bytes=_PREAMBLE.size + len(header_data),
@@ -418,11 +420,20 @@ def read_packed(path: str | Path) -> PackedModel:
                 raise CorruptFileError(path, f"tensor {entry['name']!r} cannot be decoded: {exc}") from exc
     except (KeyError, TypeError, IndexError) as exc:
         raise CorruptFileError(path, f"the header is malformed ({type(exc).__name__}: {exc})") from exc
-    shape = header.get("input_shape")
+    try:
+        inputs = (
+            InputSpec.from_dict(header["inputs"])
+            if header.get("inputs")
+            else InputSpec.of_shape(header["input_shape"])
+            if header.get("input_shape")
+            else None
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptFileError(path, f"the input description is malformed ({exc})") from exc
     return PackedModel(
         state_dict=state,
         architecture=header.get("architecture"),
-        input_shape=tuple(shape) if shape else None,
+        inputs=inputs,
         layers=rows,
         other_bytes=sum(len(parts[t["section"]]) for t in header["tensors"]),
         header_bytes=start,

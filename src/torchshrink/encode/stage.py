@@ -145,7 +145,7 @@ def encode_stage(state: ModelState, cfg: EncodeConfig, ctx: RunContext) -> Model
             path,
             model,
             state.architecture,
-            ctx.data.input_shape,
+            ctx.data.inputs,
             use_huffman=cfg.huffman,
             float_dtype=cfg.float_dtype,
         )

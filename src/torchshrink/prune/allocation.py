@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from torchshrink.inputs import ModelInput, call, spec_of
 from torchshrink.prune.graph import Group
 from torchshrink.prune.latency_model import LatencyModel
 from torchshrink.prune.structural import Plan, Size, bounds, mask_channels, rebind, rebuilt_size
@@ -47,15 +48,15 @@ def masked_loss(model: nn.Module, groups: Sequence[Group], plan: Plan, batches: 
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.train()
     with torch.no_grad():
-        return sum(float(F.cross_entropy(candidate(x), y)) for x, y in batches) / len(batches)
+        return sum(float(F.cross_entropy(call(candidate, x), y)) for x, y in batches) / len(batches)
 
 
 def sensitivity_plan(
     model: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     groups: Sequence[Group],
     scores: Sequence[torch.Tensor],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[tuple[ModelInput, torch.Tensor]],
     *,
     max_ratio: float,
     reached: Callable[[Size], bool],
@@ -80,7 +81,7 @@ def sensitivity_plan(
 
     if not batches:
         raise ValueError("sensitivity allocation needs labelled calibration batches")
-    input_shape = tuple(example.shape[1:])
+    inputs = spec_of(example)
     orders = [torch.argsort(s) for s in scores]
     limits = [bounds(g, max_ratio) for g in groups]
     counts = [0] * len(groups)
@@ -89,7 +90,7 @@ def sensitivity_plan(
         return {gi: orders[gi][:n] for gi, n in enumerate(c) if n}
 
     loss = masked_loss(model, groups, {}, batches)
-    spent = cost(rebuilt_size(model, groups, {}, input_shape))
+    spent = cost(rebuilt_size(model, groups, {}, inputs))
     version = 0  # bumped whenever a step is taken: rates measured before are stale
 
     def candidate(gi: int) -> tuple[float, int, int, list[int], float, Size] | None:
@@ -99,7 +100,7 @@ def sensitivity_plan(
             return None
         trial = [*counts[:gi], n, *counts[gi + 1 :]]
         trial_loss = masked_loss(model, groups, plan_of(trial), batches)
-        size = rebuilt_size(model, groups, plan_of(trial), input_shape)
+        size = rebuilt_size(model, groups, plan_of(trial), inputs)
         return (trial_loss - loss) / max(spent - cost(size), 1e-9), gi, version, trial, trial_loss, size
 
     # Lazy greedy: a chunk's rate rarely falls when other groups shrink, so only the best stale
@@ -117,7 +118,7 @@ def sensitivity_plan(
                 continue
             bar.update(sum(trial) - sum(counts))
             if reached(size):
-                size_of = lambda c: rebuilt_size(model, groups, plan_of(c), input_shape)  # noqa: E731
+                size_of = lambda c: rebuilt_size(model, groups, plan_of(c), inputs)  # noqa: E731
                 return plan_of(_trim(trial, counts, reached, size_of))
             counts, loss, spent, version = trial, trial_loss, cost(size), version + 1
             follow = candidate(gi)

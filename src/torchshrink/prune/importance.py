@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.inputs import ModelInput, call
 from torchshrink.prune.graph import Group
 
-Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+Batches = Sequence[tuple[ModelInput, torch.Tensor]]
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 ENTROPY_BINS = 32
 
@@ -92,7 +93,7 @@ def _gradients(model: nn.Module, batches: Batches) -> list[dict[str, torch.Tenso
     grads = []
     for x, y in batches:
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(call(model, x), y).backward()
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
     model.zero_grad(set_to_none=True)
     model.train(was_training)
@@ -146,7 +147,7 @@ class EntropyImportance(Importance):
         try:
             with torch.no_grad():
                 for x, _ in batches:
-                    model(x)
+                    call(model, x)
         finally:
             for h in hooks:
                 h.remove()

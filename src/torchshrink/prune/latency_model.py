@@ -19,6 +19,7 @@ from scipy.optimize import nnls
 from torch import nn
 from tqdm.auto import tqdm
 
+from torchshrink.inputs import InputSpec
 from torchshrink.measure import latencies_ms
 from torchshrink.prune.graph import Group
 from torchshrink.prune.structural import Size, bounds, model_size, rebuilt
@@ -50,7 +51,7 @@ class LatencyModel:
 def fit_latency_model(
     model: nn.Module,
     groups: Sequence[Group],
-    input_shape: tuple[int, ...],
+    inputs: InputSpec | Sequence[int],
     *,
     max_ratio: float,
     batch_size: int = 32,
@@ -70,8 +71,8 @@ def fit_latency_model(
             if n:
                 plan[gi] = torch.arange(n)
         variants[f"copy{i}"] = rebuilt(model, groups, plan)
-    timed = latencies_ms(variants, input_shape, batch_size=batch_size, repeats=repeats)
-    sizes = [model_size(m, input_shape) for m in variants.values()]
+    timed = latencies_ms(variants, inputs, batch_size=batch_size, repeats=repeats)
+    sizes = [model_size(m, inputs) for m in variants.values()]
     features = np.array([[s.macs, s.elements, 1.0] for s in sizes], dtype=np.float64)
     ms = np.array([timed[name] for name in variants], dtype=np.float64)
     # Scale the columns to one magnitude so the solver's tolerance treats them alike.

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from torchshrink.errors import StructureError
+from torchshrink.inputs import InputSpec, ModelInput, call, spec_of, take
 from torchshrink.measure import count_macs, count_params, latencies_ms
 from torchshrink.models import build_architecture
 from torchshrink.prune.allocation import sensitivity_plan
@@ -183,7 +184,10 @@ def sparsity_inducing_training(model: nn.Module, cfg: PruneConfig, ctx: RunConte
 
     def loss_fn(net: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         x, y = batch[0], batch[1]
-        return {"ce": F.cross_entropy(net(x), y), "l1": l1.weight * sum(p.abs().sum() for p in penalised)}
+        return {
+            "ce": F.cross_entropy(call(net, x), y),
+            "l1": l1.weight * sum(p.abs().sum() for p in penalised),
+        }
 
     def mean_abs() -> float:
         with torch.no_grad():
@@ -275,9 +279,9 @@ def _allocation_cost(cfg: PruneConfig) -> Literal["macs", "params", "latency"]:
     return "macs" if cfg.macs_reduction is not None else "params"
 
 
-def measured_speedup(original: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...]) -> float:
+def measured_speedup(original: nn.Module, pruned: nn.Module, inputs: InputSpec | Sequence[int]) -> float:
     """Batch-32 latency of ``original`` over ``pruned``, timed interleaved on this machine."""
-    timed = latencies_ms({"original": original, "pruned": pruned}, input_shape, batch_size=LATENCY_BATCH)
+    timed = latencies_ms({"original": original, "pruned": pruned}, inputs, batch_size=LATENCY_BATCH)
     return timed["original"] / timed["pruned"]
 
 
@@ -287,12 +291,12 @@ def _check_speedup(
     latency: LatencyModel,
     target: float,
     base: Size,
-    input_shape: tuple[int, ...],
+    inputs: InputSpec | Sequence[int],
 ) -> dict[str, float]:
     """Time the pruned network against the original (batch 32, interleaved) next to the predicted
     speed-up, so a latency model that misjudged this machine shows in the report and the log."""
-    measured = measured_speedup(original, pruned, input_shape)
-    predicted = latency.speedup(base, model_size(pruned, input_shape))
+    measured = measured_speedup(original, pruned, inputs)
+    predicted = latency.speedup(base, model_size(pruned, inputs))
     log.info("speed-up at batch %d: predicted %.2fx, measured %.2fx", LATENCY_BATCH, predicted, measured)
     if measured < 0.9 * target:
         log.warning(
@@ -336,7 +340,7 @@ def _prune_structured_step(
     fraction: float,
     batches: list,
     seed: int,
-    example: torch.Tensor,
+    example: ModelInput,
     base: Size,
     latency: LatencyModel | None,
     original: nn.Module | None,
@@ -358,7 +362,7 @@ def _prune_structured_step(
         return []
     importance = make_importance(cfg.importance, model, batches, norm=cfg.norm, seed=seed)
     scores = [importance(g) for g in groups]
-    input_shape = tuple(example.shape[1:])
+    inputs = spec_of(example)
     rounds: list[dict[str, float]] = []
     correction = 1.0
     for _ in range(SPEEDUP_ROUNDS):
@@ -367,8 +371,8 @@ def _prune_structured_step(
         if cfg.speedup is None or original is None or fraction < 1.0:
             break
         assert latency is not None
-        predicted = latency.speedup(base, rebuilt_size(model, groups, plan, input_shape))
-        measured = measured_speedup(original, rebuilt(model, groups, plan), input_shape)
+        predicted = latency.speedup(base, rebuilt_size(model, groups, plan, inputs))
+        measured = measured_speedup(original, rebuilt(model, groups, plan), inputs)
         rounds.append({"predicted": round(predicted, 3), "measured": round(measured, 3)})
         if measured >= SPEEDUP_TOLERANCE * cfg.speedup:
             break
@@ -390,7 +394,7 @@ def _plan(
     groups: Sequence[Group],
     scores: Sequence[torch.Tensor],
     batches: list,
-    example: torch.Tensor,
+    example: ModelInput,
     reached: Callable[[Size], bool],
     latency: LatencyModel | None,
 ) -> Plan:
@@ -426,9 +430,9 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     model = state.model
     if cfg.granularity == "structured":
         bake_parametrizations(model)  # channels are removed from plain weights
-    example = ctx.data.train.tensors[0][:2]
-    input_shape = tuple(example.shape[1:])
-    base = model_size(model, input_shape)
+    example = take(ctx.data.train.tensors[0], slice(0, 2))
+    inputs = ctx.data.inputs
+    base = model_size(model, inputs)
     unpruned = (
         copy.deepcopy(model).eval() if cfg.speedup is not None else None
     )  # what speed-ups are timed against
@@ -449,7 +453,7 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
         latency = fit_latency_model(
             model,
             groups,
-            input_shape,
+            inputs,
             max_ratio=_channel_cap(cfg, groups),
             batch_size=LATENCY_BATCH,
             seed=ctx.seed,
@@ -472,7 +476,7 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
                 "step": step,
                 "params": params,
                 "nonzero_params": nonzero,
-                "macs": count_macs(model, input_shape),
+                "macs": count_macs(model, inputs),
             }
         )
         if step < steps and cfg.schedule.epochs_between > 0:
@@ -483,10 +487,10 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     ctx.details["steps"] = trajectory
     ctx.details["params_before"], ctx.details["macs_before"] = base.params, base.macs
     if structured:
-        _check_target_reached(cfg, base, model_size(model, input_shape))
+        _check_target_reached(cfg, base, model_size(model, inputs))
     if unpruned is not None and latency is not None:
         assert cfg.speedup is not None
-        ctx.details.update(_check_speedup(unpruned, model, latency, cfg.speedup, base, input_shape))
+        ctx.details.update(_check_speedup(unpruned, model, latency, cfg.speedup, base, inputs))
     architecture = state.architecture
     attachments = dict(state.attachments)
     if structured:

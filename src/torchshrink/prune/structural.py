@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from torchshrink.inputs import InputSpec, ModelInput, call, spec_of
 from torchshrink.measure import count_activations, count_macs, count_params
 from torchshrink.prune.graph import Group
 from torchshrink.shapes import RESIZABLE, module_shape
@@ -52,7 +53,7 @@ def _positions(group: Group, channels: torch.Tensor) -> dict[tuple[str, int], to
     return {(m.name, m.dim): m.index[channels].reshape(-1) for m in group.members}
 
 
-def recalibrate_batchnorm(model: nn.Module, inputs: Sequence[torch.Tensor]) -> bool:
+def recalibrate_batchnorm(model: nn.Module, inputs: Sequence[ModelInput]) -> bool:
     """Re-estimate every batch-norm's running statistics on ``inputs`` (weights untouched).
 
     Removing channels changes what each batch-norm sees; stale statistics can put a pruned ResNet
@@ -71,7 +72,7 @@ def recalibrate_batchnorm(model: nn.Module, inputs: Sequence[torch.Tensor]) -> b
     model.train()
     with torch.no_grad():
         for x in inputs:
-            model(x)
+            call(model, x)
     for m, momentum in saved:
         m.momentum = momentum
     model.train(was_training)
@@ -192,7 +193,7 @@ def plan_global(
 
 def search_plan(
     model: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     groups: Sequence[Group],
     scores: Sequence[torch.Tensor],
     *,
@@ -206,7 +207,7 @@ def search_plan(
     Each candidate is applied to a copy of the model and measured, so the target holds for the
     real rebuilt architecture, not an estimate.
     """
-    input_shape = tuple(example.shape[1:])
+    inputs = spec_of(example)
     # One integer search for both scopes: global removes `amount` channels; layer removes the
     # fraction amount / LAYER_STEPS * max_ratio of every group.
     total = LAYER_STEPS if scope == "layer" else sum(bounds(g, max_ratio) for g in groups)
@@ -216,7 +217,7 @@ def search_plan(
             plan = plan_layer(groups, scores, amount / LAYER_STEPS * max_ratio, max_ratio)
         else:
             plan = plan_global(groups, scores, amount, max_ratio, cost_aware)
-        return plan, reached(rebuilt_size(model, groups, plan, input_shape))
+        return plan, reached(rebuilt_size(model, groups, plan, inputs))
 
     best, ok = trial(total)
     if not ok:
@@ -248,14 +249,16 @@ def rebuilt(model: nn.Module, groups: Sequence[Group], plan: Plan) -> nn.Module:
     return candidate
 
 
-def model_size(model: nn.Module, input_shape: tuple[int, ...]) -> Size:
+def model_size(model: nn.Module, inputs: InputSpec | Sequence[int]) -> Size:
     """Parameters, MACs and elements written per sample of ``model``, counted."""
-    return Size(count_params(model)[0], count_macs(model, input_shape), count_activations(model, input_shape))
+    return Size(count_params(model)[0], count_macs(model, inputs), count_activations(model, inputs))
 
 
-def rebuilt_size(model: nn.Module, groups: Sequence[Group], plan: Plan, input_shape: tuple[int, ...]) -> Size:
+def rebuilt_size(
+    model: nn.Module, groups: Sequence[Group], plan: Plan, inputs: InputSpec | Sequence[int]
+) -> Size:
     """The size of ``model`` rebuilt with ``plan`` (on a copy): measured, not estimated."""
-    return model_size(rebuilt(model, groups, plan), input_shape)
+    return model_size(rebuilt(model, groups, plan), inputs)
 
 
 def rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> list[Group]:

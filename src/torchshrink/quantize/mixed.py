@@ -17,11 +17,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from torchshrink.data import DatasetBundle
+from torchshrink.inputs import ModelInput
 from torchshrink.measure import accuracy, predict
 from torchshrink.quantize.prepare import QuantPlan, quantizable_layers
 from torchshrink.quantize.ptq import quantize_model
@@ -71,7 +71,7 @@ def average_bits(plan: QuantPlan, sizes: dict[str, int]) -> float:
 
 
 def layer_sensitivity(
-    model: nn.Module, example: torch.Tensor, inputs: torch.Tensor, candidates: Sequence[int], base: QuantPlan
+    model: nn.Module, example: ModelInput, inputs: ModelInput, candidates: Sequence[int], base: QuantPlan
 ) -> dict[str, dict[int, float]]:
     """Output MSE vs float when only one layer's weights are quantized, per layer and bit width."""
     reference = predict(model, inputs)
@@ -94,7 +94,7 @@ def layer_sensitivity(
 
 def choose_plan(
     model: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     calibration: list,
     data: DatasetBundle,
     cfg: MixedConfig,

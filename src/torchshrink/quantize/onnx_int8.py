@@ -18,6 +18,7 @@ import collections
 import logging
 import platform
 import tempfile
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from torchshrink.errors import ExportError
+from torchshrink.inputs import InputSpec, ModelInput, call
 from torchshrink.onnx_export import export_onnx
 from torchshrink.quantize.prepare import activation_quantizers
 
@@ -80,7 +82,10 @@ def int8_kernel_counts(path: str | Path) -> dict[str, int]:
 
 
 def export_int8(
-    model: nn.Module, path: str | Path, input_shape: tuple[int, ...], check_inputs: torch.Tensor | None = None
+    model: nn.Module,
+    path: str | Path,
+    inputs: InputSpec | Sequence[int],
+    check_inputs: ModelInput | None = None,
 ) -> dict[str, float | int | dict[str, int]]:
     """Export the fake-quant ``model`` as ONNX QDQ and, with ``check_inputs``, verify ONNX Runtime.
 
@@ -91,10 +96,10 @@ def export_int8(
     if check_inputs is not None and any(fq.dynamic for fq in points):
         model.eval()
         with torch.no_grad():
-            model(check_inputs)  # dynamic points record the step of this very batch
+            call(model, check_inputs)  # dynamic points record the step of this very batch
     steps = [fq.last_scale if fq.dynamic else float(fq.step().max()) for fq in points]
     tolerance = max(steps, default=1e-3)
-    diff = export_onnx(model, path, input_shape, check_inputs=check_inputs, atol=tolerance)
+    diff = export_onnx(model, path, inputs, check_inputs=check_inputs, atol=tolerance)
     kernels = int8_kernel_counts(path)
     int8_ops = sum(n for op, n in kernels.items() if op in INT8_KERNELS)
     if any(not fq.dynamic for fq in points) and int8_ops == 0:

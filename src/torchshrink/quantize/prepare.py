@@ -27,6 +27,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from torchshrink.errors import QuantizationError
+from torchshrink.inputs import InputSpec, ModelInput
 from torchshrink.quantize.affine import QuantSpec
 from torchshrink.quantize.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
 from torchshrink.tracing import bake_parametrizations, torch_layer_type, trace_model
@@ -300,7 +301,7 @@ def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, 
     return feeding
 
 
-def prepare(model: nn.Module, example: torch.Tensor, plan: QuantPlan) -> fx.GraphModule:
+def prepare(model: nn.Module, example: ModelInput, plan: QuantPlan) -> fx.GraphModule:
     """A fake-quant copy of ``model`` (BN folded, quantizers placed, weights' ranges fixed).
 
     Activation quantizers start in calibration mode (observing, values unchanged) unless the plan
@@ -361,14 +362,18 @@ def restore(model: nn.Module, record: dict[str, Any]) -> fx.GraphModule:
     ``record`` is what :func:`quantization_record` wrote into the architecture reference.
     """
     plan = QuantPlan.from_dict(record["plan"])
-    example = torch.zeros(2, *record["input_shape"])
-    gm = prepare(model, example, plan)
+    spec = (
+        InputSpec.from_dict(record["inputs"])
+        if "inputs" in record
+        else InputSpec.of_shape(record["input_shape"])
+    )
+    gm = prepare(model, spec.example(2), plan)
     for fq in activation_quantizers(gm).values():
         if not fq.dynamic:
             fq.observing, fq.enabled = False, True
     return gm
 
 
-def quantization_record(plan: QuantPlan, input_shape: tuple[int, ...]) -> dict[str, Any]:
+def quantization_record(plan: QuantPlan, inputs: InputSpec) -> dict[str, Any]:
     """The JSON-able description under which a quantized model's architecture is saved."""
-    return {"plan": plan.to_dict(), "input_shape": list(input_shape)}
+    return {"plan": plan.to_dict(), "inputs": inputs.to_dict()}

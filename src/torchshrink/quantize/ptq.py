@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from torchshrink.errors import QuantizationError
+from torchshrink.inputs import ModelInput, call
 from torchshrink.quantize.prepare import (
     QuantPlan,
     activation_quantizers,
@@ -86,20 +87,20 @@ def stem_layer(model: nn.Module) -> str | None:
     return layers[0]
 
 
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor | Sequence[torch.Tensor]]) -> nn.Module:
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor | Sequence[ModelInput]]) -> nn.Module:
     """Run ``batches`` through ``model`` (observing), then fix every observing point's range."""
     points = [fq for fq in activation_quantizers(model).values() if fq.observing]
     model.eval()
     with torch.no_grad():
         for batch in tqdm(list(batches), desc="calibrate", leave=False, disable=None):
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            call(model, batch[0] if isinstance(batch, (tuple, list)) else batch)
     for fq in points:
         fq.freeze()
     log.info("calibrated %d activation quantization point(s)", len(points))
     return model
 
 
-def correct_bias(model: nn.Module, batches: Iterable[torch.Tensor | Sequence[torch.Tensor]]) -> int:
+def correct_bias(model: nn.Module, batches: Iterable[torch.Tensor | Sequence[ModelInput]]) -> int:
     """Empirical bias correction (Nagel et al. 2019): each quantized layer's bias absorbs the mean
     shift, per output channel, that weight rounding adds to its output on the calibration inputs.
 
@@ -137,7 +138,7 @@ def correct_bias(model: nn.Module, batches: Iterable[torch.Tensor | Sequence[tor
     try:
         with torch.no_grad():
             for batch in batches:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                call(model, batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -158,7 +159,7 @@ def _bias_of(layer: nn.Module) -> torch.Tensor | None:
 
 def quantize_model(
     model: nn.Module,
-    example: torch.Tensor,
+    example: ModelInput,
     plan: QuantPlan,
     calibration: Iterable[torch.Tensor | Sequence[torch.Tensor]] = (),
     bias_correction: bool = False,

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from torchshrink.errors import QuantizationError
+from torchshrink.inputs import take
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel import ddp
 from torchshrink.prune.stage import PRUNED_WEIGHTS
@@ -110,7 +111,7 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
         )
     reduce_range = needs_reduced_range() if cfg.reduce_range == "auto" else cfg.reduce_range
     calibration = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)
-    example = calibration[0][0][:2]
+    example = take(calibration[0][0], slice(0, 2))
     options = dict(
         activation_bits=cfg.activation_bits,
         per_channel=cfg.per_channel,
@@ -149,7 +150,7 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
         attachments[PRUNED_WEIGHTS] = _rename_pruned(attachments[PRUNED_WEIGHTS], model)
     architecture = None
     if state.architecture is not None:
-        architecture = {**state.architecture, "quantized": quantization_record(plan, ctx.data.input_shape)}
+        architecture = {**state.architecture, "quantized": quantization_record(plan, ctx.data.inputs)}
     new = state.replace(
         model=model.eval(),
         architecture=architecture,
@@ -160,7 +161,9 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
         return new.replace(artefact=None, runtime=None)
     path = ctx.out_dir / cfg.file
     if ctx.dist.is_main:
-        ctx.details.update(export_int8(model, path, ctx.data.input_shape, ctx.data.test.tensors[0][:64]))
+        ctx.details.update(
+            export_int8(model, path, ctx.data.inputs, take(ctx.data.test.tensors[0], slice(0, 64)))
+        )
         if mode == "static" and cfg.mixed is None and cfg.bits == 8:
             _check_int8_coverage(plan, ctx.details["operators"], cfg.allow_partial, path)
     ddp.barrier()

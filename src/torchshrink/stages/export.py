@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from torchshrink.inputs import take
 from torchshrink.onnx_export import export_onnx
 from torchshrink.parallel import ddp
 from torchshrink.quantize.fakequant import FakeQuantize
@@ -30,14 +31,14 @@ class ExportConfig(BaseModel, extra="forbid"):
 def export_stage(state: ModelState, cfg: ExportConfig, ctx: RunContext) -> ModelState:
     """Export to ``out/<file>``; the ONNX file becomes the state's shipped artefact."""
     path = ctx.out_dir / cfg.file
-    check = ctx.data.test.tensors[0][:32] if cfg.check else None
+    check = take(ctx.data.test.tensors[0], slice(0, 32)) if cfg.check else None
     if ctx.dist.is_main:
         if any(isinstance(m, FakeQuantize) for m in state.model.modules()):
             # A quantized model exports as int8 QDQ; ONNX Runtime's int8 kernels match it within one step.
-            ctx.details.update(export_int8(state.model, path, ctx.data.input_shape, check_inputs=check))
+            ctx.details.update(export_int8(state.model, path, ctx.data.inputs, check_inputs=check))
         else:
             diff = export_onnx(
-                state.model, path, ctx.data.input_shape, opset=cfg.opset, check_inputs=check, atol=cfg.atol
+                state.model, path, ctx.data.inputs, opset=cfg.opset, check_inputs=check, atol=cfg.atol
             )
             ctx.details["max_abs_diff_vs_torch"] = diff
     ddp.barrier()
