@@ -121,7 +121,8 @@ def _conv_pads(conv: Any, size: int) -> list[int] | None:
 
 
 def fold_pad_into_conv(model: Any) -> int:
-    """Merge each zero ``Pad`` feeding only convolutions into their ``pads``; returns how many Pads went."""
+    """Merge each zero ``Pad`` feeding only convolutions (directly or through one Q/DQ pair) into their
+    ``pads``; returns how many Pads went."""
     from onnx import helper
 
     graph = model.graph
@@ -133,11 +134,21 @@ def fold_pad_into_conv(model: Any) -> int:
     outputs = {o.name for o in graph.output}
     removed = []
     for pad in [n for n in graph.node if n.op_type == "Pad"]:
-        users = consumers.get(pad.output[0], [])
+        # The padded tensor reaches the convolutions directly, or through one Quantize/Dequantize pair
+        # (a quantization point after the pad: zero padding commutes with it, since 0.0 quantizes to
+        # the zero point, which is what an int8 convolution pads with).
+        head, tail = pad.output[0], pad.output[0]
+        users = consumers.get(tail, [])
+        if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+            dq = consumers.get(users[0].output[0], [])
+            if len(dq) == 1 and dq[0].op_type == "DequantizeLinear" and users[0].output[0] not in outputs:
+                head, tail = users[0], dq[0].output[0]
+                users = consumers.get(tail, [])
         if (
             pad.output[0] in outputs
+            or tail in outputs
             or not users
-            or any(u.op_type != "Conv" or u.input[0] != pad.output[0] for u in users)
+            or any(u.op_type != "Conv" or u.input[0] != tail for u in users)
         ):
             continue
         amounts = _zero_pad_amounts(pad, known)
@@ -150,7 +161,10 @@ def fold_pad_into_conv(model: Any) -> int:
             keep = [a for a in conv.attribute if a.name != "pads"]
             del conv.attribute[:]
             conv.attribute.extend([*keep, helper.make_attribute("pads", new)])
-            conv.input[0] = pad.input[0]
+            if isinstance(head, str):
+                conv.input[0] = pad.input[0]
+        if not isinstance(head, str):
+            head.input[0] = pad.input[0]  # quantize the unpadded tensor
         removed.append(pad)
     for pad in removed:
         graph.node.remove(pad)

@@ -7,10 +7,15 @@ traced is kept as one opaque call, so one odd block does not stop the whole mode
 
 from __future__ import annotations
 
+import inspect
 import logging
+import operator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
@@ -59,31 +64,152 @@ def bake_parametrizations(model: nn.Module) -> list[str]:
     return baked
 
 
+_CONCRETE_ATTRIBUTES = frozenset(
+    {"dtype", "device", "ndim", "is_cuda", "is_sparse", "is_quantized", "layout", "requires_grad", "is_meta"}
+)
+"""Tensor attributes a traced proxy answers with the example's value: they do not change with the batch."""
+
+
+_READS_VALUES = frozenset({"item", "tolist", "numpy", "any", "all", "nonzero", "unique", "__bool__"})
+"""Tensor methods whose result depends on the tensor's values, not only its shape."""
+
+
+class _ConcreteProxy(fx.Proxy):
+    """A proxy that also knows the value its operation produced on the example inputs, so that
+    Python control flow on it (``if x.shape[1] != c``, ``len(x.shape)``, ``for h in heads``)
+    follows the example instead of failing. Shapes stay graph nodes; only the branch taken is fixed."""
+
+    def __getattr__(self, k: str) -> Any:
+        if k in _CONCRETE_ATTRIBUTES:
+            return getattr(self.tracer.value_of(self), k)
+        return _ConcreteAttribute(self, k)
+
+    def __len__(self) -> int:
+        return len(self.tracer.value_of(self))  # a length is a shape, never data
+
+    def __int__(self) -> int:
+        return int(self.tracer.static_value(self))
+
+    def __float__(self) -> float:
+        return float(self.tracer.static_value(self))
+
+    def __index__(self) -> int:
+        return operator.index(self.tracer.static_value(self))
+
+
+class _ConcreteAttribute(fx.proxy.Attribute, _ConcreteProxy):
+    """``proxy.attr`` of a :class:`_ConcreteProxy`: a method call or a value, both traced."""
+
+
 class _LeafTracer(fx.Tracer):
     """Trace through user modules; stop at torch.nn's layers (and their subclasses from other
     packages, whose forward may add padding but keeps the layer's weights and meaning) and at
-    modules known to be opaque."""
+    modules known to be opaque.
 
-    def __init__(self, opaque: frozenset[str] = frozenset()) -> None:
+    Every traced operation is also run on the example inputs (no gradients, eval mode), so that
+    control flow on shapes, ranks and dtypes takes the branch the example takes, as torch.export
+    does for static shapes. Control flow on tensor *values* (``if x.sum() > 0``, ``.item()``) would
+    hold for this example only: it stays an error, and the module being traced when something fails
+    is recorded in ``failed_in`` (the caller keeps it whole).
+    """
+
+    def __init__(self, example: tuple[torch.Tensor, ...], opaque: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.opaque = opaque
+        self.example = example
+        self.values: dict[fx.Node, Any] = {}
+        self.data_dependent: set[fx.Node] = set()
+        self.placeholders = 0
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.opaque or torch_layer_type(m) is not None
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
 
-def _first_untraceable(model: nn.Module, opaque: frozenset[str], prefix: str = "") -> str:
-    """The deepest submodule whose tracing fails (``prefix`` itself when no child is to blame)."""
-    for name, child in model.named_children():
-        path = f"{prefix}.{name}" if prefix else name
-        if path in opaque or torch_layer_type(child) is not None:
-            continue
-        inner = frozenset(o[len(path) + 1 :] for o in opaque if o.startswith(path + "."))
+    def value_of(self, proxy: fx.Proxy) -> Any:
+        return self._value(proxy.node)
+
+    def static_value(self, proxy: fx.Proxy) -> Any:
+        """The example's value of ``proxy`` for Python to branch on, when it does not depend on tensor
+        values (shapes, sizes, flags); a TraceError otherwise."""
+        value = self.value_of(proxy)
+        if isinstance(value, torch.Tensor) or proxy.node in self.data_dependent:
+            raise fx.proxy.TraceError(
+                f"control flow on tensor values ({proxy.node.format_node()}) holds for one input only"
+            )
+        return value
+
+    def _value(self, node: fx.Node) -> Any:
+        if node not in self.values and node.op == "get_attr":
+            value: Any = self.root
+            with _symbolic_trace._maybe_revert_all_patches():  # the real tensor, not a proxy of it
+                for part in str(node.target).split("."):
+                    value = getattr(value, part)
+            self.values[node] = value
+        return self.values.get(node)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # type: ignore[no-untyped-def,override]
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if node.op == "placeholder":
+            index, self.placeholders = self.placeholders, self.placeholders + 1
+            default = node.args[0] if node.args else None
+            self.values[node] = self.example[index] if index < len(self.example) else default
+        elif node.op in ("call_module", "call_function", "call_method"):
+            if (
+                node.op == "call_method"
+                and node.target in _READS_VALUES
+                or any(n in self.data_dependent for n in node.all_input_nodes)
+            ):
+                self.data_dependent.add(node)
+            args_, kwargs_ = fx.node.map_arg((node.args, node.kwargs), self._value)
+            # fx patches Module.__call__ / __getattr__ while tracing: run the example without them
+            with torch.no_grad(), _symbolic_trace._maybe_revert_all_patches():
+                if node.op == "call_module":
+                    self.values[node] = self.root.get_submodule(str(node.target))(*args_, **kwargs_)
+                elif node.op == "call_function":
+                    self.values[node] = node.target(*args_, **kwargs_)  # type: ignore[operator]
+                else:
+                    self.values[node] = getattr(args_[0], str(node.target))(*args_[1:], **kwargs_)
+        return proxy
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.static_value(obj))
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        value = self.value_of(obj)
+        if obj.node in self.data_dependent:
+            self.static_value(obj)  # raises
+        return iter([obj[i] for i in range(len(value))])
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        return list(self.static_value(obj).keys())
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        path = self.path_of_module(m)
+        self.stack.append(path)
         try:
-            _LeafTracer(inner).trace(child)
-        except Exception:  # noqa: BLE001 - any tracing failure marks the culprit
-            return _first_untraceable(child, opaque, path)
-    return prefix
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None and not self.is_leaf_module(m, path):
+                self.failed_in = path  # the innermost traced-through module that failed
+            raise
+        finally:
+            self.stack.pop()
+
+
+def _root_defaults(model: nn.Module, given: int) -> dict[str, Any]:
+    """``forward``'s parameters after the ``given`` inputs, fixed to their defaults (so that
+    ``if labels is not None`` sees None, not a proxy)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    rest = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][given:]
+    return {p.name: p.default for p in rest if p.default is not inspect.Parameter.empty}
 
 
 def trace_model(
@@ -92,35 +218,44 @@ def trace_model(
     purpose: str = "structured pruning",
     advice: str = " or use unstructured pruning",
 ) -> fx.GraphModule:
-    """Trace ``model`` with torch.fx and record every node's output shape for ``example``.
+    """Trace ``model`` into a torch.fx graph on ``example`` and record every node's output shape.
 
-    A submodule that cannot be traced (data-dependent control flow, checks on input shapes) is
-    kept as one opaque call: its inputs and outputs are pinned, everything around it stays prunable.
-    Only a top-level ``forward`` that cannot be traced is an error.
+    Python control flow is followed on the example's values (see :class:`_LeafTracer`), so Hugging
+    Face blocks that check shapes or branch on options trace through. A submodule that still cannot
+    be traced is kept as one opaque call: its inputs and outputs are pinned, everything around it
+    stays prunable. Only a top-level ``forward`` that cannot be traced is an error.
     """
+    inputs = as_tuple(example)
+    defaults = _root_defaults(model, len(inputs)) or None
     opaque: frozenset[str] = frozenset()
-    while True:
-        try:
-            graph = _LeafTracer(opaque).trace(model)
-            break
-        except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
-            culprit = _first_untraceable(model, opaque)
-            if not culprit or culprit in opaque:
-                raise StructureError(
-                    f"{purpose} needs a torch.fx-traceable model; the forward() of {type(model).__name__} "
-                    f"itself cannot be traced: {type(exc).__name__}: {exc}. Move data-dependent control flow "
-                    f"into a submodule (which is then kept whole){advice}"
-                ) from exc
-            log.warning(
-                "module %r (%s) cannot be traced by torch.fx (%s); it is kept whole (%s leaves it alone)",
-                culprit,
-                type(model.get_submodule(culprit)).__name__,
-                type(exc).__name__,
-                purpose,
-            )
-            opaque = opaque | {culprit}
-    gm = fx.GraphModule(model, graph)
     was_training = model.training
+    model.eval()  # leaf modules run on the example: batch-norm statistics must not move
+    try:
+        while True:
+            tracer = _LeafTracer(inputs, opaque)
+            try:
+                graph = tracer.trace(model, concrete_args=defaults)
+                break
+            except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
+                culprit = tracer.failed_in
+                if not culprit or culprit in opaque:
+                    raise StructureError(
+                        f"{purpose} needs a traceable model; the forward() of {type(model).__name__} itself "
+                        f"cannot be traced: {type(exc).__name__}: {exc}. Move the code that fails into a "
+                        f"submodule (which is then kept whole){advice}"
+                    ) from exc
+                log.warning(
+                    "module %r (%s) cannot be traced (%s: %s); it is kept whole (%s leaves it alone)",
+                    culprit,
+                    type(model.get_submodule(culprit)).__name__,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                    purpose,
+                )
+                opaque = opaque | {culprit}
+    finally:
+        model.train(was_training)
+    gm = fx.GraphModule(model, graph)
     gm.eval()
     with torch.no_grad():
         ShapeProp(gm).propagate(*as_tuple(example))

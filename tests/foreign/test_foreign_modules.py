@@ -149,3 +149,47 @@ def test_baking_keeps_frozen_layers_frozen() -> None:
     assert bake_parametrizations(model) == ["0.weight", "3.weight", "7.weight"]
     assert not model[0].weight.requires_grad and model[3].weight.requires_grad
     assert torch.allclose(model(torch.ones(1, 1, 8, 8)), expected)
+
+
+class ShapeChecked(nn.Module):
+    """Python control flow on shapes and options, as Hugging Face blocks have: a channel check, an
+    optional argument, and TensorFlow "same" padding computed from the input's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        if x.shape[1] != self.conv.in_channels:
+            raise ValueError("wrong channel count")
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        pad_h, pad_w = max(3 - 2, 0) if height % 2 == 0 else 2, max(3 - 2, 0) if width % 2 == 0 else 2
+        x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        x = torch.relu(self.conv(x))
+        if scale is not None:
+            x = x * scale
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_control_flow_on_shapes_traces_through_and_the_graph_runs_any_batch(images) -> None:
+    model = ShapeChecked().eval()
+    gm = trace_model(model, images[:2])
+    assert {"conv", "head"} <= {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    with torch.no_grad():  # shapes stay graph nodes: the traced model serves any batch size
+        assert torch.allclose(gm(images), model(images), atol=1e-6)
+    from torchshrink.prune.graph import find_groups
+
+    assert [g.name for g in find_groups(model, images[:2])] == ["conv"]  # through the pad
+
+
+def test_control_flow_on_values_is_kept_whole(caplog) -> None:
+    class ValueGate(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.sum() > 0 else -x  # holds for one input only
+
+    model = nn.Sequential(nn.Linear(4, 4), ValueGate(), nn.Linear(4, 2))
+    with caplog.at_level("WARNING"):
+        gm = trace_model(model, torch.randn(2, 4))
+    assert "module '1' (ValueGate) cannot be traced" in caplog.text and "tensor values" in caplog.text
+    assert "1" in {n.target for n in gm.graph.nodes if n.op == "call_module"}  # one opaque call

@@ -17,7 +17,7 @@ from torch import nn
 
 
 class Untraceable(nn.Module):
-    """A check on the input's shape (as Hugging Face blocks do): torch.fx cannot trace it, so it is kept whole."""
+    """A check on the input's values: no trace holds for every input, so it is kept whole."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -25,8 +25,8 @@ class Untraceable(nn.Module):
         self.fc = nn.Linear(8 * 64, 10)
 
     def forward(self, x):
-        if x.shape[-1] != 8:  # a Python bool from a traced shape: not traceable
-            raise ValueError("8x8 images expected")
+        if x.abs().max() > 1e6:  # control flow on tensor values
+            raise ValueError("inputs out of range")
         x = torch.relu(self.conv(x))
         return self.fc(x.flatten(1))
 
@@ -82,7 +82,7 @@ def test_an_unreachable_macs_target_is_an_error(tmp_path) -> None:
 
 
 def test_layers_left_float_in_an_int8_file_are_an_error(opaque, tmp_path) -> None:
-    with pytest.raises(QuantizationError, match="runs 2 convolution / linear layer"):
+    with pytest.raises(QuantizationError, match="runs 2 convolution / linear / matmul operator"):
         run(digits_recipe({"quantize": {"mode": "static"}}, model=opaque), tmp_path / "a")
     report = run(
         digits_recipe({"quantize": {"mode": "static", "allow_partial": True}}, model=opaque), tmp_path / "b"

@@ -46,6 +46,15 @@ def hf_mobilenet_v2() -> nn.Module:
     return PixelLogits(MobileNetV2ForImageClassification(config)).eval()
 
 
+def hf_mobilenet_v2_tf() -> nn.Module:
+    """MobileNetV2 as its checkpoints ship: TensorFlow "same" padding computed from input shapes."""
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    torch.manual_seed(0)
+    config = MobileNetV2Config(num_channels=1, image_size=28, depth_multiplier=0.35, num_labels=10)
+    return PixelLogits(MobileNetV2ForImageClassification(config)).eval()
+
+
 def hf_vit() -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 

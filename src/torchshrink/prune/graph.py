@@ -423,6 +423,8 @@ class _Analysis:
             return self.flatten(node, inp, start, end)
         if fn in _REDUCE_FUNCTIONS:
             return self.reduce(node, inp)
+        if fn in (F.pad, torch._C._nn.pad):
+            return self.pad(node, inp)
         if fn is getattr:
             return None  # x.shape and friends: not a tensor
         self.pin_inputs(node)
@@ -501,6 +503,21 @@ class _Analysis:
             return None
         shift = 0 if keepdim else sum(1 for d in dims if d < inp.dim)
         return _Layout(inp.dim - shift, inp.segs)
+
+    def pad(self, node: fx.Node, inp: _Layout | None) -> _Layout | None:
+        """``F.pad`` keeps the channels when it pads only the trailing (spatial) axes below them."""
+        out_shape = _shape(node)
+        amounts = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        if inp is None or out_shape is None or not isinstance(amounts, (list, tuple)):
+            self.pin_inputs(node)
+            return None
+        padded_from = len(out_shape) - len(amounts) // 2  # the first axis the pad touches
+        if inp.dim >= padded_from and any(
+            amounts[2 * (len(out_shape) - 1 - inp.dim) : 2 * (len(out_shape) - inp.dim)]
+        ):
+            self.pin_layout(inp)
+            return None
+        return inp
 
     def reshape(self, node: fx.Node, inp: _Layout | None) -> _Layout | None:
         in_node = node.args[0]

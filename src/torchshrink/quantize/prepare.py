@@ -66,6 +66,7 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _AVG_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
+_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class QuantPlan:
     observer: str = "minmax"
     weight_observer: str = "mse"
     reduce_range: bool = False  # 7-bit weights at 8 bits: exact int8 kernels on x86 without VNNI
+    matmuls: bool = True  # static: activation x activation matmuls (attention) get int8 inputs too
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,6 +255,11 @@ def _quantized_inputs(node: fx.Node, modules: dict[str, nn.Module], plan: QuantP
     if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
         return [a for a in tensors if isinstance(a, fx.Node)]
+    is_matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("matmul", "bmm")
+    )
+    if is_matmul and plan.matmuls:  # both operands are activations here (weights are layers)
+        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
     return []
 
 

@@ -16,7 +16,12 @@ from torchshrink.parallel import ddp
 from torchshrink.prune.stage import PRUNED_WEIGHTS
 from torchshrink.quantize.mixed import MixedConfig, choose_plan, describe_plan
 from torchshrink.quantize.observers import ObserverName
-from torchshrink.quantize.onnx_int8 import FLOAT_WEIGHTED_OPS, export_int8, needs_reduced_range
+from torchshrink.quantize.onnx_int8 import (
+    FLOAT_MATMUL_OPS,
+    FLOAT_WEIGHTED_OPS,
+    export_int8,
+    needs_reduced_range,
+)
 from torchshrink.quantize.prepare import (
     QuantPlan,
     activation_quantizers,
@@ -63,6 +68,11 @@ class QuantizeConfig(BaseModel, extra="forbid"):
         "slower), unless a max-pool follows it",
     )
     mixed: MixedConfig | None = None
+    matmuls: bool = Field(
+        True,
+        description="static/qat: matrix products of two activations (attention scores and their mixing) "
+        "run on int8 kernels too; false keeps them float",
+    )
     reduce_range: bool | Literal["auto"] = Field(
         "auto",
         description="7-bit weights at 8 bits (auto: on x86 CPUs without VNNI, where int8 kernels saturate)",
@@ -118,6 +128,7 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
         observer=cfg.observer,
         weight_observer=cfg.weight_observer,
         reduce_range=reduce_range,
+        matmuls=cfg.matmuls,
     )
     mode = "static" if cfg.mode == "qat" else cfg.mode
     skip = list(cfg.skip)
@@ -172,14 +183,16 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
 
 
 def _check_int8_coverage(plan: QuantPlan, operators: dict[str, int], allow_partial: bool, path: Path) -> None:
-    """Every conv / linear the plan quantizes must run on an int8 kernel: a float ``Conv`` / ``Gemm``
-    left in the optimised graph beyond the planned float layers means the file is int8 in name only."""
+    """Every conv / linear the plan quantizes (and every product of two activations, unless
+    ``matmuls`` is off) must run on an int8 kernel: a float ``Conv`` / ``Gemm`` / ``MatMul`` left in
+    the optimised graph beyond the planned float layers means the file is int8 in name only."""
     planned_float = sum(bits is None for bits in plan.layers.values())
-    left_float = sum(operators.get(op, 0) for op in FLOAT_WEIGHTED_OPS)
+    float_ops = FLOAT_WEIGHTED_OPS + (FLOAT_MATMUL_OPS if plan.matmuls else ())
+    left_float = sum(operators.get(op, 0) for op in float_ops)
     if left_float <= planned_float:
         return
     message = (
-        f"{path}: ONNX Runtime runs {left_float} convolution / linear layer(s) in float, but the plan keeps only "
+        f"{path}: ONNX Runtime runs {left_float} convolution / linear / matmul operator(s) in float, but the plan keeps only "
         f"{planned_float} float; the others sit where torchshrink placed no quantization point (inside a "
         f"module kept whole because it cannot be traced, see the warnings above). Operators: {operators}"
     )
