@@ -58,8 +58,9 @@ def test_readme_recipe_validates():
     assert [s.kind for s in recipe.stages][:2] == ["ensemble", "distill"] and recipe.stages[4].branch
 
 
-def test_efficientnet_example_validates_and_finds_its_factory_beside_it():
-    path = Path(__file__).parents[1] / "examples" / "efficientnet" / "int8.yaml"
+@pytest.mark.parametrize("name", ["int8.yaml", "prune-distill-int8.yaml", "int8-variants.yaml"])
+def test_efficientnet_example_validates_and_finds_its_factory_beside_it(name):
+    path = Path(__file__).parents[1] / "examples" / "efficientnet" / name
     recipe = load_recipe(path)
     assert recipe.model.import_path == path.parent.resolve()  # factory.py is found without installing it
     assert recipe.data.npz == path.parent / "photos.npz" and recipe.measure.batch_sizes == (1, 8)

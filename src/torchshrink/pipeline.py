@@ -220,6 +220,7 @@ def run(
                 stage_name=spec.name,
                 fingerprint=recipe.fingerprint(i),
                 dist=info,
+                baseline=None if sets_baseline else baseline_model,
             )
             log.info(
                 "stage %d/%d: %s%s", i + 1, len(recipe.stages), spec.name, " (branch)" if spec.branch else ""

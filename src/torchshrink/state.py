@@ -56,6 +56,9 @@ class RunContext:
     dist: DistInfo = field(default_factory=DistInfo)
     details: dict[str, Any] = field(default_factory=dict)
     artefacts: dict[str, str] = field(default_factory=dict)
+    baseline: nn.Module | None = None
+    """The model every ratio is taken against (as loaded, or as the last reference stage left it):
+    what "distill back from the original" learns from. Read it, never train it."""
 
     @property
     def work_dir(self) -> Path:

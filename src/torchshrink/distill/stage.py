@@ -28,6 +28,8 @@ from torchshrink.inputs import ModelInput, call, samples, take
 from torchshrink.measure import accuracy, check_model_fits, count_params, predict
 from torchshrink.models import LoadedModel, ModelSpec, open_model
 from torchshrink.parallel import ddp
+from torchshrink.prune.masks import MaskKeeper
+from torchshrink.prune.stage import PRUNED_WEIGHTS
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import TrainStageConfig, train_config
 from torchshrink.state import ModelState, RunContext
@@ -49,9 +51,14 @@ __all__ = [
 class DistillConfig(TrainStageConfig):
     """Options of the ``distill`` stage: the ``train`` options for the student, plus the objective."""
 
-    student: ModelSpec
+    student: ModelSpec | Literal["current"] = Field(
+        description="the model to train: a model spec, or 'current' (the pipeline's model, e.g. just "
+        "pruned, distilled back from the baseline)"
+    )
     teachers: list[ModelSpec] = Field(
-        default_factory=list, description="teacher models (default: the pipeline's current model)"
+        default_factory=list,
+        description="teacher models (default: the pipeline's current model; with student 'current', the "
+        "baseline: the model as it was before the first compressing stage)",
     )
     combine: Combine = Field("mean_logits", description="how several teachers are combined")
     temperature: float = Field(4.0, gt=0)
@@ -92,8 +99,17 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-def _teacher(state: ModelState, cfg: DistillConfig) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+def _teacher(
+    state: ModelState, cfg: DistillConfig, ctx: RunContext
+) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
     """The (frozen) teacher and the named models to report next to the student."""
+    if not cfg.teachers and cfg.student == "current":
+        if ctx.baseline is None:
+            raise RecipeError(
+                f"{ctx.stage_name}: student 'current' learns from the baseline, which this run does not "
+                "have; name the teachers"
+            )
+        return _frozen(ctx.baseline), [("teacher (baseline)", _frozen(ctx.baseline))]
     if not cfg.teachers:
         teacher = _frozen(state.model)
         named = (
@@ -192,9 +208,12 @@ def prepare_distillation(
     state: ModelState, cfg: DistillConfig, ctx: RunContext, example: ModelInput
 ) -> Distillation:
     """Teacher(s), student, adapters (sized on ``example`` inputs) and objective of a distill stage."""
-    teacher, named = _teacher(state, cfg)
+    teacher, named = _teacher(state, cfg, ctx)
     teacher.to(ddp.device_for(ddp.current()))  # live teaching runs it on the training device's batches
-    loaded = open_model(cfg.student)
+    torch.manual_seed(ctx.seed)  # the same initial student for the same seed, however the stage is run
+    loaded = (
+        LoadedModel(state.model, state.architecture) if cfg.student == "current" else open_model(cfg.student)
+    )
     student = loaded.module
     check_model_fits(
         student, ctx.data.inputs, ctx.data.num_classes, source=f"{ctx.stage_name}.student {cfg.student}"
@@ -253,6 +272,7 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
             t_logits = batch[2]
         return setup.terms(logits, labels, t_logits)
 
+    pruned = state.attachments.get(PRUNED_WEIGHTS) if cfg.student == "current" else None
     try:
         result = fit(
             setup.learner,
@@ -260,10 +280,12 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
             loss_fn,
             train_config(cfg, ctx),
             checkpoint_dir=ctx.work_dir,
+            after_step=MaskKeeper(setup.student, pruned) if pruned else None,  # pruned weights stay zero
         )
     finally:
         setup.remove_taps()
     ctx.details["teacher_outputs"] = (
         "live, on the student's view" if live else "cached once for the training set"
     )
-    return finish_distillation(state, setup, result, ctx)
+    new = finish_distillation(state, setup, result, ctx)
+    return new.replace(attachments=dict(state.attachments)) if cfg.student == "current" else new
