@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.fx import _symbolic_trace
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_flatten
 
 from torchshrink.errors import StructureError
 from torchshrink.inputs import ModelInput, as_tuple
@@ -65,13 +66,22 @@ def bake_parametrizations(model: nn.Module) -> list[str]:
 
 
 _CONCRETE_ATTRIBUTES = frozenset(
-    {"dtype", "device", "ndim", "is_cuda", "is_sparse", "is_quantized", "layout", "requires_grad", "is_meta"}
+    {"dtype", "ndim", "is_sparse", "is_quantized", "layout", "requires_grad", "is_meta"}
 )
-"""Tensor attributes a traced proxy answers with the example's value: they do not change with the batch."""
+"""Tensor attributes a traced proxy answers with the example's value: they do not change with the
+batch (``device`` stays a graph node: the traced model may later run on another device)."""
 
 
 _READS_VALUES = frozenset({"item", "tolist", "numpy", "any", "all", "nonzero", "unique", "__bool__"})
 """Tensor methods whose result depends on the tensor's values, not only its shape."""
+
+_VALUE_FUNCTIONS = frozenset(
+    {
+        torch.nonzero, torch.masked_select, torch.unique, torch.equal, torch.allclose, torch.is_nonzero,
+        torch.bincount, torch.any, torch.all, torch.argwhere, torch.unique_consecutive,
+    }
+)  # fmt: skip
+"""Functions whose result (its shape or its truth) depends on tensor values."""
 
 
 class _ConcreteProxy(fx.Proxy):
@@ -85,7 +95,7 @@ class _ConcreteProxy(fx.Proxy):
         return _ConcreteAttribute(self, k)
 
     def __len__(self) -> int:
-        return len(self.tracer.value_of(self))  # a length is a shape, never data
+        return len(self.tracer.static_value(self, tensors=False))
 
     def __int__(self) -> int:
         return int(self.tracer.static_value(self))
@@ -113,8 +123,11 @@ class _LeafTracer(fx.Tracer):
     is recorded in ``failed_in`` (the caller keeps it whole).
     """
 
-    def __init__(self, example: tuple[torch.Tensor, ...], opaque: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, example: tuple[torch.Tensor, ...], opaque: frozenset[str] = frozenset(), concrete: bool = True
+    ) -> None:
         super().__init__()
+        self.concrete = concrete  # False: plain symbolic tracing, every branch on a traced value fails
         self.opaque = opaque
         self.example = example
         self.values: dict[fx.Node, Any] = {}
@@ -132,11 +145,16 @@ class _LeafTracer(fx.Tracer):
     def value_of(self, proxy: fx.Proxy) -> Any:
         return self._value(proxy.node)
 
-    def static_value(self, proxy: fx.Proxy) -> Any:
+    def static_value(self, proxy: fx.Proxy, tensors: bool = False) -> Any:
         """The example's value of ``proxy`` for Python to branch on, when it does not depend on tensor
-        values (shapes, sizes, flags); a TraceError otherwise."""
+        values (shapes, sizes, flags); a TraceError otherwise (and always in plain symbolic mode).
+        A tensor's own length or items are its batch: refused unless ``tensors``."""
+        if not self.concrete:
+            raise fx.proxy.TraceError(
+                f"symbolically traced value {proxy.node.format_node()} used in control flow"
+            )
         value = self.value_of(proxy)
-        if isinstance(value, torch.Tensor) or proxy.node in self.data_dependent:
+        if (isinstance(value, torch.Tensor) and not tensors) or proxy.node in self.data_dependent:
             raise fx.proxy.TraceError(
                 f"control flow on tensor values ({proxy.node.format_node()}) holds for one input only"
             )
@@ -157,12 +175,18 @@ class _LeafTracer(fx.Tracer):
         if node.op == "placeholder":
             index, self.placeholders = self.placeholders, self.placeholders + 1
             default = node.args[0] if node.args else None
-            self.values[node] = self.example[index] if index < len(self.example) else default
+            if str(node.target).startswith("**"):
+                self.values[node] = {}
+            elif str(node.target).startswith("*"):
+                self.values[node] = tuple(self.example[index:])
+            else:
+                self.values[node] = self.example[index] if index < len(self.example) else default
         elif node.op in ("call_module", "call_function", "call_method"):
             if (
-                node.op == "call_method"
-                and node.target in _READS_VALUES
+                (node.op == "call_method" and node.target in _READS_VALUES)
+                or (node.op == "call_function" and node.target in _VALUE_FUNCTIONS)
                 or any(n in self.data_dependent for n in node.all_input_nodes)
+                or _boolean_index(node, self._value)
             ):
                 self.data_dependent.add(node)
             args_, kwargs_ = fx.node.map_arg((node.args, node.kwargs), self._value)
@@ -180,9 +204,7 @@ class _LeafTracer(fx.Tracer):
         return bool(self.static_value(obj))
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
-        value = self.value_of(obj)
-        if obj.node in self.data_dependent:
-            self.static_value(obj)  # raises
+        value = self.static_value(obj)  # a shape, tuple or list: never a tensor's batch
         return iter([obj[i] for i in range(len(value))])
 
     def keys(self, obj: fx.Proxy) -> Any:
@@ -209,7 +231,39 @@ def _root_defaults(model: nn.Module, given: int) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     rest = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][given:]
-    return {p.name: p.default for p in rest if p.default is not inspect.Parameter.empty}
+    simple = (type(None), bool, int, float, str)  # (fx flattens containers into several placeholders)
+    return {p.name: p.default for p in rest if isinstance(p.default, simple)}
+
+
+def _boolean_index(node: fx.Node, value_of: Any) -> bool:
+    """``x[mask]`` with a boolean tensor: its shape depends on the mask's values."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) < 2:
+        return False
+    index = node.args[1]
+    parts = index if isinstance(index, (tuple, list)) else (index,)
+    for part in parts:
+        value = value_of(part) if isinstance(part, fx.Node) else part
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+            return True
+    return False
+
+
+def _agrees(gm: fx.GraphModule, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the traced graph computes what the model does on another batch (another size, the
+    samples in another order): a trace that fixed the example's batch size or values does not."""
+    batch = len(inputs[0])
+    order = torch.tensor([1, 0, 1] if batch >= 2 else [0, 0, 0])
+    other = tuple(t[order] for t in inputs)
+    try:
+        with torch.no_grad():
+            expected, got = tree_flatten(model(*other))[0], tree_flatten(gm(*other))[0]
+    except Exception:  # noqa: BLE001 - a graph that cannot run another batch does not agree
+        return False
+    return len(expected) == len(got) and all(
+        isinstance(e, torch.Tensor) and isinstance(g, torch.Tensor) and e.shape == g.shape
+        and torch.allclose(e.float(), g.float(), rtol=1e-4, atol=1e-5)
+        for e, g in zip(expected, got, strict=True)
+    )  # fmt: skip
 
 
 def trace_model(
@@ -225,39 +279,53 @@ def trace_model(
     be traced is kept as one opaque call: its inputs and outputs are pinned, everything around it
     stays prunable. Only a top-level ``forward`` that cannot be traced is an error.
     """
-    inputs = as_tuple(example)
-    defaults = _root_defaults(model, len(inputs)) or None
-    opaque: frozenset[str] = frozenset()
+    inputs = tuple(t.clone() for t in as_tuple(example))  # in-place ops of the model must not reach the data
     was_training = model.training
     model.eval()  # leaf modules run on the example: batch-norm statistics must not move
     try:
-        while True:
-            tracer = _LeafTracer(inputs, opaque)
-            try:
-                graph = tracer.trace(model, concrete_args=defaults)
-                break
-            except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
-                culprit = tracer.failed_in
-                if not culprit or culprit in opaque:
-                    raise StructureError(
-                        f"{purpose} needs a traceable model; the forward() of {type(model).__name__} itself "
-                        f"cannot be traced: {type(exc).__name__}: {exc}. Move the code that fails into a "
-                        f"submodule (which is then kept whole){advice}"
-                    ) from exc
-                log.warning(
-                    "module %r (%s) cannot be traced (%s: %s); it is kept whole (%s leaves it alone)",
-                    culprit,
-                    type(model.get_submodule(culprit)).__name__,
-                    type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "",
-                    purpose,
-                )
-                opaque = opaque | {culprit}
+        gm = _trace(model, inputs, purpose, advice, concrete=True)
+        if not _agrees(gm, model, inputs):
+            log.warning(
+                "the trace of %s that follows the example's control flow does not reproduce the model on "
+                "another batch (it depends on the batch size or on values); traced again without it",
+                type(model).__name__,
+            )
+            gm = _trace(model, inputs, purpose, advice, concrete=False)
     finally:
         model.train(was_training)
-    gm = fx.GraphModule(model, graph)
     gm.eval()
     with torch.no_grad():
-        ShapeProp(gm).propagate(*as_tuple(example))
+        ShapeProp(gm).propagate(*inputs)
     model.train(was_training)
     return gm
+
+
+def _trace(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], purpose: str, advice: str, concrete: bool
+) -> fx.GraphModule:
+    """One tracing pass (see :func:`trace_model`), keeping untraceable submodules whole."""
+    defaults = _root_defaults(model, len(inputs)) or None
+    opaque: frozenset[str] = frozenset()
+    while True:
+        tracer = _LeafTracer(inputs, opaque, concrete)
+        try:
+            graph = tracer.trace(model, concrete_args=defaults)
+            break
+        except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
+            culprit = tracer.failed_in
+            if not culprit or culprit in opaque:
+                raise StructureError(
+                    f"{purpose} needs a traceable model; the forward() of {type(model).__name__} itself "
+                    f"cannot be traced: {type(exc).__name__}: {exc}. Move the code that fails into a "
+                    f"submodule (which is then kept whole){advice}"
+                ) from exc
+            log.warning(
+                "module %r (%s) cannot be traced (%s: %s); it is kept whole (%s leaves it alone)",
+                culprit,
+                type(model.get_submodule(culprit)).__name__,
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200] if str(exc) else "",
+                purpose,
+            )
+            opaque = opaque | {culprit}
+    return fx.GraphModule(model, graph)

@@ -193,3 +193,55 @@ def test_control_flow_on_values_is_kept_whole(caplog) -> None:
         gm = trace_model(model, torch.randn(2, 4))
     assert "module '1' (ValueGate) cannot be traced" in caplog.text and "tensor values" in caplog.text
     assert "1" in {n.target for n in gm.graph.nodes if n.op == "call_module"}  # one opaque call
+
+
+class Iterates(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([r * 2 for r in x])  # one Python step per sample: the batch size
+
+
+class ScalesByBatch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * int(x.size(0))  # the batch size read into Python
+
+
+@pytest.mark.parametrize("inner", [Iterates, ScalesByBatch])
+def test_code_that_reads_the_batch_size_is_kept_whole(inner) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), inner(), nn.Linear(4, 2)).eval()
+    gm = trace_model(model, torch.randn(2, 4))
+    assert "1" in {n.target for n in gm.graph.nodes if n.op == "call_module"}  # one opaque call
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x))  # the traced graph serves another batch size
+
+
+def test_an_ensemble_of_members_traces_with_its_varargs_forward() -> None:
+    from torchshrink.distill.ensemble import Ensemble
+
+    ensemble = Ensemble([nn.Sequential(nn.Flatten(), nn.Linear(12, 3)) for _ in range(2)]).eval()
+    gm = trace_model(ensemble, torch.randn(2, 3, 4))
+    x = torch.randn(4, 3, 4)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), ensemble(x))
+
+
+class FusedAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).mean(1))
+
+
+def test_fused_attention_quantizes_with_its_products_counted_float(tmp_path) -> None:
+    from torchshrink.quantize.stage import _check_int8_coverage, _fused_attention
+
+    model = FusedAttention().eval()
+    x = torch.randn(16, 5, 8)
+    plan = uniform_plan(model, "static", 8)
+    q = quantize_model(model, x[:2], plan, [x[:8], x[8:]])
+    info = export_int8(q, tmp_path / "m.onnx", (5, 8), x[:4])
+    assert _fused_attention(q) == 1
+    _check_int8_coverage(plan, info["operators"], False, tmp_path / "m.onnx", _fused_attention(q))  # no error

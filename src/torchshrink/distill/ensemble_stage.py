@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 
 from torchshrink.distill.ensemble import Combine, Ensemble, ensemble_architecture, fit_weights
 from torchshrink.errors import RecipeError
+from torchshrink.inputs import samples, take
 from torchshrink.measure import accuracy, count_params
 from torchshrink.models import ModelSpec, build_architecture, open_model
 from torchshrink.registry import register_stage
@@ -58,15 +59,15 @@ def split_holdout(train: TensorDataset, fraction: float, seed: int) -> tuple[Ten
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     cut = int(round(fraction * len(train)))
     return (
-        TensorDataset(*(t[order[cut:]] for t in train.tensors)),
-        TensorDataset(*(t[order[:cut]] for t in train.tensors)),
+        samples(*(take(t, order[cut:]) for t in train.tensors)),
+        samples(*(take(t, order[:cut]) for t in train.tensors)),
     )
 
 
 def bootstrap(train: TensorDataset, seed: int) -> TensorDataset:
     """A bootstrap resample: as many samples as ``train``, drawn with replacement."""
     picks = torch.randint(len(train), (len(train),), generator=torch.Generator().manual_seed(seed))
-    return TensorDataset(*(t[picks] for t in train.tensors))
+    return samples(*(take(t, picks) for t in train.tensors))
 
 
 def _member_architectures(state: ModelState, cfg: EnsembleConfig) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from torchshrink.encode.packfile import (
     write_packed,
 )
 from torchshrink.errors import EncodeError
+from torchshrink.inputs import take
 from torchshrink.models import build_architecture, load_weights_into
 from torchshrink.parallel import ddp
 from torchshrink.prune.masks import prunable_weights
@@ -102,7 +103,7 @@ def _mixed_bits(model: nn.Module, cfg: EncodeConfig, ctx: RunContext) -> dict[st
     assert cfg.mixed is not None
     calibration = ctx.calibration_batches(4, 32)
     plan = choose_plan(
-        model, calibration[0][0][:2], calibration, ctx.data, cfg.mixed,
+        model, take(calibration[0][0], slice(0, 2)), calibration, ctx.data, cfg.mixed,
         mode="weight_only", bits=MAX_BITS, skip=cfg.ignore, seed=ctx.seed,
     )  # fmt: skip
     # A layer the plan leaves in float gets the most centroids a packed file has.

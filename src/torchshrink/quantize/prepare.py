@@ -87,7 +87,8 @@ class QuantPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
-        return cls(**data)
+        # plans saved before activation matmuls were quantized did not quantize them
+        return cls(**{"matmuls": False, **data})
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -258,8 +259,8 @@ def _quantized_inputs(node: fx.Node, modules: dict[str, nn.Module], plan: QuantP
     is_matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
         node.op == "call_method" and node.target in ("matmul", "bmm")
     )
-    if is_matmul and plan.matmuls:  # both operands are activations here (weights are layers)
-        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if is_matmul and plan.matmuls:  # activation operands; a parameter operand (x @ self.w) stays as it is
+        return [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
     return []
 
 

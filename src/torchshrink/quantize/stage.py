@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
@@ -176,25 +177,41 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
             export_int8(model, path, ctx.data.inputs, take(ctx.data.test.tensors[0], slice(0, 64)))
         )
         if mode == "static" and cfg.mixed is None and cfg.bits == 8:
-            _check_int8_coverage(plan, ctx.details["operators"], cfg.allow_partial, path)
+            _check_int8_coverage(
+                plan, ctx.details["operators"], cfg.allow_partial, path, _fused_attention(model)
+            )
     ddp.barrier()
     ctx.artefacts["int8_onnx"] = cfg.file
     return new.replace(artefact=path, runtime=OnnxRuntimeModel(path))
 
 
-def _check_int8_coverage(plan: QuantPlan, operators: dict[str, int], allow_partial: bool, path: Path) -> None:
+def _fused_attention(model: nn.Module) -> int:
+    """Calls of ``F.scaled_dot_product_attention`` in the traced model: their two matrix products stay
+    float (no quantization point can sit inside the fused call)."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return 0
+    return sum(n.op == "call_function" and n.target is F.scaled_dot_product_attention for n in graph.nodes)
+
+
+def _check_int8_coverage(
+    plan: QuantPlan, operators: dict[str, int], allow_partial: bool, path: Path, fused_attention: int = 0
+) -> None:
     """Every conv / linear the plan quantizes (and every product of two activations, unless
     ``matmuls`` is off) must run on an int8 kernel: a float ``Conv`` / ``Gemm`` / ``MatMul`` left in
     the optimised graph beyond the planned float layers means the file is int8 in name only."""
     planned_float = sum(bits is None for bits in plan.layers.values())
     float_ops = FLOAT_WEIGHTED_OPS + (FLOAT_MATMUL_OPS if plan.matmuls else ())
     left_float = sum(operators.get(op, 0) for op in float_ops)
+    if plan.matmuls:
+        planned_float += 2 * fused_attention
     if left_float <= planned_float:
         return
     message = (
         f"{path}: ONNX Runtime runs {left_float} convolution / linear / matmul operator(s) in float, but the plan keeps only "
-        f"{planned_float} float; the others sit where torchshrink placed no quantization point (inside a "
-        f"module kept whole because it cannot be traced, see the warnings above). Operators: {operators}"
+        f"{planned_float} float (fused attention's two products count as float); the others sit where "
+        "torchshrink placed no quantization point (inside a module kept whole because it cannot be traced, "
+        f"see the warnings above). Operators: {operators}"
     )
     if not allow_partial:
         raise QuantizationError(message + "; make that module traceable or set allow_partial: true")
