@@ -37,7 +37,6 @@ __all__ = [
     "take",
     "count",
     "to_device",
-    "concat",
     "samples",
     "Samples",
     "DEFAULT_NAME",
@@ -68,13 +67,6 @@ def count(x: ModelInput) -> int:
 def to_device(x: ModelInput, device: torch.device | str) -> ModelInput:
     """``x`` on ``device``."""
     return tuple(t.to(device) for t in x) if isinstance(x, (tuple, list)) else x.to(device)
-
-
-def concat(parts: Sequence[ModelInput]) -> ModelInput:
-    """Batches joined along the sample axis."""
-    if isinstance(parts[0], (tuple, list)):
-        return tuple(torch.cat(columns) for columns in zip(*parts, strict=True))
-    return torch.cat(list(parts))  # type: ignore[arg-type]
 
 
 def as_tuple(x: ModelInput) -> tuple[torch.Tensor, ...]:
@@ -261,22 +253,6 @@ class InputSpec:
         if device is not None:
             tensors = tuple(t.to(device) for t in tensors)
         return tensors[0] if self.single else tensors
-
-    def check(self, x: ModelInput, source: str) -> None:
-        """A named error when ``x`` is not what this spec describes (count, dtype, fixed axes)."""
-        tensors = as_tuple(x)
-        if len(tensors) != len(self.fields):
-            raise ShapeMismatchError(
-                f"{source}: expected {len(self.fields)} input(s) ({self.describe()}), got {len(tensors)}"
-            )
-        for f, t in zip(self.fields, tensors, strict=True):
-            if t.dtype != f.torch_dtype:
-                raise ShapeMismatchError(f"{source}: input {f.name!r} is {t.dtype}, expected {f.dtype}")
-            fixed = [a for a in range(len(f.shape)) if a not in f.dynamic]
-            if t.ndim != len(f.shape) + 1 or any(t.shape[a + 1] != f.shape[a] for a in fixed):
-                raise ShapeMismatchError(
-                    f"{source}: input {f.name!r} has per-sample shape {tuple(t.shape[1:])}, expected {tuple(f.shape)}"
-                )
 
     def onnx_axes(self) -> dict[str, dict[int, str]]:
         """ONNX dynamic axes: the batch of every input, and each variable per-sample axis (inputs of the

@@ -133,7 +133,6 @@ class _LeafTracer(fx.Tracer):
         self.values: dict[fx.Node, Any] = {}
         self.data_dependent: set[fx.Node] = set()
         self.placeholders = 0
-        self.stack: list[str] = []
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -212,15 +211,12 @@ class _LeafTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         path = self.path_of_module(m)
-        self.stack.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None and not self.is_leaf_module(m, path):
                 self.failed_in = path  # the innermost traced-through module that failed
             raise
-        finally:
-            self.stack.pop()
 
 
 def _root_defaults(model: nn.Module, given: int) -> dict[str, Any]:

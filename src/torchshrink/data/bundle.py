@@ -107,10 +107,6 @@ def _model_input(columns: dict[str, np.ndarray]) -> ModelInput:
     return tensors[0] if len(tensors) == 1 else tensors
 
 
-def _names(columns: dict[str, np.ndarray]) -> tuple[str, ...]:
-    return tuple(columns)
-
-
 def make_bundle(
     name: str,
     x: np.ndarray | torch.Tensor | Mapping[str, np.ndarray | torch.Tensor],
@@ -170,7 +166,7 @@ def make_bundle(
         train=train,
         test=test,
         num_classes=num_classes,
-        input_names=_names(columns),
+        input_names=tuple(columns),
         input_ranges=dict(input_ranges or {}),
     )
     bundle.inputs  # noqa: B018 - a declared range that does not hold the data fails here, at load time
@@ -215,7 +211,7 @@ def make_unlabelled_bundle(
         test=test,
         num_classes=0,
         labelled=False,
-        input_names=_names(columns),
+        input_names=tuple(columns),
         input_ranges=dict(input_ranges or {}),
     )
     bundle.inputs  # noqa: B018 - fail at load time on a declared range that does not hold the data
