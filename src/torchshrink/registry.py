@@ -21,7 +21,7 @@ StageHandler = Callable[[Any, Any, Any], Any]  # (ModelState, config, RunContext
 BUILTIN_STAGE_MODULES = (
     "torchshrink.stages.training",
     "torchshrink.stages.evaluate",
-    "torchshrink.stages.export",
+    "torchshrink.export",
     "torchshrink.prune.stage",
     "torchshrink.quantize.stage",
     "torchshrink.encode.stage",
