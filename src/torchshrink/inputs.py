@@ -273,7 +273,8 @@ class InputSpec:
         """A named error unless ``model.forward`` takes these inputs, positionally, in this order.
 
         Inputs named after ``forward``'s parameters must come in its order with none it requires left
-        out; a model with one input takes it whatever it is called, and ``forward(*inputs)`` takes any.
+        out; a model with one input takes it whatever it is called, and ``forward(x, *rest)`` takes the
+        inputs past its named parameters in any names.
         """
         if self.single:
             return
@@ -284,11 +285,19 @@ class InputSpec:
         kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         positional = [p for p in params if p.kind in kinds]
         order = [p.name for p in positional]
-        if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params) and not set(order) & set(
-            self.names
-        ):
-            return
         name = type(model).__name__
+        if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+            # forward(x, *rest): inputs past the named parameters go to *rest; an input named after
+            # a parameter must still sit at that parameter's position
+            misplaced = [
+                n for i, n in enumerate(self.names) if n in order and (i >= len(order) or order[i] != n)
+            ]
+            if misplaced:
+                raise ShapeMismatchError(
+                    f"{source}: inputs are passed to {name}.forward by position, which takes {order} "
+                    f"before *args; the data gives {list(self.names)}: list data.inputs in forward's order"
+                )
+            return
         missing = [n for n in self.names if n not in order]
         if missing:
             raise ShapeMismatchError(

@@ -1,5 +1,5 @@
 """A stage that cannot do what the recipe asks says so and exits 2, unless the recipe allows a
-partial result: nothing prunable, a MACs target out of reach, layers left float in an int8 file."""
+partial result: nothing prunable, a MACs or sparsity target out of reach, layers left float in an int8 file."""
 
 from __future__ import annotations
 
@@ -79,6 +79,16 @@ def test_an_unreachable_macs_target_is_an_error(tmp_path) -> None:
     stage["prune"]["allow_partial"] = True
     report = run(digits_recipe(stage, model=model), tmp_path / "b")
     assert 1.5 < report.baseline["macs"] / report.final["macs"] < 40
+
+
+def test_an_unreachable_structured_sparsity_is_an_error(tmp_path) -> None:
+    model = {"zoo": "lenet300", "kwargs": {"in_features": 64}}
+    stage = {"prune": {"granularity": "structured", "sparsity": 0.95, "max_channel_ratio": 0.5}}
+    with pytest.raises(StructureError, match=r"reached sparsity 0\.\d+ of the 0\.95 asked"):
+        run(digits_recipe(stage, model=model), tmp_path / "a")
+    stage["prune"]["allow_partial"] = True
+    report = run(digits_recipe(stage, model=model), tmp_path / "b")
+    assert 0.3 < 1 - report.final["params"] / report.baseline["params"] < 0.95
 
 
 def test_layers_left_float_in_an_int8_file_are_an_error(opaque, tmp_path) -> None:

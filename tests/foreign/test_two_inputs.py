@@ -109,6 +109,25 @@ def test_inputs_out_of_forward_order_or_missing_are_named_errors() -> None:
         check_model_fits(model, only, CLASSES, source="m")
 
 
+class _Rest(torch.nn.Module):
+    """``forward(tokens, *rest)``: the mask arrives through *rest under any name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make()
+
+    def forward(self, tokens, *rest):
+        return self.inner(tokens, *rest)
+
+
+def test_inputs_past_the_named_parameters_go_to_varargs() -> None:
+    spec = InputSpec((InputField("tokens", "int64", (4,), 0, VOCAB), InputField("mask", "int64", (4,), 0, 2)))
+    spec.check_order(_Rest(), "m")  # no error: mask is taken by *rest
+    swapped = InputSpec(tuple(reversed(spec.fields)))
+    with pytest.raises(ShapeMismatchError, match=r"takes \['tokens'\] before \*args"):
+        swapped.check_order(_Rest(), "m")
+
+
 def _recipe(folder, npz, *stages) -> str:
     shutil.copy(Path(__file__).with_name("token_model.py"), folder / "token_models.py")  # the user's module
     path = folder / "recipe.yaml"

@@ -47,12 +47,17 @@ def test_fit_recovers_the_coefficients_from_copies_of_every_size(monkeypatch):
 
 
 def test_a_real_fit_orders_networks_by_size():
+    """Timed for real: on a busy machine a short fit can be all noise (both slopes fitted to 0), so a
+    fit that finds no slope is repeated once with three times the repeats before judging it."""
     model = build("lenet5")
     groups = find_groups(model, torch.zeros(2, *SHAPE))
-    fitted = fit_latency_model(model, groups, SHAPE, max_ratio=0.9, samples=6, repeats=5)
+    for repeats in (5, 15):
+        fitted = fit_latency_model(model, groups, SHAPE, max_ratio=0.9, samples=6, repeats=repeats)
+        if fitted.ms_per_mac + fitted.ms_per_element > 0:
+            break
     assert min(fitted.ms_per_mac, fitted.ms_per_element, fitted.overhead_ms) >= 0
-    half = build("lenet5", conv1=10, conv2=25, fc=250)
-    assert fitted.predict(model_size(half, SHAPE)) < fitted.predict(model_size(model, SHAPE))
+    small = build("lenet5", conv1=5, conv2=12, fc=120)
+    assert fitted.predict(model_size(small, SHAPE)) < fitted.predict(model_size(model, SHAPE))
 
 
 def _predicted_ms(model, shape=(1, 8, 8)) -> float:
