@@ -64,3 +64,11 @@ def test_efficientnet_example_validates_and_finds_its_factory_beside_it(name):
     recipe = load_recipe(path)
     assert recipe.model.import_path == path.parent.resolve()  # factory.py is found without installing it
     assert recipe.data.npz == path.parent / "photos.npz" and recipe.measure.batch_sizes == (1, 8)
+
+
+def test_minilm_example_validates_with_its_paths_beside_it():
+    path = Path(__file__).parents[1] / "examples" / "minilm" / "int8.yaml"
+    recipe = load_recipe(path)
+    assert recipe.model.hf == path.parent / "all-MiniLM-L6-v2" and recipe.model.task == "embedding"
+    assert recipe.data.text == path.parent / "corpus.txt" and recipe.data.tokenizer == recipe.model.hf
+    assert len((path.parent / "corpus.txt").read_text(encoding="utf-8").splitlines()) > 500

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from torchshrink.errors import TorchshrinkError
+from torchshrink.errors import DataError, TorchshrinkError
 
 log = logging.getLogger("torchshrink")
 
@@ -108,10 +108,29 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from torchshrink.data import load_data
-    from torchshrink.measure import check_model_fits, measure
+    from torchshrink.measure import check_model_fits, measure, predict
+    from torchshrink.models import open_model, task_of
 
     model, artefact, _ = _open_for_cli(args.model, args.factory, args.trust_pickle)
-    data = load_data(args.data)
+    spec: Any = args.data
+    if args.tokenizer:
+        spec = {"text": args.data, "tokenizer": args.tokenizer, "max_length": args.max_length}
+    data = load_data(spec)
+    if args.reference:  # quality against the original model: fidelity (embeddings) or agreement
+        where = Path(args.reference)
+        reference = open_model({"hf": where, "task": args.task} if where.is_dir() else args.reference)
+        source = f"reference {args.reference} on {data.name}"
+        check_model_fits(reference.module, data.inputs, data.num_classes, source=source)
+        outputs = lambda x: predict(reference.module, x, batch_size=64)  # noqa: E731
+        if task_of(reference.architecture) == "embedding":
+            data = data.embedded_by(outputs)
+        else:
+            data = data.labelled_by(outputs, data.num_classes)
+    elif not data.labelled:
+        raise DataError(
+            f"{args.data}: has no labels; give --reference ORIGINAL_MODEL to score fidelity (embeddings) "
+            "or agreement with it"
+        )
     if not hasattr(model, "session"):
         check_model_fits(model, data.inputs, data.num_classes, source=f"{args.model} on {data.name}")
     metrics = measure(model, data.test, artefact=artefact, latency_repeats=args.repeats, inputs=data.inputs)
@@ -274,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument(
                 "--data", required=True, help="mnist5k | digits | mnist1d | path to .npz or image folder"
+            )
+            p.add_argument("--tokenizer", help="tokenizer directory: --data is then a .txt / .jsonl corpus")
+            p.add_argument("--max-length", type=int, default=128, help="tokens per text (with --tokenizer)")
+            p.add_argument(
+                "--reference",
+                help="the original model (a model file, or a transformers model directory): quality becomes "
+                "fidelity (embeddings) or top-1 agreement with it",
+            )
+            p.add_argument(
+                "--task",
+                default="embedding",
+                choices=["embedding", "sequence-classification", "image-classification"],
+                help="what a --reference directory's transformers model is for (default: embedding)",
             )
             p.add_argument("--json", action="store_true", help="print the metrics as JSON")
             p.add_argument("--repeats", type=int, default=30, help="latency repeats (median)")

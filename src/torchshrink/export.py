@@ -27,7 +27,7 @@ class ExportConfig(BaseModel, extra="forbid"):
     atol: float = Field(1e-4, gt=0)
 
 
-@register_stage("export", ExportConfig, role="observe")
+@register_stage("export", ExportConfig, role="observe", embeddings=True)
 def export_stage(state: ModelState, cfg: ExportConfig, ctx: RunContext) -> ModelState:
     """Export to ``out/<file>``; the ONNX file becomes the state's shipped artefact."""
     path = ctx.out_dir / cfg.file

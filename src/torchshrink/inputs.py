@@ -44,6 +44,7 @@ __all__ = [
 
 ModelInput = torch.Tensor | tuple[torch.Tensor, ...]
 DEFAULT_NAME = "input"
+TEXT_INPUTS = ("input_ids", "attention_mask")  # what a tokenizer gives a transformers text model
 """The name of a model's only input when the data does not name it (also its ONNX input name)."""
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}

@@ -35,6 +35,9 @@ __all__ = [
     "METRIC_NAMES",
     "predict",
     "accuracy",
+    "fidelity",
+    "neighbour_agreement",
+    "is_embedding_target",
     "count_params",
     "count_macs",
     "count_activations",
@@ -74,12 +77,47 @@ def predict(model: nn.Module, inputs: ModelInput, batch_size: int = 500) -> torc
         model.train(was_training)
 
 
+def is_embedding_target(y: torch.Tensor) -> bool:
+    """Targets that are vectors (an embedding model's outputs to stay close to), not class labels."""
+    return y.is_floating_point() and y.ndim == 2
+
+
 def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) -> float:
-    """Top-1 accuracy (0-1) of ``model`` on ``dataset`` (inputs, integer labels), in eval mode."""
+    """The quality score (0-1) of ``model`` on ``dataset``, in eval mode: top-1 accuracy against
+    integer labels; against vector targets (the original embedding model's outputs), the mean
+    cosine similarity of the outputs to them."""
     x, y = dataset.tensors[0], dataset.tensors[1]
     if count(x) == 0:
         return 0.0
-    return int((predict(model, x, batch_size).argmax(dim=1) == y).sum()) / count(x)
+    out = predict(model, x, batch_size)
+    if is_embedding_target(y):
+        return float(torch.nn.functional.cosine_similarity(out.float(), y, dim=1).mean())
+    return int((out.argmax(dim=1) == y).sum()) / count(x)
+
+
+def neighbour_agreement(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """The share of samples whose nearest neighbour (by cosine, itself excluded) among the others is
+    the same for ``outputs`` as for ``targets``: does the compressed embedding retrieve the same text?"""
+    if len(outputs) < 2:
+        return 1.0
+
+    def nearest(v: torch.Tensor) -> torch.Tensor:
+        v = torch.nn.functional.normalize(v.float(), dim=1)
+        similarity = v @ v.T
+        similarity.fill_diagonal_(-float("inf"))
+        return similarity.argmax(dim=1)
+
+    return float((nearest(outputs) == nearest(targets)).float().mean())
+
+
+def fidelity(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) -> dict[str, float]:
+    """Mean cosine and nearest-neighbour agreement of ``model``'s embeddings with the target vectors."""
+    x, y = dataset.tensors[0], dataset.tensors[1]
+    out = predict(model, x, batch_size).float()
+    return {
+        "cosine": float(torch.nn.functional.cosine_similarity(out, y, dim=1).mean()),
+        "nn_agreement": neighbour_agreement(out, y),
+    }
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -216,6 +254,9 @@ def check_model_fits(
     """
     spec = as_spec(inputs)
     spec.check_order(model, source)
+    own_check = getattr(model, "check_inputs", None)  # a model that knows its limits (transformers)
+    if callable(own_check):
+        own_check(spec, source)
     was_training = model.training
     model.eval()
     try:
@@ -260,6 +301,7 @@ def measure(
     inputs: InputSpec | None = None,
 ) -> dict[str, float | int]:
     """All metrics of ``model``: accuracy on ``test``, size (the ``artefact`` file if given), MACs, latency.
+    On embedding targets "accuracy" is the mean cosine, and "cosine" and "nn_agreement" are added.
 
     With a ``runtime`` (what executes the artefact, e.g. ONNX Runtime on an int8 file), accuracy and
     latency are measured on it; parameters and MACs still come from ``model``.
@@ -275,8 +317,13 @@ def measure(
     spec = inputs if inputs is not None else spec_of(test.tensors[0])
     params, nonzero = count_params(model)
     size = Path(artefact).stat().st_size if artefact is not None else serialized_size(model)
+    if is_embedding_target(test.tensors[1]):
+        scores = fidelity(runtime or model, test)
+        quality: dict[str, float] = {"accuracy": scores["cosine"], **scores}
+    else:
+        quality = {"accuracy": accuracy(runtime or model, test)}
     metrics: dict[str, float | int] = {
-        "accuracy": accuracy(runtime or model, test),
+        **quality,
         "params": params,
         "nonzero_params": nonzero,
         "macs": count_macs(model, spec),

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field, model_validator
@@ -52,15 +52,24 @@ __all__ = [
 
 
 class ModelSpec(BaseModel, extra="forbid"):
-    """Where a model comes from: exactly one of ``zoo``, ``factory`` ("pkg.mod:fn") or ``path``.
+    """Where a model comes from: exactly one of ``zoo``, ``factory`` ("pkg.mod:fn"), ``path`` or ``hf``.
 
     ``weights`` (safetensors or a torch state_dict) may follow a zoo or factory model.
     ``path`` is a torchshrink model file, a TorchScript file, or (with ``trust_pickle``) a pickled module.
+    ``hf`` is a local transformers model directory, loaded offline for ``task``.
     """
 
     zoo: str | None = None
     factory: str | None = None
     path: Path | None = None
+    hf: Path | None = Field(
+        None, description="a local transformers model directory (config.json, model.safetensors)"
+    )
+    task: Literal["embedding", "sequence-classification", "image-classification"] | None = Field(
+        None,
+        description="hf: what the model is for; 'embedding' outputs mean-pooled, normalised sentence "
+        "embeddings and quality becomes fidelity to the original (cosine, nearest-neighbour agreement)",
+    )
     weights: Path | None = None
     kwargs: dict[str, Any] = {}
     trust_pickle: bool = False
@@ -71,11 +80,20 @@ class ModelSpec(BaseModel, extra="forbid"):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        given = [k for k in ("zoo", "factory", "path") if getattr(self, k) is not None]
+        given = [k for k in ("zoo", "factory", "path", "hf") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of 'zoo' ({', '.join(sorted(zoo.ZOO))}), 'factory' ('pkg.module:function') "
-                f"or 'path' (model file); got {given or 'none'}"
+                f"give exactly one of 'zoo' ({', '.join(sorted(zoo.ZOO))}), 'factory' ('pkg.module:function'), "
+                f"'path' (model file) or 'hf' (transformers model directory); got {given or 'none'}"
+            )
+        if (self.hf is None) != (self.task is None):
+            raise ValueError(
+                "'hf' (a transformers model directory) and 'task' (embedding | sequence-classification | "
+                "image-classification) go together"
+            )
+        if self.hf is not None and (self.weights is not None or self.kwargs):
+            raise ValueError(
+                "an 'hf' model directory carries its own weights and config: drop 'weights' / 'kwargs'"
             )
         if self.zoo is not None and self.zoo not in zoo.ZOO:
             raise ValueError(f"unknown zoo model {self.zoo!r}; known: {', '.join(sorted(zoo.ZOO))}")
@@ -97,6 +115,16 @@ class LoadedModel:
     module: nn.Module
     architecture: dict[str, Any] | None
     inputs: InputSpec | None = None
+
+    @property
+    def task(self) -> str | None:
+        """The transformers task of an ``hf`` model (None for the others: classifiers)."""
+        return task_of(self.architecture)
+
+
+def task_of(architecture: dict[str, Any] | None) -> str | None:
+    """The task an architecture reference records (``hf`` models), else None."""
+    return ((architecture or {}).get("hf") or {}).get("task")
 
 
 def recorded_inputs(record: dict[str, Any]) -> InputSpec | None:
@@ -180,10 +208,14 @@ def build_architecture(architecture: dict[str, Any]) -> nn.Module:
     kwargs = dict(architecture.get("kwargs") or {})
     if "zoo" in architecture:
         model = zoo.build(architecture["zoo"], **kwargs)
+    elif "hf" in architecture:
+        from torchshrink.hf import build_hf  # transformers is an optional extra
+
+        model = build_hf(architecture["hf"]["config"], architecture["hf"]["task"])
     elif "factory" in architecture:
         model = _call_factory(architecture["factory"], kwargs, architecture.get("import_path"))
     else:
-        raise ModelLoadError(f"architecture reference {architecture} names neither 'zoo' nor 'factory'")
+        raise ModelLoadError(f"architecture reference {architecture} names none of 'zoo', 'factory', 'hf'")
     if "resized" in architecture:  # written by structured pruning (parametrizations baked, layers resized)
         model = apply_resized(model, architecture["resized"] or {})
     if architecture.get("quantized"):
@@ -232,13 +264,16 @@ def _architecture_parts(architecture: dict[str, Any]) -> list[dict[str, Any]]:
 def _from_recorded(
     path: Path, architecture: dict[str, Any] | None, weights: dict[str, torch.Tensor]
 ) -> nn.Module:
-    """The model a torchshrink file records: only zoo architectures (a file may not name code to run)."""
+    """The model a torchshrink file records: only zoo architectures and transformers configs (a file
+    may not name code to run)."""
     if architecture is None:
         raise ModelLoadError(
             f"{path}: holds weights only (its model had no architecture reference); load it as "
             "{factory: 'pkg.mod:fn', weights: FILE}"
         )
     for part in _architecture_parts(architecture):
+        if "hf" in part:
+            continue  # a config (data) that transformers turns into one of its own classes
         if "zoo" not in part:
             raise ModelLoadError(
                 f"{path}: was built by factory {part.get('factory')!r}; a file may not name code to run, "
@@ -340,6 +375,12 @@ def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
         spec = ModelSpec.model_validate(spec)
     if spec.path is not None:
         return _open_file(spec.path, spec.trust_pickle)
+    if spec.hf is not None:
+        from torchshrink.hf import open_hf  # transformers is an optional extra
+
+        assert spec.task is not None
+        module, architecture = open_hf(spec.hf, spec.task)
+        return LoadedModel(module, architecture)
     architecture: dict[str, Any] = {"zoo": spec.zoo} if spec.zoo else {"factory": spec.factory}
     architecture["kwargs"] = dict(spec.kwargs)
     if spec.import_path is not None:

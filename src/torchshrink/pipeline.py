@@ -16,7 +16,7 @@ from torch import nn
 
 from torchshrink._version import __version__
 from torchshrink.data import DatasetBundle, load_data
-from torchshrink.errors import DataError, TorchshrinkError
+from torchshrink.errors import DataError, RecipeError, TorchshrinkError
 from torchshrink.inputs import InputSpec
 from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors
 from torchshrink.measure import check_model_fits, measure, predict
@@ -24,7 +24,7 @@ from torchshrink.models import build_architecture, load_weights_into, open_model
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.parallel import ddp
 from torchshrink.recipe import Recipe, load_recipe, parse_recipe
-from torchshrink.registry import get_stage
+from torchshrink.registry import STAGES, StageEntry, get_stage
 from torchshrink.report import Report, write_report
 from torchshrink.seeding import seed_everything
 from torchshrink.state import ModelState, RunContext
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = ".checkpoints"
 WORK_DIR = ".work"
+CACHE_DIR = ".cache"  # kept between runs: its files are keyed by their inputs' content (text tokens)
 MODEL_FILE = "model.safetensors"
 
 __all__ = ["run", "MODEL_FILE"]
@@ -109,11 +110,38 @@ def _onnx_fp32(model: nn.Module, inputs: InputSpec, out_dir: Path, info: ddp.Dis
         return None
 
 
+def embedding_stages() -> list[str]:
+    """The stage kinds that work on embedding models."""
+    return sorted(kind for kind, entry in STAGES.items() if entry.embeddings)
+
+
 def _fit_labels(
-    data: DatasetBundle, model: nn.Module, width: int, recipe: Recipe, roles: list[str]
+    data: DatasetBundle,
+    model: nn.Module,
+    width: int,
+    recipe: Recipe,
+    entries: list[StageEntry],
+    task: str | None,
 ) -> DatasetBundle:
     """Labels for the run: unlabelled data is labelled by the model as given (quality is then
-    top-1 agreement with it); a model wider than the data's classes keeps its own width."""
+    top-1 agreement with it); a model wider than the data's classes keeps its own width. An
+    embedding model's targets are its own output vectors (quality: fidelity to it)."""
+    roles = [e.role for e in entries]
+    if task == "embedding":
+        unfit = [spec.kind for spec, e in zip(recipe.stages, entries, strict=True) if not e.embeddings]
+        if unfit:
+            raise RecipeError(
+                f"stage {unfit[0]!r} trains or scores with class labels and does not work on an embedding "
+                f"model yet; stages that do: {', '.join(embedding_stages())}"
+            )
+        if data.labelled:
+            log.info(
+                "data %s: labels are not used; an embedding model is scored by fidelity to itself", data.name
+            )
+        log.info(
+            "embedding model: quality is fidelity to the model as given (mean cosine, neighbour agreement)"
+        )
+        return data.embedded_by(lambda x: predict(model, x, batch_size=64))
     if not data.labelled:
         training = [spec.kind for spec, role in zip(recipe.stages, roles, strict=True) if role == "reference"]
         if training:
@@ -156,7 +184,7 @@ def run(
     ddp.barrier()
     started = time.perf_counter()
     seed_everything(recipe.seed)
-    data = load_data(recipe.data)
+    data = load_data(recipe.data, cache_dir=out_dir / CACHE_DIR)
     loaded = open_model(recipe.model)
     width = check_model_fits(
         loaded.module,
@@ -165,7 +193,7 @@ def run(
         source=f"model {recipe.model.model_dump(exclude_defaults=True)} on data {data.name}",
     )
     entries = [get_stage(spec.kind) for spec in recipe.stages]
-    data = _fit_labels(data, loaded.module, width, recipe, [e.role for e in entries])
+    data = _fit_labels(data, loaded.module, width, recipe, entries, loaded.task)
     state = ModelState(model=loaded.module.eval(), architecture=loaded.architecture)
 
     onnx_references: dict[int, nn.Module | None] = {}
@@ -270,7 +298,7 @@ def run(
         final=final,
         artefacts=artefacts,
         seconds=round(time.perf_counter() - started, 3),
-        quality="accuracy" if data.labelled else "agreement",
+        quality="cosine" if data.embedding else "accuracy" if data.labelled else "agreement",
     )
     if info.is_main:
         write_report(report, out_dir)

@@ -166,6 +166,7 @@ def _resolve_spec(spec: ModelSpec, base: Path | None) -> ModelSpec:
         update={
             "path": _resolve(spec.path, base),
             "weights": _resolve(spec.weights, base),
+            "hf": _resolve(spec.hf, base),
             "import_path": import_path,
         }
     )
@@ -238,7 +239,9 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
         specs.append(StageSpec(kind=kind, name=name, config=config, branch=branch))
     model = _resolve_spec(head.model, base_dir)
     data_spec = head.data.model_copy(
-        update={"npz": _resolve(head.data.npz, base_dir), "folder": _resolve(head.data.folder, base_dir)}
+        update={
+            key: _resolve(getattr(head.data, key), base_dir) for key in ("npz", "folder", "text", "tokenizer")
+        }
     )
     return Recipe(head.name, head.seed, model, data_spec, head.measure, tuple(specs))
 

@@ -37,26 +37,29 @@ class StageEntry:
 
     ``role`` tells the report which model is the baseline: "reference" stages (train, ensemble)
     produce it, "transform" stages change the model, "observe" stages only look at it.
+    ``embeddings``: the stage works on embedding models (targets are the original's output vectors,
+    not class labels); a stage that trains or scores with class labels leaves it False.
     """
 
     kind: str
     config: type[BaseModel]
     handler: StageHandler
     role: Role
+    embeddings: bool = False
 
 
 STAGES: dict[str, StageEntry] = {}
 
 
 def register_stage(
-    kind: str, config: type[BaseModel], role: Role = "transform"
+    kind: str, config: type[BaseModel], role: Role = "transform", embeddings: bool = False
 ) -> Callable[[StageHandler], StageHandler]:
     """Decorator that registers ``handler(state, config, ctx) -> state`` for stage ``kind``."""
 
     def decorate(handler: StageHandler) -> StageHandler:
         if kind in STAGES and STAGES[kind].handler is not handler:
             raise ValueError(f"stage kind {kind!r} is already registered by {STAGES[kind].handler}")
-        STAGES[kind] = StageEntry(kind, config, handler, role)
+        STAGES[kind] = StageEntry(kind, config, handler, role, embeddings)
         return handler
 
     return decorate

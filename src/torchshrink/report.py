@@ -38,7 +38,8 @@ class Report:
     final: Metrics
     artefacts: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    quality: str = "accuracy"  # or "agreement": top-1 agreement with the original model (unlabelled data)
+    quality: str = "accuracy"  # "agreement": top-1 agreement with the original model (unlabelled data);
+    # "cosine": an embedding model's fidelity to the original (mean cosine, nearest-neighbour agreement)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,9 +81,8 @@ def format_table(report: Report) -> str:
     small, large = batch_sizes(report)
 
     def row(name: str, kind: str, m: Metrics, seconds: str) -> list[str]:
-        delta = (m["accuracy"] - base["accuracy"]) * 100
         return [
-            name, kind, f"{m['accuracy'] * 100:.2f}%", f"{delta:+.2f}", _bytes(m["size_bytes"]),
+            name, kind, _score(report.quality, m), _delta(report.quality, m, base), _bytes(m["size_bytes"]),
             _ratio(base["size_bytes"], m["size_bytes"]), f"{m['params']:,}", f"{m['nonzero_params']:,}",
             f"{m['macs']:,}", _ratio(base["macs"], m["macs"]), f"{m[f'latency_ms_b{small}']:.3f}",
             f"{m[f'latency_ms_b{large}']:.3f}", _speedup(m, base, f"latency_ms_b{large}"),
@@ -95,15 +95,35 @@ def format_table(report: Report) -> str:
         name = f"{stage['name']} (branch)" if stage.get("branch") else stage["name"]
         rows.append(row(name, stage["kind"], stage["metrics"], seconds))
     header = [
-        "stage", "kind", _QUALITY[report.quality][0], "Δ (pts)", "size", "smaller", "params", "non-zero", "MACs",
+        "stage", "kind", _QUALITY[report.quality][0], "Δ" if report.quality == "cosine" else "Δ (pts)", "size", "smaller", "params", "non-zero", "MACs",
         "fewer MACs", f"latency b{small} (ms)", f"latency b{large} (ms)", f"faster b{large} vs torch",
         f"faster b{large} vs ORT fp32", "seconds",
     ]  # fmt: skip
     return markdown_table(header, rows)
 
 
+def _score(quality: str, m: Metrics) -> str:
+    """The quality score as the report shows it: a percentage, or a cosine (with NN agreement)."""
+    if quality == "cosine":
+        nn = f" (NN {m['nn_agreement'] * 100:.1f}%)" if "nn_agreement" in m else ""
+        return f"{m['accuracy']:.4f}{nn}"
+    return f"{m['accuracy'] * 100:.2f}%"
+
+
+def _delta(quality: str, m: Metrics, base: Metrics) -> str:
+    if quality == "cosine":
+        return f"{m['accuracy'] - base['accuracy']:+.4f}"
+    return f"{(m['accuracy'] - base['accuracy']) * 100:+.2f}"
+
+
 _QUALITY = {
     "accuracy": ("accuracy", "Accuracy: top-1 on the test split's labels."),
+    "cosine": (
+        "cosine",
+        "Fidelity: an embedding model is compared with the original on the test split: mean cosine of "
+        "the embeddings and, in brackets, nearest-neighbour agreement (the share of texts whose closest "
+        "other text is the same as with the original's embeddings); the original scores 1 and 100%.",
+    ),
     "agreement": (
         "agreement",
         "Agreement: the data has no labels, so quality is top-1 agreement with the original model on the "
@@ -126,8 +146,8 @@ def _markdown(report: Report) -> str:
         "",
         f"torchshrink {report.torchshrink_version}, seed {report.seed}, {report.seconds:.1f} s in all.",
         "",
-        f"Final model: {quality} {final['accuracy'] * 100:.2f}% ({(final['accuracy'] - base['accuracy']) * 100:+.2f} "
-        f"points vs baseline), {_bytes(final['size_bytes'])} ({_ratio(base['size_bytes'], final['size_bytes'])} smaller), "
+        f"Final model: {quality} {_score(report.quality, final)} ({_delta(report.quality, final, base)}"
+        f"{'' if report.quality == 'cosine' else ' points'} vs baseline), {_bytes(final['size_bytes'])} ({_ratio(base['size_bytes'], final['size_bytes'])} smaller), "
         f"batch-{large} latency {final[f'latency_ms_b{large}']:.3f} ms ({_speedup(final, base, f'latency_ms_b{large}')} "
         f"faster than the baseline in PyTorch{onnx_gain}).",
         "",
@@ -197,7 +217,9 @@ def _plot(report: Report, path: Path) -> None:
         )
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel(f"test {_QUALITY[report.quality][0]} (%)")
+        ax.set_ylabel(
+            f"test {_QUALITY[report.quality][0]} ({'x 100' if report.quality == 'cosine' else '%'})"
+        )
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"torchshrink: {report.recipe.get('name', 'recipe')}")

@@ -1,4 +1,5 @@
-"""Datasets: the built-in offline ones and the user's own, described by a :class:`DataSpec`."""
+"""Datasets: the built-in offline ones and the user's own (arrays, images, text), described by a
+:class:`DataSpec`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from torchshrink.data.builtin import BUILTIN, digits, mnist1d, mnist5k
 from torchshrink.data.bundle import DatasetBundle, make_bundle
+from torchshrink.data.text import load_text
 from torchshrink.data.user import load_image_folder, load_npz
 
 __all__ = [
@@ -22,15 +24,24 @@ __all__ = [
     "mnist1d",
     "load_npz",
     "load_image_folder",
+    "load_text",
 ]
 
 
 class DataSpec(BaseModel, extra="forbid"):
-    """Where the data comes from: exactly one of ``name`` (built-in), ``npz`` or ``folder``."""
+    """Where the data comes from: exactly one of ``name`` (built-in), ``npz``, ``folder`` or ``text``
+    (with ``tokenizer``)."""
 
     name: Literal["mnist5k", "digits", "mnist1d"] | None = None
     npz: Path | None = None
     folder: Path | None = None
+    text: Path | None = Field(
+        None, description='a .txt corpus (one text a line) or .jsonl ("text", optional "label")'
+    )
+    tokenizer: Path | None = Field(None, description="text: a local tokenizer directory (tokenizer.json)")
+    max_length: int = Field(
+        128, ge=2, description="text: tokens per text (longer ones are cut, shorter padded)"
+    )
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="held-out share when the data has no test split"
     )
@@ -52,18 +63,23 @@ class DataSpec(BaseModel, extra="forbid"):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        given = [k for k in ("name", "npz", "folder") if getattr(self, k) is not None]
+        given = [k for k in ("name", "npz", "folder", "text") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"give exactly one of 'name' ({', '.join(BUILTIN)}), 'npz' (path) or 'folder' (path); got {given or 'none'}"
+                f"give exactly one of 'name' ({', '.join(BUILTIN)}), 'npz' (path), 'folder' (path) or 'text' "
+                f"(path, with 'tokenizer'); got {given or 'none'}"
             )
+        if (self.text is None) != (self.tokenizer is None):
+            raise ValueError("'text' (a corpus) and 'tokenizer' (its tokenizer directory) go together")
         if (self.inputs or self.input_ranges) and self.npz is None:
             raise ValueError("'inputs' and 'input_ranges' describe the arrays of an 'npz' file")
         return self
 
 
-def load_data(spec: DataSpec | dict | str) -> DatasetBundle:
-    """Load a dataset from a spec, a dict, a built-in name, or a path to an ``.npz`` file or folder."""
+def load_data(spec: DataSpec | dict | str, cache_dir: str | Path | None = None) -> DatasetBundle:
+    """Load a dataset from a spec, a dict, a built-in name, or a path to an ``.npz`` file or folder.
+
+    ``cache_dir`` keeps the tokens of a text corpus (keyed by content) for the next load."""
     if isinstance(spec, str):
         if spec in BUILTIN:
             spec = DataSpec(name=spec)
@@ -82,6 +98,16 @@ def load_data(spec: DataSpec | dict | str) -> DatasetBundle:
             seed=spec.split_seed,
             inputs=spec.inputs,
             input_ranges=spec.input_ranges,
+        )
+    elif spec.text is not None:
+        assert spec.tokenizer is not None
+        bundle = load_text(
+            spec.text,
+            spec.tokenizer,
+            max_length=spec.max_length,
+            test_fraction=spec.test_fraction,
+            seed=spec.split_seed,
+            cache_dir=cache_dir,
         )
     else:
         assert spec.folder is not None

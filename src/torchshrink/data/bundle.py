@@ -70,6 +70,19 @@ class DatasetBundle:
         )
         return dataclasses.replace(self, train=train, test=test, num_classes=num_classes, labelled=False)
 
+    def embedded_by(self, predict: Callable[[ModelInput], torch.Tensor]) -> DatasetBundle:
+        """The same inputs with ``predict``'s output vectors as targets (an embedding model's view of
+        them): quality is then fidelity to that model (cosine, nearest-neighbour agreement)."""
+        train, test = (samples(d.tensors[0], predict(d.tensors[0]).float()) for d in (self.train, self.test))
+        width = int(train.tensors[1].shape[1])
+        return dataclasses.replace(self, train=train, test=test, num_classes=width, labelled=False)
+
+    @property
+    def embedding(self) -> bool:
+        """True when the targets are vectors (see :meth:`embedded_by`), not class labels."""
+        y = self.train.tensors[1]
+        return y.is_floating_point() and y.ndim == 2
+
     def calibration(self, n: int = 256, seed: int = 0) -> ModelInput:
         """Up to ``n`` training inputs (no labels) for calibration or importance estimation."""
         return self.subset("train", n, seed).tensors[0]

@@ -235,8 +235,88 @@ def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in _PASS_METHODS
 
 
-def _quantized_inputs(node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan) -> list[fx.Node]:
-    """The tensor inputs of ``node`` that must arrive quantized for its int8 kernel."""
+def _is_float_tensor(node: object) -> bool:
+    """A graph value that is a floating-point tensor (shape arithmetic on ints, integer index
+    tensors and boolean masks are never quantized)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if "type" not in node.meta:  # a graph without recorded values (no shape propagation): by position
+        return True
+    meta = node.meta.get("tensor_meta")
+    return hasattr(meta, "shape") and meta.dtype.is_floating_point
+
+
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCTIONS = {F.relu, F.relu6, torch.relu}
+
+
+def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Ops an int8 value passes through on its way to the next int8 kernel (ORT folds a ReLU into
+    the quantize step)."""
+    if _is_passthrough(node, modules):
+        return True
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _RELU_MODULES)
+    return (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "relu"
+    )
+
+
+def _is_merge(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS | _CAT_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+
+
+def _feeds_int8(
+    node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan, memo: dict[fx.Node, bool]
+) -> bool:
+    """Does ``node``'s result reach an int8 kernel (through passthrough and ReLU ops)? An add or
+    concat is worth running in int8 only then: a transformer's residual add before a LayerNorm, or
+    the attention-mask add before a softmax, stays float (quantizing it only costs fidelity)."""
+    if node not in memo:
+        memo[node] = False
+        for user in node.users:
+            if _transparent(user, modules) or _is_merge(user):
+                reaches = _feeds_int8(user, modules, plan, memo)
+            else:
+                reaches = node in _kernel_inputs(user, modules, plan)
+            if reaches:
+                memo[node] = True
+                break
+    return memo[node]
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _from_int8_conv(node: object, modules: dict[str, nn.Module], plan: QuantPlan) -> bool:
+    """Is ``node`` an int8 conv's output (through passthrough and ReLU ops)? ONNX Runtime runs a
+    conv as QLinearConv only with a quantize step on its output, which the add or concat it feeds
+    (a ViT's patch embedding into the position add) then provides."""
+    while isinstance(node, fx.Node) and _transparent(node, modules) and node.args:
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return False
+    return isinstance(modules.get(node.target), _CONVS) and plan.layers.get(str(node.target)) is not None
+
+
+def _quantized_inputs(
+    node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan, memo: dict[fx.Node, bool] | None = None
+) -> list[fx.Node]:
+    """The float tensor inputs of ``node`` that must arrive quantized for its int8 kernel; an add or
+    concat only when its result goes on to an int8 kernel."""
+    if (
+        _is_merge(node)
+        and not _feeds_int8(node, modules, plan, {} if memo is None else memo)
+        and not any(_from_int8_conv(a, modules, plan) for a in _kernel_inputs(node, modules, plan))
+    ):
+        return []
+    return [a for a in _kernel_inputs(node, modules, plan) if _is_float_tensor(a)]
+
+
+def _kernel_inputs(node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan) -> list[fx.Node]:
+    """The tensor inputs an int8 kernel for ``node`` takes."""
     if node.op == "call_module" and isinstance(modules.get(node.target), WEIGHTED):
         if plan.layers.get(node.target) is None:
             return []
@@ -277,8 +357,9 @@ def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, 
     modules = dict(gm.named_modules())
     # source node -> nodes between source and consumers that need the same point re-applied
     sources: dict[fx.Node, set[fx.Node]] = {}
+    memo: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
-        for inp in _quantized_inputs(node, modules, plan):
+        for inp in _quantized_inputs(node, modules, plan, memo):
             chain = []
             src = inp
             # Dynamic points quantize right before the kernel: re-applying them after a max-pool

@@ -113,12 +113,16 @@ def _rename_pruned(names: list[str], model: nn.Module) -> list[str]:
     return out
 
 
-@register_stage("quantize", QuantizeConfig, role="transform")
+@register_stage("quantize", QuantizeConfig, role="transform", embeddings=True)
 def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> ModelState:
     """Quantize ``state.model``; with the ONNX Runtime backend the int8 file is what the report measures."""
     if state.architecture is None:
         log.warning(
             "the model has no architecture reference: the quantized model can be exported but not reloaded"
+        )
+    if cfg.mode == "qat" and ctx.data.embedding:
+        raise QuantizationError(
+            "quantize mode 'qat' trains with class labels; on an embedding model use mode static or dynamic"
         )
     reduce_range = needs_reduced_range() if cfg.reduce_range == "auto" else cfg.reduce_range
     calibration = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)

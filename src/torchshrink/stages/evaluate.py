@@ -1,4 +1,5 @@
-"""Stage ``evaluate``: per-class accuracy and the confusion matrix, recorded in the report."""
+"""Stage ``evaluate``: per-class accuracy and the confusion matrix (embedding models: cosine and
+nearest-neighbour agreement with the original), recorded in the report."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 
-from torchshrink.measure import predict
+from torchshrink.measure import fidelity, predict
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
 
@@ -18,10 +19,13 @@ class EvaluateConfig(BaseModel, extra="forbid"):
     split: Literal["test", "train"] = "test"
 
 
-@register_stage("evaluate", EvaluateConfig, role="observe")
+@register_stage("evaluate", EvaluateConfig, role="observe", embeddings=True)
 def evaluate_stage(state: ModelState, cfg: EvaluateConfig, ctx: RunContext) -> ModelState:
     """Record the confusion matrix and per-class accuracy of the current model on ``split``."""
     dataset = ctx.data.test if cfg.split == "test" else ctx.data.train
+    if ctx.data.embedding:
+        ctx.details.update(split=cfg.split, **fidelity(state.model, dataset))
+        return state.replace(lineage=(*state.lineage, ctx.stage_name))
     x, y = dataset.tensors[0], dataset.tensors[1]
     n = ctx.data.num_classes
     pred = predict(state.model, x).argmax(1)
