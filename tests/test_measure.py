@@ -117,3 +117,16 @@ def test_reference_gives_side_by_side_speedup(digits):
     assert metrics["speedup_b32"] > 1.5  # ~4M MACs against 640 per sample
     assert "speedup_b1" in measure(big, digits.test, latency_repeats=3, reference=small)
     assert "speedup_b1" not in measure(small, digits.test, latency_repeats=3)
+
+
+def test_neighbour_agreement_compares_nearest_neighbours_in_row_chunks() -> None:
+    from torchshrink.measure import _nearest, neighbour_agreement
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(50, 8, generator=gen)
+    assert torch.equal(_nearest(v, rows=7), _nearest(v, rows=1000))  # chunking changes nothing
+    brute = torch.nn.functional.normalize(v, dim=1) @ torch.nn.functional.normalize(v, dim=1).T
+    brute.fill_diagonal_(-2)
+    assert torch.equal(_nearest(v, rows=7), brute.argmax(1))
+    assert neighbour_agreement(v, v) == 1.0
+    assert neighbour_agreement(torch.randn(50, 8, generator=gen), v) < 0.3  # unrelated embeddings

@@ -81,6 +81,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from torchshrink.errors import MissingFileError
     from torchshrink.io import write_json_atomic, write_text_atomic
     from torchshrink.parallel.tasks import Task, run_tasks, summary_table
+    from torchshrink.pipeline import run
 
     out = Path(args.out)
     missing = [r for r in args.recipes if not Path(r).is_file()]
@@ -90,7 +91,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     names = [stem if stems.count(stem) == 1 else f"{i:02d}-{stem}" for i, stem in enumerate(stems)]
     tasks = [Task(r, out / name, resume=args.resume) for r, name in zip(args.recipes, names, strict=True)]
     started = time.perf_counter()
-    results = run_tasks(tasks, jobs=args.jobs)
+    results = run_tasks(tasks, run, jobs=args.jobs)
     seconds = time.perf_counter() - started
     table = summary_table(results)
     write_text_atomic(
@@ -107,6 +108,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from torchshrink.data import load_data
     from torchshrink.measure import check_model_fits, measure, predict
     from torchshrink.models import open_model, task_of
@@ -114,18 +117,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, artefact, _ = _open_for_cli(args.model, args.factory, args.trust_pickle)
     spec: Any = args.data
     if args.tokenizer:
-        spec = {"text": args.data, "tokenizer": args.tokenizer, "max_length": args.max_length}
+        spec = {"text": args.data, "tokenizer": args.tokenizer}
+        if args.max_length is not None:
+            spec["max_length"] = args.max_length
     data = load_data(spec)
     if args.reference:  # quality against the original model: fidelity (embeddings) or agreement
         where = Path(args.reference)
         reference = open_model({"hf": where, "task": args.task} if where.is_dir() else args.reference)
         source = f"reference {args.reference} on {data.name}"
-        check_model_fits(reference.module, data.inputs, data.num_classes, source=source)
-        outputs = lambda x: predict(reference.module, x, batch_size=64)  # noqa: E731
-        if task_of(reference.architecture) == "embedding":
-            data = data.embedded_by(outputs)
-        else:
-            data = data.labelled_by(outputs, data.num_classes)
+        width = check_model_fits(reference.module, data.inputs, data.num_classes, source=source)
+        data = dataclasses.replace(data, train=data.test)  # only the test split is measured
+        data = data.judged_by(
+            lambda x: predict(reference.module, x, batch_size=64),
+            embedding=task_of(reference.architecture) == "embedding",
+            num_classes=max(width, data.num_classes),
+        )
     elif not data.labelled:
         raise DataError(
             f"{args.data}: has no labels; give --reference ORIGINAL_MODEL to score fidelity (embeddings) "
@@ -250,6 +256,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from torchshrink._version import __version__
+    from torchshrink.hf import TASKS
 
     parser = argparse.ArgumentParser(
         prog="torchshrink", description="Make trained PyTorch models smaller and faster."
@@ -295,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--data", required=True, help="mnist5k | digits | mnist1d | path to .npz or image folder"
             )
             p.add_argument("--tokenizer", help="tokenizer directory: --data is then a .txt / .jsonl corpus")
-            p.add_argument("--max-length", type=int, default=128, help="tokens per text (with --tokenizer)")
+            p.add_argument("--max-length", type=int, help="tokens per text (with --tokenizer; default 128)")
             p.add_argument(
                 "--reference",
                 help="the original model (a model file, or a transformers model directory): quality becomes "
@@ -304,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--task",
                 default="embedding",
-                choices=["embedding", "sequence-classification", "image-classification"],
+                choices=TASKS,
                 help="what a --reference directory's transformers model is for (default: embedding)",
             )
             p.add_argument("--json", action="store_true", help="print the metrics as JSON")

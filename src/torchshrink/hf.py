@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,12 @@ from torch import nn
 
 from torchshrink.errors import ModelLoadError, ShapeMismatchError
 from torchshrink.inputs import TEXT_INPUTS, InputSpec
+from torchshrink.io import folder_listing
 
 log = logging.getLogger(__name__)
 
 Task = Literal["embedding", "sequence-classification", "image-classification"]
-TASKS: tuple[str, ...] = ("embedding", "sequence-classification", "image-classification")
+TASKS: tuple[str, ...] = get_args(Task)
 WEIGHTS_FILE = "model.safetensors"
 
 __all__ = ["TASKS", "Task", "build_hf", "open_hf", "read_config", "TextEmbedding", "Logits"]
@@ -48,7 +49,9 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise ModelLoadError(f"model.hf: {directory} is not a directory (a local transformers model folder)")
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise ModelLoadError(f"model.hf: {directory} has no config.json; it holds {_listing(directory)}")
+        raise ModelLoadError(
+            f"model.hf: {directory} has no config.json; it holds {folder_listing(directory)}"
+        )
     if not (directory / WEIGHTS_FILE).is_file():
         other = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.safetensors")]
         hint = (
@@ -58,7 +61,7 @@ def read_config(directory: Path) -> dict[str, Any]:
             else ""
         )
         raise ModelLoadError(
-            f"model.hf: {directory} has no {WEIGHTS_FILE}{hint}; it holds {_listing(directory)}"
+            f"model.hf: {directory} has no {WEIGHTS_FILE}{hint}; it holds {folder_listing(directory)}"
         )
     try:
         config = json.loads(config_path.read_text())
@@ -69,11 +72,6 @@ def read_config(directory: Path) -> dict[str, Any]:
     if config.get("auto_map"):
         log.info("model.hf: %s names custom code (auto_map); it is ignored, never run", config_path)
     return config
-
-
-def _listing(directory: Path) -> str:
-    names = sorted(p.name for p in directory.iterdir())
-    return ", ".join(names[:12]) + (" ..." if len(names) > 12 else "") if names else "nothing"
 
 
 def _config_object(config: dict[str, Any]) -> Any:
@@ -91,6 +89,9 @@ def _config_object(config: dict[str, Any]) -> Any:
 
 
 def _auto_class(task: str) -> Any:
+    """The transformers auto class that builds a model for ``task``."""
+    if task not in TASKS:
+        raise ModelLoadError(f"model.hf: unknown task {task!r}; known: {', '.join(TASKS)}")
     transformers = _transformers()
     return {
         "embedding": transformers.AutoModel,
@@ -174,14 +175,14 @@ class Logits(nn.Module):
 def _wrap(model: nn.Module, task: str) -> nn.Module:
     model.eval()
     if task == "embedding":
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None  # the [CLS] pooler's output is not the embedding: no dead weights or work
         return TextEmbedding(model)
     return Logits(model, text=task == "sequence-classification")
 
 
 def build_hf(config: dict[str, Any], task: str) -> nn.Module:
     """An untrained model of this config and task (weights are loaded afterwards)."""
-    if task not in TASKS:
-        raise ModelLoadError(f"model.hf: unknown task {task!r}; known: {', '.join(TASKS)}")
     model = _auto_class(task).from_config(_config_object(config), attn_implementation="eager")
     return _wrap(model, task)
 
@@ -192,10 +193,9 @@ def open_hf(directory: Path, task: str) -> tuple[nn.Module, dict[str, Any]]:
     Attention is the eager implementation, so that ONNX Runtime's transformer fusions find it.
     """
     read_config(directory)  # named errors for a folder that lacks what a model needs
-    if task not in TASKS:
-        raise ModelLoadError(f"model.hf: unknown task {task!r}; known: {', '.join(TASKS)}")
+    auto = _auto_class(task)
     try:
-        model = _auto_class(task).from_pretrained(
+        model = auto.from_pretrained(
             str(directory),
             local_files_only=True,
             use_safetensors=True,
@@ -204,6 +204,7 @@ def open_hf(directory: Path, task: str) -> tuple[nn.Module, dict[str, Any]]:
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"model.hf: {directory} does not load as a {task} model: {exc}") from exc
+    model.float()  # a float16 / bfloat16 checkpoint computes in float32 like the model rebuilt from its file
     saved = json.loads(model.config.to_json_string(use_diff=False))
     saved.pop("_attn_implementation_autoset", None)
     return _wrap(model, task), {"hf": {"config": saved, "task": task}}

@@ -44,8 +44,9 @@ __all__ = [
 
 ModelInput = torch.Tensor | tuple[torch.Tensor, ...]
 DEFAULT_NAME = "input"
-TEXT_INPUTS = ("input_ids", "attention_mask")  # what a tokenizer gives a transformers text model
 """The name of a model's only input when the data does not name it (also its ONNX input name)."""
+TEXT_INPUTS = ("input_ids", "attention_mask")
+"""What a tokenizer gives a transformers text model, in its ``forward``'s order."""
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
@@ -288,12 +289,11 @@ class InputSpec:
         order = [p.name for p in positional]
         name = type(model).__name__
         if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
-            # forward(x, *rest): inputs past the named parameters go to *rest; an input named after
-            # a parameter must still sit at that parameter's position
-            misplaced = [
-                n for i, n in enumerate(self.names) if n in order and (i >= len(order) or order[i] != n)
-            ]
-            if misplaced:
+            # forward(x, *rest): inputs past the named parameters go to *rest. Inputs named after none
+            # of its parameters are taken as they come; once one is named after a parameter, the
+            # named ones must be exactly forward's, in its order.
+            named = bool(set(self.names) & set(order))
+            if named and list(self.names[: len(order)]) != order[: len(self.names)]:
                 raise ShapeMismatchError(
                     f"{source}: inputs are passed to {name}.forward by position, which takes {order} "
                     f"before *args; the data gives {list(self.names)}: list data.inputs in forward's order"

@@ -26,6 +26,7 @@ from safetensors.torch import save_file as _save_safetensors
 from torchshrink.errors import CorruptFileError, MissingFileError, UntrustedPickleError
 
 __all__ = [
+    "folder_listing",
     "encode_sparse",
     "decode_sparse",
     "atomic_path",
@@ -158,6 +159,14 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptFileError(path, f"safetensors header is not valid JSON: {exc}") from exc
     return dict(header.get("__metadata__") or {})
+
+
+def folder_listing(directory: str | Path, limit: int = 12) -> str:
+    """The first names in a folder, for an error that says what it holds instead of what was wanted."""
+    names = sorted(p.name for p in Path(directory).iterdir())
+    if not names:
+        return "nothing"
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
 def file_kind(path: str | Path) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "predict",
     "accuracy",
     "fidelity",
+    "mean_cosine",
     "neighbour_agreement",
     "is_embedding_target",
     "count_params",
@@ -91,8 +92,13 @@ def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) ->
         return 0.0
     out = predict(model, x, batch_size)
     if is_embedding_target(y):
-        return float(torch.nn.functional.cosine_similarity(out.float(), y, dim=1).mean())
+        return mean_cosine(out, y)
     return int((out.argmax(dim=1) == y).sum()) / count(x)
+
+
+def mean_cosine(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """The mean cosine similarity of each output vector to its target vector."""
+    return float(torch.nn.functional.cosine_similarity(outputs.float(), targets.float(), dim=1).mean())
 
 
 def neighbour_agreement(outputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -100,24 +106,28 @@ def neighbour_agreement(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     the same for ``outputs`` as for ``targets``: does the compressed embedding retrieve the same text?"""
     if len(outputs) < 2:
         return 1.0
+    return float((_nearest(outputs) == _nearest(targets)).float().mean())
 
-    def nearest(v: torch.Tensor) -> torch.Tensor:
-        v = torch.nn.functional.normalize(v.float(), dim=1)
-        similarity = v @ v.T
-        similarity.fill_diagonal_(-float("inf"))
-        return similarity.argmax(dim=1)
 
-    return float((nearest(outputs) == nearest(targets)).float().mean())
+def _nearest(vectors: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """Each vector's most cosine-similar other vector, ``rows`` at a time (memory grows with
+    ``rows`` x n, not n x n)."""
+    v = torch.nn.functional.normalize(vectors.float(), dim=1)
+    found = []
+    for start in range(0, len(v), rows):
+        similarity = v[start : start + rows] @ v.T
+        similarity[torch.arange(len(similarity)), torch.arange(start, start + len(similarity))] = -float(
+            "inf"
+        )
+        found.append(similarity.argmax(dim=1))
+    return torch.cat(found)
 
 
 def fidelity(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) -> dict[str, float]:
     """Mean cosine and nearest-neighbour agreement of ``model``'s embeddings with the target vectors."""
     x, y = dataset.tensors[0], dataset.tensors[1]
-    out = predict(model, x, batch_size).float()
-    return {
-        "cosine": float(torch.nn.functional.cosine_similarity(out, y, dim=1).mean()),
-        "nn_agreement": neighbour_agreement(out, y),
-    }
+    out = predict(model, x, batch_size)
+    return {"cosine": mean_cosine(out, y), "nn_agreement": neighbour_agreement(out, y)}
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, Field, model_validator
@@ -25,6 +25,7 @@ from torch import nn
 
 from torchshrink import zoo
 from torchshrink.errors import ModelLoadError, ShapeMismatchError, UntrustedPickleError
+from torchshrink.hf import Task
 from torchshrink.inputs import InputSpec, as_spec
 from torchshrink.io import (
     encode_sparse,
@@ -33,6 +34,7 @@ from torchshrink.io import (
     read_safetensors_metadata,
     save_tensors,
 )
+from torchshrink.registry import ARCHITECTURE_BUILDERS, ARCHITECTURE_LAYERS, FILE_READERS, registered
 from torchshrink.shapes import apply_resized
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class ModelSpec(BaseModel, extra="forbid"):
     hf: Path | None = Field(
         None, description="a local transformers model directory (config.json, model.safetensors)"
     )
-    task: Literal["embedding", "sequence-classification", "image-classification"] | None = Field(
+    task: Task | None = Field(
         None,
         description="hf: what the model is for; 'embedding' outputs mean-pooled, normalised sentence "
         "embeddings and quality becomes fidelity to the original (cosine, nearest-neighbour agreement)",
@@ -193,18 +195,25 @@ def _call_factory(ref: str, kwargs: dict[str, Any], import_path: str | None = No
     return model
 
 
+_OWN_KEYS = frozenset({"zoo", "factory", "hf", "kwargs", "import_path", "resized"})
+"""Architecture-reference keys built here: the base kinds (zoo, factory, transformers config) that
+every capability's parts (``resized``, ``quantized``) apply to. Any other key was written by a
+capability package and is built through the registry (``ensemble``, ``quantized``)."""
+
+
 def build_architecture(architecture: dict[str, Any]) -> nn.Module:
     """Build an untrained module from an architecture reference.
 
-    ``{"zoo"|"factory": ..., "kwargs": {...}, "resized": {layer: shape}, "quantized": {...}}``;
+    ``{"zoo"|"factory"|"hf": ..., "kwargs": {...}, "resized": {layer: shape}, "quantized": {...}}``;
     ``resized`` (written by structured pruning) replaces the named layers by smaller ones of the
     recorded shapes; ``quantized`` (written by quantization) re-creates the fake-quant structure.
     ``{"ensemble": {"members": [references], "combine": rule}}`` builds an ensemble of them.
     """
-    if "ensemble" in architecture:
-        from torchshrink.distill.ensemble import build_ensemble  # only ensembles need it
-
-        return build_ensemble(architecture, build_architecture)
+    extra = set(architecture) - _OWN_KEYS
+    builders = registered(ARCHITECTURE_BUILDERS) if extra else {}
+    whole = [key for key in builders if key in architecture]
+    if whole:
+        return builders[whole[0]](architecture, build_architecture)
     kwargs = dict(architecture.get("kwargs") or {})
     if "zoo" in architecture:
         model = zoo.build(architecture["zoo"], **kwargs)
@@ -218,20 +227,61 @@ def build_architecture(architecture: dict[str, Any]) -> nn.Module:
         raise ModelLoadError(f"architecture reference {architecture} names none of 'zoo', 'factory', 'hf'")
     if "resized" in architecture:  # written by structured pruning (parametrizations baked, layers resized)
         model = apply_resized(model, architecture["resized"] or {})
-    if architecture.get("quantized"):
-        from torchshrink.quantize.prepare import restore  # only quantized files need torch.fx
-
-        model = restore(model, architecture["quantized"])
+    layers = registered(ARCHITECTURE_LAYERS) if extra else {}
+    unknown = sorted(extra - set(layers))
+    if unknown:
+        raise ModelLoadError(
+            f"architecture reference names {unknown}, which this torchshrink version cannot build "
+            f"(known: {sorted(_OWN_KEYS | set(layers) | set(builders))})"
+        )
+    for key, apply in layers.items():
+        if architecture.get(key):
+            model = apply(model, architecture[key])
     return model
+
+
+_OWN_FILE_KINDS = frozenset({"safetensors", "torch", "torchscript", "onnx", "unknown"})
+
+
+def _registered_reader(kind: str) -> Any:
+    """The reader a capability registered for a file kind this module does not read itself."""
+    return None if kind in _OWN_FILE_KINDS else registered(FILE_READERS).get(kind)
+
+
+@dataclass
+class WeightsFile:
+    """What a weights file holds: its tensors and, for torchshrink files, the architecture reference
+    and input description it records (data: layer shapes, never code)."""
+
+    state_dict: dict[str, torch.Tensor]
+    architecture: dict[str, Any] | None = None
+    inputs: InputSpec | None = None
+    torchshrink: bool = False
+
+
+def read_weights_file(path: str | Path) -> WeightsFile:
+    """Read safetensors, a ``torch.save`` state_dict, or a file kind a capability registered (packed
+    ``.tshrink``), once, never running code."""
+    path = Path(path)
+    read = _registered_reader(file_kind(path))
+    if read is not None:
+        got = read(path)
+        return WeightsFile(got.state_dict, got.architecture, got.inputs, torchshrink=True)
+    kind = file_kind(path)
+    state_dict = load_state_dict_file(path)
+    if kind != "safetensors":
+        return WeightsFile(state_dict)
+    meta = read_safetensors_metadata(path)
+    if meta.get("format") != MODEL_FORMAT:
+        return WeightsFile(state_dict)
+    architecture = json.loads(meta["architecture"]) if "architecture" in meta else None
+    inputs = recorded_inputs({k: json.loads(meta[k]) for k in ("inputs", "input_shape") if meta.get(k)})
+    return WeightsFile(state_dict, architecture, inputs, torchshrink=True)
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict from safetensors, a ``torch.save`` file or a packed ``.tshrink`` file (never code)."""
-    if file_kind(Path(path)) == "packed":
-        from torchshrink.encode.packfile import read_packed  # numpy bit-unpacking only when needed
-
-        return read_packed(path).state_dict
-    return load_state_dict_file(path)
+    return read_weights_file(path).state_dict
 
 
 def load_weights_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -290,22 +340,15 @@ def _from_recorded(
 
 def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
     kind = file_kind(path)
-    if kind == "packed":
-        from torchshrink.encode.packfile import read_packed  # numpy bit-unpacking only when needed
-
-        packed = read_packed(path)
-        model = _from_recorded(path, packed.architecture, packed.state_dict)
-        return LoadedModel(model, packed.architecture, packed.inputs)
-    if kind == "safetensors":
-        meta = read_safetensors_metadata(path)
-        if meta.get("format") != MODEL_FORMAT:
+    if kind == "safetensors" or _registered_reader(kind) is not None:
+        read = read_weights_file(path)
+        if not read.torchshrink:
             raise ModelLoadError(
                 f"{path}: plain safetensors weights carry no architecture; use "
                 "{zoo: NAME, weights: FILE} or {factory: 'pkg.mod:fn', weights: FILE}"
             )
-        architecture = json.loads(meta["architecture"]) if "architecture" in meta else None
-        model = _from_recorded(path, architecture, load_state_dict_file(path))
-        return LoadedModel(model, architecture, _recorded_inputs(path))
+        model = _from_recorded(path, read.architecture, read.state_dict)
+        return LoadedModel(model, read.architecture, read.inputs)
     if kind == "torchscript":
         return LoadedModel(torch.jit.load(str(path), map_location="cpu"), None)
     if kind == "onnx":
@@ -330,39 +373,17 @@ def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
     return LoadedModel(obj, None)
 
 
-def _recorded_shapes(weights: Path, architecture: dict[str, Any]) -> dict[str, Any]:
+def _recorded_shapes(saved: dict[str, Any] | None, architecture: dict[str, Any]) -> dict[str, Any]:
     """The ``resized`` layer shapes a torchshrink model file records for this same builder, if any.
 
     They are data (layer sizes), so they may come from the file even when the builder may not.
     """
-    kind = file_kind(weights)
-    if kind == "packed":
-        from torchshrink.encode.packfile import packed_architecture
-
-        saved = packed_architecture(weights)
-    elif kind == "safetensors":
-        meta = read_safetensors_metadata(weights)
-        if meta.get("format") != MODEL_FORMAT or "architecture" not in meta:
-            return {}
-        saved = json.loads(meta["architecture"])
-    else:
-        return {}
     if not saved:
         return {}
     same_builder = all(saved.get(k) == architecture.get(k) for k in ("zoo", "factory")) and (
         (saved.get("kwargs") or {}) == architecture["kwargs"]
     )
     return {"resized": saved["resized"]} if same_builder and "resized" in saved else {}
-
-
-def _recorded_inputs(weights: Path) -> InputSpec | None:
-    """The input description a torchshrink model file records (data, like the layer shapes)."""
-    if file_kind(weights) != "safetensors":
-        return None
-    meta = read_safetensors_metadata(weights)
-    if meta.get("format") != MODEL_FORMAT:
-        return None
-    return recorded_inputs({k: json.loads(meta[k]) for k in ("inputs", "input_shape") if meta.get(k)})
 
 
 def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
@@ -385,14 +406,13 @@ def open_model(spec: ModelSpec | dict | str | Path) -> LoadedModel:
     architecture["kwargs"] = dict(spec.kwargs)
     if spec.import_path is not None:
         architecture["import_path"] = str(spec.import_path)
-    if spec.weights is not None:
-        architecture.update(_recorded_shapes(spec.weights, architecture))
+    weights = read_weights_file(spec.weights) if spec.weights is not None else None
+    if weights is not None:
+        architecture.update(_recorded_shapes(weights.architecture, architecture))
     model = build_architecture(architecture)
-    inputs = None
-    if spec.weights is not None:
-        load_weights_into(model, load_weights_file(spec.weights), str(spec.weights))
-        inputs = _recorded_inputs(spec.weights)
-    return LoadedModel(model, architecture, inputs)
+    if weights is not None:
+        load_weights_into(model, weights.state_dict, str(spec.weights))
+    return LoadedModel(model, architecture, weights.inputs if weights is not None else None)
 
 
 def load_model(spec: ModelSpec | dict | str | Path) -> nn.Module:

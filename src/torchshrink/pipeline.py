@@ -24,7 +24,7 @@ from torchshrink.models import build_architecture, load_weights_into, open_model
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.parallel import ddp
 from torchshrink.recipe import Recipe, load_recipe, parse_recipe
-from torchshrink.registry import STAGES, StageEntry, get_stage
+from torchshrink.registry import StageEntry, get_stage, stages_on_embeddings
 from torchshrink.report import Report, write_report
 from torchshrink.seeding import seed_everything
 from torchshrink.state import ModelState, RunContext
@@ -110,11 +110,6 @@ def _onnx_fp32(model: nn.Module, inputs: InputSpec, out_dir: Path, info: ddp.Dis
         return None
 
 
-def embedding_stages() -> list[str]:
-    """The stage kinds that work on embedding models."""
-    return sorted(kind for kind, entry in STAGES.items() if entry.embeddings)
-
-
 def _fit_labels(
     data: DatasetBundle,
     model: nn.Module,
@@ -128,11 +123,16 @@ def _fit_labels(
     embedding model's targets are its own output vectors (quality: fidelity to it)."""
     roles = [e.role for e in entries]
     if task == "embedding":
-        unfit = [spec.kind for spec, e in zip(recipe.stages, entries, strict=True) if not e.embeddings]
+        unfit = [
+            spec.name
+            for spec, e in zip(recipe.stages, entries, strict=True)
+            if not e.works_on_embeddings(spec.config)
+        ]
         if unfit:
             raise RecipeError(
-                f"stage {unfit[0]!r} trains or scores with class labels and does not work on an embedding "
-                f"model yet; stages that do: {', '.join(embedding_stages())}"
+                f"stage {unfit[0]!r} trains or scores with class labels (with these options) and does not "
+                f"work on an embedding model yet; stages that do: {', '.join(stages_on_embeddings())} "
+                "(quantize: static, dynamic, weight_only)"
             )
         if data.labelled:
             log.info(
@@ -141,7 +141,7 @@ def _fit_labels(
         log.info(
             "embedding model: quality is fidelity to the model as given (mean cosine, neighbour agreement)"
         )
-        return data.embedded_by(lambda x: predict(model, x, batch_size=64))
+        return data.judged_by(lambda x: predict(model, x, batch_size=64), embedding=True, num_classes=width)
     if not data.labelled:
         training = [spec.kind for spec, role in zip(recipe.stages, roles, strict=True) if role == "reference"]
         if training:
@@ -150,7 +150,7 @@ def _fit_labels(
                 "give labels ('y') or start from a trained model"
             )
         log.info("data %s has no labels: quality is top-1 agreement with the model as given", data.name)
-        return data.labelled_by(lambda x: predict(model, x, batch_size=64), width)
+        return data.judged_by(lambda x: predict(model, x, batch_size=64), embedding=False, num_classes=width)
     if width > data.num_classes:
         log.info(
             "model %s outputs %d classes; the data uses %d of them", recipe.model, width, data.num_classes

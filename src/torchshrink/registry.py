@@ -1,7 +1,12 @@
-"""The stage registry: maps each recipe stage kind to its config class and handler.
+"""The registries capability packages fill, so that the layers below them never import them:
 
-Capabilities add stages with ``@register_stage("prune", PruneConfig, role="transform")``; the
-pipeline looks kinds up here and never imports a capability itself.
+* stages: each recipe stage kind's config class and handler
+  (``@register_stage("prune", PruneConfig, role="transform")``); the pipeline looks kinds up here;
+* architecture parts: keys of an architecture reference that a capability writes and knows how to
+  build (``"ensemble"``: the whole module) or re-apply to a built module (``"quantized"``);
+* file readers: weights-file kinds a capability writes (``"packed"``), read without running code.
+
+``models`` builds and loads through the last two and never imports a capability itself.
 """
 
 from __future__ import annotations
@@ -37,22 +42,30 @@ class StageEntry:
 
     ``role`` tells the report which model is the baseline: "reference" stages (train, ensemble)
     produce it, "transform" stages change the model, "observe" stages only look at it.
-    ``embeddings``: the stage works on embedding models (targets are the original's output vectors,
-    not class labels); a stage that trains or scores with class labels leaves it False.
+    ``embeddings``: whether the stage works on embedding models (targets are the original's output
+    vectors, not class labels): True, False (it trains or scores with class labels), or a function
+    of the stage's config (``quantize`` does, except in mode ``qat``).
     """
 
     kind: str
     config: type[BaseModel]
     handler: StageHandler
     role: Role
-    embeddings: bool = False
+    embeddings: bool | Callable[[Any], bool] = False
+
+    def works_on_embeddings(self, config: BaseModel) -> bool:
+        """Whether this stage, with ``config``, works on an embedding model."""
+        return self.embeddings(config) if callable(self.embeddings) else self.embeddings
 
 
 STAGES: dict[str, StageEntry] = {}
 
 
 def register_stage(
-    kind: str, config: type[BaseModel], role: Role = "transform", embeddings: bool = False
+    kind: str,
+    config: type[BaseModel],
+    role: Role = "transform",
+    embeddings: bool | Callable[[Any], bool] = False,
 ) -> Callable[[StageHandler], StageHandler]:
     """Decorator that registers ``handler(state, config, ctx) -> state`` for stage ``kind``."""
 
@@ -65,10 +78,60 @@ def register_stage(
     return decorate
 
 
+ArchitectureBuilder = Callable[[dict[str, Any], Callable[[dict[str, Any]], Any]], Any]
+"""(reference, build) -> module: builds a whole module; ``build`` builds a nested reference."""
+ArchitectureLayer = Callable[[Any, Any], Any]
+"""(module, recorded value) -> module: re-applies what a capability did to a built module."""
+FileReader = Callable[[Any], Any]
+"""path -> an object with ``state_dict``, ``architecture`` and ``inputs`` (never runs code)."""
+
+ARCHITECTURE_BUILDERS: dict[str, ArchitectureBuilder] = {}
+ARCHITECTURE_LAYERS: dict[str, ArchitectureLayer] = {}
+FILE_READERS: dict[str, FileReader] = {}
+
+
+def _registrar(table: dict[str, Any], key: str) -> Callable[[Any], Any]:
+    def decorate(fn: Any) -> Any:
+        if key in table and table[key] is not fn:
+            raise ValueError(f"{key!r} is already registered by {table[key]}")
+        table[key] = fn
+        return fn
+
+    return decorate
+
+
+def register_architecture_builder(key: str) -> Callable[[ArchitectureBuilder], ArchitectureBuilder]:
+    """Decorator: references holding ``key`` (e.g. "ensemble") are built by this function."""
+    return _registrar(ARCHITECTURE_BUILDERS, key)
+
+
+def register_architecture_layer(key: str) -> Callable[[ArchitectureLayer], ArchitectureLayer]:
+    """Decorator: a reference's ``key`` entry (e.g. "quantized") is re-applied by this function."""
+    return _registrar(ARCHITECTURE_LAYERS, key)
+
+
+def register_file_reader(kind: str) -> Callable[[FileReader], FileReader]:
+    """Decorator: weights files of ``kind`` (as ``io.file_kind`` names it) are read by this function."""
+    return _registrar(FILE_READERS, kind)
+
+
 def load_builtin_stages() -> None:
-    """Import the modules that register torchshrink's own stages."""
+    """Import the modules that register torchshrink's own stages (and with them their architecture
+    parts and file readers)."""
     for name in BUILTIN_STAGE_MODULES:
         importlib.import_module(name)
+
+
+def registered(table: dict[str, Any]) -> dict[str, Any]:
+    """One of the tables above, once torchshrink's own capabilities have filled it."""
+    load_builtin_stages()
+    return table
+
+
+def stages_on_embeddings() -> list[str]:
+    """The stage kinds that work on embedding models."""
+    load_builtin_stages()
+    return sorted(kind for kind, entry in STAGES.items() if entry.embeddings is not False)
 
 
 def get_stage(kind: str) -> StageEntry:

@@ -79,10 +79,11 @@ def format_table(report: Report) -> str:
     """A Markdown table: one row for the baseline and one per stage, with ratios to the baseline."""
     base = report.baseline
     small, large = batch_sizes(report)
+    quality = _QUALITY[report.quality]
 
     def row(name: str, kind: str, m: Metrics, seconds: str) -> list[str]:
         return [
-            name, kind, _score(report.quality, m), _delta(report.quality, m, base), _bytes(m["size_bytes"]),
+            name, kind, quality.score(m), quality.delta(m, base), _bytes(m["size_bytes"]),
             _ratio(base["size_bytes"], m["size_bytes"]), f"{m['params']:,}", f"{m['nonzero_params']:,}",
             f"{m['macs']:,}", _ratio(base["macs"], m["macs"]), f"{m[f'latency_ms_b{small}']:.3f}",
             f"{m[f'latency_ms_b{large}']:.3f}", _speedup(m, base, f"latency_ms_b{large}"),
@@ -95,36 +96,54 @@ def format_table(report: Report) -> str:
         name = f"{stage['name']} (branch)" if stage.get("branch") else stage["name"]
         rows.append(row(name, stage["kind"], stage["metrics"], seconds))
     header = [
-        "stage", "kind", _QUALITY[report.quality][0], "Δ" if report.quality == "cosine" else "Δ (pts)", "size", "smaller", "params", "non-zero", "MACs",
+        "stage", "kind", quality.label, quality.delta_header, "size", "smaller", "params", "non-zero", "MACs",
         "fewer MACs", f"latency b{small} (ms)", f"latency b{large} (ms)", f"faster b{large} vs torch",
         f"faster b{large} vs ORT fp32", "seconds",
     ]  # fmt: skip
     return markdown_table(header, rows)
 
 
-def _score(quality: str, m: Metrics) -> str:
-    """The quality score as the report shows it: a percentage, or a cosine (with NN agreement)."""
-    if quality == "cosine":
+@dataclass(frozen=True)
+class Quality:
+    """How a report shows its quality score: column name, unit of the differences, explanation."""
+
+    label: str
+    note: str
+    percent: bool = True  # a share, shown as a percentage and its differences in points
+
+    def score(self, m: Metrics) -> str:
+        if self.percent:
+            return f"{m['accuracy'] * 100:.2f}%"
         nn = f" (NN {m['nn_agreement'] * 100:.1f}%)" if "nn_agreement" in m else ""
         return f"{m['accuracy']:.4f}{nn}"
-    return f"{m['accuracy'] * 100:.2f}%"
 
+    def delta(self, m: Metrics, base: Metrics) -> str:
+        change = m["accuracy"] - base["accuracy"]
+        return f"{change * 100:+.2f}" if self.percent else f"{change:+.4f}"
 
-def _delta(quality: str, m: Metrics, base: Metrics) -> str:
-    if quality == "cosine":
-        return f"{m['accuracy'] - base['accuracy']:+.4f}"
-    return f"{(m['accuracy'] - base['accuracy']) * 100:+.2f}"
+    @property
+    def delta_unit(self) -> str:
+        return " points" if self.percent else ""
+
+    @property
+    def delta_header(self) -> str:
+        return "Δ (pts)" if self.percent else "Δ"
+
+    @property
+    def axis(self) -> str:
+        return f"test {self.label} ({'%' if self.percent else 'x 100'})"
 
 
 _QUALITY = {
-    "accuracy": ("accuracy", "Accuracy: top-1 on the test split's labels."),
-    "cosine": (
+    "accuracy": Quality("accuracy", "Accuracy: top-1 on the test split's labels."),
+    "cosine": Quality(
         "cosine",
         "Fidelity: an embedding model is compared with the original on the test split: mean cosine of "
         "the embeddings and, in brackets, nearest-neighbour agreement (the share of texts whose closest "
         "other text is the same as with the original's embeddings); the original scores 1 and 100%.",
+        percent=False,
     ),
-    "agreement": (
+    "agreement": Quality(
         "agreement",
         "Agreement: the data has no labels, so quality is top-1 agreement with the original model on the "
         "test split (the original scores 100% by definition).",
@@ -134,7 +153,7 @@ _QUALITY = {
 
 def _markdown(report: Report) -> str:
     final, base = report.final, report.baseline
-    quality, quality_note = _QUALITY[report.quality]
+    quality = _QUALITY[report.quality]
     large = batch_sizes(report)[1]
     onnx_gain = (
         f"; {_speedup_onnx(final, large)} vs the baseline on ONNX Runtime fp32"
@@ -146,14 +165,13 @@ def _markdown(report: Report) -> str:
         "",
         f"torchshrink {report.torchshrink_version}, seed {report.seed}, {report.seconds:.1f} s in all.",
         "",
-        f"Final model: {quality} {_score(report.quality, final)} ({_delta(report.quality, final, base)}"
-        f"{'' if report.quality == 'cosine' else ' points'} vs baseline), {_bytes(final['size_bytes'])} ({_ratio(base['size_bytes'], final['size_bytes'])} smaller), "
+        f"Final model: {quality.label} {quality.score(final)} ({quality.delta(final, base)}{quality.delta_unit} vs baseline), {_bytes(final['size_bytes'])} ({_ratio(base['size_bytes'], final['size_bytes'])} smaller), "
         f"batch-{large} latency {final[f'latency_ms_b{large}']:.3f} ms ({_speedup(final, base, f'latency_ms_b{large}')} "
         f"faster than the baseline in PyTorch{onnx_gain}).",
         "",
         format_table(report),
         "",
-        quality_note,
+        quality.note,
         "Baseline: the model as loaded, or the trained model as it enters the first compressing stage.",
         "Latency: median over repeats after warm-up, fixed thread count; each stage's speed-up is timed",
         "interleaved with the baseline model in the same run (the ratio survives a noisy machine). An ONNX",
@@ -217,9 +235,7 @@ def _plot(report: Report, path: Path) -> None:
         )
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel(
-            f"test {_QUALITY[report.quality][0]} ({'x 100' if report.quality == 'cosine' else '%'})"
-        )
+        ax.set_ylabel(_QUALITY[report.quality].axis)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"torchshrink: {report.recipe.get('name', 'recipe')}")

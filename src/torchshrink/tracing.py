@@ -95,7 +95,7 @@ class _ConcreteProxy(fx.Proxy):
         return _ConcreteAttribute(self, k)
 
     def __len__(self) -> int:
-        return len(self.tracer.static_value(self, tensors=False))
+        return len(self.tracer.static_value(self))  # a shape's or tuple's length; a tensor's is its batch
 
     def __int__(self) -> int:
         return int(self.tracer.static_value(self))
@@ -144,16 +144,16 @@ class _LeafTracer(fx.Tracer):
     def value_of(self, proxy: fx.Proxy) -> Any:
         return self._value(proxy.node)
 
-    def static_value(self, proxy: fx.Proxy, tensors: bool = False) -> Any:
+    def static_value(self, proxy: fx.Proxy) -> Any:
         """The example's value of ``proxy`` for Python to branch on, when it does not depend on tensor
         values (shapes, sizes, flags); a TraceError otherwise (and always in plain symbolic mode).
-        A tensor's own length or items are its batch: refused unless ``tensors``."""
+        A tensor itself is refused: its truth is its values, its length and items its batch."""
         if not self.concrete:
             raise fx.proxy.TraceError(
                 f"symbolically traced value {proxy.node.format_node()} used in control flow"
             )
         value = self.value_of(proxy)
-        if (isinstance(value, torch.Tensor) and not tensors) or proxy.node in self.data_dependent:
+        if isinstance(value, torch.Tensor) or proxy.node in self.data_dependent:
             raise fx.proxy.TraceError(
                 f"control flow on tensor values ({proxy.node.format_node()}) holds for one input only"
             )
@@ -255,11 +255,16 @@ def _agrees(gm: fx.GraphModule, model: nn.Module, inputs: tuple[torch.Tensor, ..
             expected, got = tree_flatten(model(*other))[0], tree_flatten(gm(*other))[0]
     except Exception:  # noqa: BLE001 - a graph that cannot run another batch does not agree
         return False
-    return len(expected) == len(got) and all(
-        isinstance(e, torch.Tensor) and isinstance(g, torch.Tensor) and e.shape == g.shape
-        and torch.allclose(e.float(), g.float(), rtol=1e-4, atol=1e-5)
-        for e, g in zip(expected, got, strict=True)
-    )  # fmt: skip
+    return len(expected) == len(got) and all(_same_output(e, g) for e, g in zip(expected, got, strict=True))
+
+
+def _same_output(expected: Any, got: Any) -> bool:
+    """Tensors equal within float tolerance; anything else (a count, a flag) equal."""
+    if isinstance(expected, torch.Tensor) != isinstance(got, torch.Tensor):
+        return False
+    if not isinstance(expected, torch.Tensor):
+        return bool(expected == got)
+    return expected.shape == got.shape and torch.allclose(expected.float(), got.float(), rtol=1e-4, atol=1e-5)
 
 
 def trace_model(

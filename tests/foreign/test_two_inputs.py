@@ -127,6 +127,16 @@ def test_inputs_past_the_named_parameters_go_to_varargs() -> None:
     with pytest.raises(ShapeMismatchError, match=r"takes \['tokens'\] before \*args"):
         swapped.check_order(_Rest(), "m")
 
+    class TwoThenRest(torch.nn.Module):
+        def forward(self, tokens, mask, *rest):
+            return tokens
+
+    other = InputSpec((spec.fields[0], InputField("extra", "int64", (4,), 0, 2)))
+    with pytest.raises(ShapeMismatchError, match=r"takes \['tokens', 'mask'\] before \*args"):
+        other.check_order(TwoThenRest(), "m")  # 'extra' would land in 'mask'
+    anonymous = InputSpec((InputField("a", "int64", (4,), 0, 9), InputField("b", "int64", (4,), 0, 2)))
+    anonymous.check_order(TwoThenRest(), "m")  # names of none of its parameters: taken as they come
+
 
 def _recipe(folder, npz, *stages) -> str:
     shutil.copy(Path(__file__).with_name("token_model.py"), folder / "token_models.py")  # the user's module

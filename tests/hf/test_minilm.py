@@ -26,7 +26,7 @@ def test_minilm_int8_keeps_its_embeddings(tmp_path) -> None:
     }
     report = run(recipe, tmp_path / "out")
     dynamic, static = (s["metrics"] for s in report.stages)
-    # measured on this corpus (2026-12-02): dynamic 0.989, static 0.989 (max_length 64)
+    # examples/minilm/int8.yaml (623 texts, 128 tokens) measured 0.9889 dynamic, 0.9885 static
     assert dynamic["cosine"] > 0.98 and static["cosine"] > 0.975
     assert static["nn_agreement"] > 0.7
     assert static["size_bytes"] < 0.7 * report.baseline["size_bytes"]

@@ -82,3 +82,14 @@ def test_bad_text_inputs_are_named(tmp_path, corpus, tokenizer_dir) -> None:
     csv.write_text("text,label\nhello,1\n")
     with pytest.raises(DataError, match=r"a text corpus is a .txt file \(one text a line\) or .jsonl"):
         load_data(_spec(csv, tokenizer_dir))
+
+
+def test_jsonl_lines_split_on_newlines_only(tmp_path, tokenizer_dir) -> None:
+    path = tmp_path / "odd.jsonl"
+    rows = ['{"text": "a line separator \u2028 inside a JSON string"}', "", '{"text": "and a second text"}']
+    path.write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")  # with a byte-order mark
+    data = load_data(_spec(path, tokenizer_dir))
+    assert len(data.train) + len(data.test) == 2
+    path.write_text('{"text": "one", "label": 1}\n\n{"text": "two"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="odd.jsonl, line 3: some lines have a"):  # file line, not text index
+        load_data(_spec(path, tokenizer_dir))

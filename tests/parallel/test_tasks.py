@@ -26,7 +26,7 @@ def test_parallel_tasks_match_their_sequential_runs_and_survive_a_failure(tmp_pa
         Task(broken, tmp_path / "broken"),
         Task(_recipe(0.003), tmp_path / "b"),
     ]
-    results = run_tasks(tasks, jobs=2, threads=1)
+    results = run_tasks(tasks, run, jobs=2, threads=1)
     assert [r.name for r in results] == ["a", "broken", "b"]  # the order of the tasks
     assert [r.ok for r in results] == [True, False, True]
     assert "missing.npz" in results[1].error and "not found" in results[1].error
@@ -39,9 +39,9 @@ def test_parallel_tasks_match_their_sequential_runs_and_survive_a_failure(tmp_pa
 
 def test_tasks_refuse_one_folder_twice_and_share_the_cores(tmp_path) -> None:
     with pytest.raises(ValueError, match="two tasks would write the same folder"):
-        run_tasks([Task(_recipe(0.01), tmp_path / "x"), Task(_recipe(0.02), tmp_path / "x")])
+        run_tasks([Task(_recipe(0.01), tmp_path / "x"), Task(_recipe(0.02), tmp_path / "x")], run)
     with pytest.raises(ValueError, match="jobs must be at least 1"):
-        run_tasks([Task(_recipe(0.01), tmp_path / "x")], jobs=0)
+        run_tasks([Task(_recipe(0.01), tmp_path / "x")], run, jobs=0)
     assert default_threads(1) >= default_threads(2) >= 1
 
 

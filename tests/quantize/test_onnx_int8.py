@@ -99,3 +99,39 @@ def test_every_zoo_model_quantizes_to_int8_kernels_that_match(tmp_path, name) ->
     info = export_int8(gm, tmp_path / f"{name}.onnx", ZOO_INPUTS[name], check_inputs=x[32:])
     assert info["int8_kernels"] >= len(weight_quantizers(gm))
     assert info["max_abs_diff_vs_fakequant"] <= _max_step(gm)
+
+
+class _ConvIntoLayerNorm(torch.nn.Module):
+    """ConvNeXt-like: a conv whose output goes to a LayerNorm (float), a residual add before it, and
+    an additive mask that hides two of the classes (as an attention mask hides padding): no int8
+    kernel follows the conv or the adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(8)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv(x) + x  # residual add into a LayerNorm
+        y = self.norm(y.permute(0, 2, 3, 1)).mean((1, 2))
+        hidden = torch.arange(10, device=x.device) >= 8
+        mask = torch.where(hidden, -1e30, 0.0)
+        return self.fc(y) + mask
+
+
+def test_a_conv_that_no_int8_kernel_follows_still_runs_qlinearconv(tmp_path) -> None:
+    model = _ConvIntoLayerNorm().eval()
+    x = torch.rand(64, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    gm = quantize_model(model, x[:2], uniform_plan(model, "static", 8, reduce_range=True), [x[:32]])
+    info = export_int8(gm, tmp_path / "m.onnx", (8, 6, 6), check_inputs=x[32:])
+    # inputs of the conv and the fc, and the conv's output; none on the adds' other operands
+    assert sorted(activation_quantizers(gm)) == ["quant_conv", "quant_mean", "quant_x"]
+    ops = int8_kernel_counts(tmp_path / "m.onnx")
+    assert ops.get("QLinearConv") == 1 and "Conv" not in ops  # its output got a quantize step
+    assert "QLinearAdd" not in ops  # the adds feed a LayerNorm and the output: they stay float
+    assert info["max_abs_diff_vs_fakequant"] <= _max_step(gm)
+    # the mask add in float: one quantization scale over -1e30 and the logits would zero the logits
+    with torch.no_grad():
+        shown, expected = gm(x[32:])[:, :8], model(x[32:])[:, :8]
+    assert torch.allclose(shown, expected, atol=0.1) and expected.abs().max() > 0.1

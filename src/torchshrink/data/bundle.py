@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 
 from torchshrink.errors import DataError
 from torchshrink.inputs import DEFAULT_NAME, InputSpec, ModelInput, samples, take
+from torchshrink.measure import is_embedding_target
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,16 @@ class DatasetBundle:
         width = int(train.tensors[1].shape[1])
         return dataclasses.replace(self, train=train, test=test, num_classes=width, labelled=False)
 
+    def judged_by(
+        self, predict: Callable[[ModelInput], torch.Tensor], embedding: bool, num_classes: int
+    ) -> DatasetBundle:
+        """Targets from a reference model: its output vectors (``embedding``) or its top-1 classes."""
+        return self.embedded_by(predict) if embedding else self.labelled_by(predict, num_classes)
+
     @property
     def embedding(self) -> bool:
         """True when the targets are vectors (see :meth:`embedded_by`), not class labels."""
-        y = self.train.tensors[1]
-        return y.is_floating_point() and y.ndim == 2
+        return is_embedding_target(self.train.tensors[1])
 
     def calibration(self, n: int = 256, seed: int = 0) -> ModelInput:
         """Up to ``n`` training inputs (no labels) for calibration or importance estimation."""

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.measure import predict
+from torchshrink.registry import register_architecture_builder
 
 __all__ = ["Combine", "COMBINE_RULES", "Ensemble", "fit_weights", "ensemble_architecture"]
 
@@ -115,6 +116,7 @@ def ensemble_architecture(members: Sequence[dict[str, Any] | None], combine: str
     return {"ensemble": {"members": list(members), "combine": combine}}
 
 
+@register_architecture_builder("ensemble")
 def build_ensemble(reference: dict[str, Any], build_member) -> Ensemble:
     """An untrained ensemble from its architecture reference; ``build_member`` builds one member's."""
     spec = reference["ensemble"]

@@ -28,8 +28,7 @@ from torchshrink.inputs import ModelInput, call, samples, take
 from torchshrink.measure import accuracy, check_model_fits, count_params, predict
 from torchshrink.models import LoadedModel, ModelSpec, open_model
 from torchshrink.parallel import ddp
-from torchshrink.prune.masks import MaskKeeper
-from torchshrink.prune.stage import PRUNED_WEIGHTS
+from torchshrink.prune.masks import keeper_for
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import TrainStageConfig, train_config
 from torchshrink.state import ModelState, RunContext
@@ -109,7 +108,8 @@ def _teacher(
                 f"{ctx.stage_name}: student 'current' learns from the baseline, which this run does not "
                 "have; name the teachers"
             )
-        return _frozen(ctx.baseline), [("teacher (baseline)", _frozen(ctx.baseline))]
+        teacher = _frozen(ctx.baseline)
+        return teacher, [("teacher (baseline)", teacher)]
     if not cfg.teachers:
         teacher = _frozen(state.model)
         named = (
@@ -272,7 +272,6 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
             t_logits = batch[2]
         return setup.terms(logits, labels, t_logits)
 
-    pruned = state.attachments.get(PRUNED_WEIGHTS) if cfg.student == "current" else None
     try:
         result = fit(
             setup.learner,
@@ -280,7 +279,8 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
             loss_fn,
             train_config(cfg, ctx),
             checkpoint_dir=ctx.work_dir,
-            after_step=MaskKeeper(setup.student, pruned) if pruned else None,  # pruned weights stay zero
+            # a pruned student keeps its pruned weights at zero
+            after_step=keeper_for(setup.student, state.attachments) if cfg.student == "current" else None,
         )
     finally:
         setup.remove_taps()

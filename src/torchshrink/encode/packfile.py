@@ -37,6 +37,7 @@ from torchshrink.encode.positions import MAX_WIDTH, from_gaps, gap_histogram, to
 from torchshrink.errors import CorruptFileError, MissingFileError
 from torchshrink.inputs import InputSpec, as_spec
 from torchshrink.io import PACKED_MAGIC, atomic_path
+from torchshrink.registry import register_file_reader
 from torchshrink.tables import markdown_table
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
     "snap_to_storage",
     "write_packed",
     "read_packed",
-    "packed_architecture",
     "format_layer_table",
 ]
 
@@ -385,14 +385,7 @@ def _decode_raw(entry: dict[str, Any], parts: list[bytes]) -> torch.Tensor:
     return torch.from_numpy(values.copy()).to(stored).to(dtype).reshape(shape)
 
 
-def packed_architecture(path: str | Path) -> dict[str, Any] | None:
-    """The architecture reference a packed file records, from its (checked) header alone."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(path, "packed model file")
-    return _read_header(path, path.read_bytes())[0].get("architecture")
-
-
+@register_file_reader("packed")
 def read_packed(path: str | Path) -> PackedModel:
     """Decode a packed file into a state_dict, checking every size and checksum (never runs code)."""
     path = Path(path)

@@ -28,8 +28,7 @@ from torchshrink.errors import EncodeError
 from torchshrink.inputs import take
 from torchshrink.models import build_architecture, load_weights_into
 from torchshrink.parallel import ddp
-from torchshrink.prune.masks import prunable_weights
-from torchshrink.prune.stage import PRUNED_WEIGHTS
+from torchshrink.prune.masks import PRUNED_WEIGHTS, prunable_weights
 from torchshrink.quantize.mixed import MixedConfig, choose_plan
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import FinetuneStageConfig, run_training

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,9 +75,12 @@ def _start_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_task(task: Task) -> TaskResult:
-    from torchshrink.pipeline import run
+Runner = Callable[..., Any]
+"""``runner(recipe, out_dir, resume=...)`` -> a report with ``final`` and ``baseline`` metrics
+(``torchshrink.pipeline.run``); module-level, so a spawned worker can import it."""
 
+
+def _run_task(task: Task, run: Runner) -> TaskResult:
     started = time.perf_counter()
     try:
         report = run(task.recipe, task.out_dir, resume=task.resume)
@@ -102,8 +105,11 @@ def _run_task(task: Task) -> TaskResult:
     )
 
 
-def run_tasks(tasks: Sequence[Task], jobs: int = 2, threads: int | None = None) -> list[TaskResult]:
-    """Run ``tasks`` in ``jobs`` worker processes; results come back in the order of ``tasks``."""
+def run_tasks(
+    tasks: Sequence[Task], run: Runner, jobs: int = 2, threads: int | None = None
+) -> list[TaskResult]:
+    """Run each task through ``run`` (the pipeline) in ``jobs`` worker processes; results come back
+    in the order of ``tasks``."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     names = [t.out_dir.resolve() for t in tasks]
@@ -119,7 +125,7 @@ def run_tasks(tasks: Sequence[Task], jobs: int = 2, threads: int | None = None) 
         initializer=_start_worker,
         initargs=(threads,),
     ) as pool:
-        futures = {pool.submit(_run_task, task): i for i, task in enumerate(tasks)}
+        futures = {pool.submit(_run_task, task, run): i for i, task in enumerate(tasks)}
         for future in tqdm(as_completed(futures), total=len(futures), desc="tasks", leave=False):
             i = futures[future]
             try:

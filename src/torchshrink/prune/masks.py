@@ -8,7 +8,8 @@ saved model carries its masks by construction.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,6 +86,9 @@ def masks_from_zeros(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]
     return {n: p.detach() != 0 for n, p in params.items()}
 
 
+PRUNED_WEIGHTS = "pruned_weights"  # attachment: names of masked tensors, so fine-tuning keeps the masks
+
+
 class MaskKeeper:
     """An ``after_step`` hook for the training loop that keeps pruned weights at zero."""
 
@@ -95,6 +99,13 @@ class MaskKeeper:
 
     def __call__(self, model: nn.Module) -> None:
         apply_masks(self.params, self.masks)
+
+
+def keeper_for(model: nn.Module, attachments: Mapping[str, Any]) -> MaskKeeper | None:
+    """The hook that keeps ``model``'s unstructured-pruned weights at zero while it trains, if the
+    state's attachments name any (None otherwise)."""
+    names = attachments.get(PRUNED_WEIGHTS)
+    return MaskKeeper(model, names) if names else None
 
 
 def density(params: dict[str, nn.Parameter]) -> float:

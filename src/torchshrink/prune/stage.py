@@ -23,6 +23,7 @@ from torchshrink.prune.graph import Group, find_groups
 from torchshrink.prune.importance import IMPORTANCE, make_importance
 from torchshrink.prune.latency_model import LatencyModel, fit_latency_model
 from torchshrink.prune.masks import (
+    PRUNED_WEIGHTS,
     MaskKeeper,
     apply_masks,
     compute_masks,
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 LATENCY_BATCH = 32  # the batch of the report's latency_ms_b32: what speed-up targets are about
 SPEEDUP_ROUNDS = 3  # a speed-up target: the plan, then at most two re-plans from its measured speed-up
 SPEEDUP_TOLERANCE = 0.98  # a plan measured within 2% of the target (timing noise) is accepted
-PRUNED_WEIGHTS = "pruned_weights"  # attachment: names of masked tensors, so fine-tuning keeps the masks
 
 
 class ScheduleConfig(BaseModel, extra="forbid"):
@@ -521,4 +521,4 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
     )
 
 
-__all__ = ["PruneConfig", "ScheduleConfig", "L1Config", "prune_stage", "PRUNED_WEIGHTS", "IMPORTANCE"]
+__all__ = ["PruneConfig", "ScheduleConfig", "L1Config", "prune_stage", "IMPORTANCE"]

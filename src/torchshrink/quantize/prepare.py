@@ -30,6 +30,7 @@ from torchshrink.errors import QuantizationError
 from torchshrink.inputs import InputSpec, ModelInput
 from torchshrink.quantize.affine import QuantSpec
 from torchshrink.quantize.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
+from torchshrink.registry import register_architecture_layer
 from torchshrink.tracing import bake_parametrizations, torch_layer_type, trace_model
 
 log = logging.getLogger(__name__)
@@ -262,10 +263,19 @@ def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     )
 
 
-def _is_merge(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS | _CAT_FUNCTIONS) or (
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
         node.op == "call_method" and node.target in ("add", "add_")
     )
+
+
+def _is_cat(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CAT_FUNCTIONS
+
+
+def _is_merge(node: fx.Node) -> bool:
+    """An add or concat: int8 (QLinearAdd / QLinearConcat) only where that pays, see _feeds_int8."""
+    return _is_add(node) or _is_cat(node)
 
 
 def _feeds_int8(
@@ -276,7 +286,7 @@ def _feeds_int8(
     the attention-mask add before a softmax, stays float (quantizing it only costs fidelity)."""
     if node not in memo:
         memo[node] = False
-        for user in node.users:
+        for user in node.users:  # (an fx graph has no cycles: each node is judged once)
             if _transparent(user, modules) or _is_merge(user):
                 reaches = _feeds_int8(user, modules, plan, memo)
             else:
@@ -290,27 +300,29 @@ def _feeds_int8(
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _from_int8_conv(node: object, modules: dict[str, nn.Module], plan: QuantPlan) -> bool:
-    """Is ``node`` an int8 conv's output (through passthrough and ReLU ops)? ONNX Runtime runs a
-    conv as QLinearConv only with a quantize step on its output, which the add or concat it feeds
-    (a ViT's patch embedding into the position add) then provides."""
-    while isinstance(node, fx.Node) and _transparent(node, modules) and node.args:
-        node = node.args[0]
-    if not isinstance(node, fx.Node) or node.op != "call_module":
-        return False
-    return isinstance(modules.get(node.target), _CONVS) and plan.layers.get(str(node.target)) is not None
+def _is_int8_conv(node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan) -> bool:
+    return (
+        node.op == "call_module"
+        and isinstance(modules.get(node.target), _CONVS)
+        and plan.layers.get(str(node.target)) is not None
+    )
+
+
+def _quantized_after(
+    node: fx.Node, sources: dict[fx.Node, set[fx.Node]], modules: dict[str, nn.Module]
+) -> bool:
+    """Is ``node``'s value quantized right after it (through passthrough and ReLU ops)?"""
+    return node in sources or any(
+        _transparent(user, modules) and _quantized_after(user, sources, modules) for user in node.users
+    )
 
 
 def _quantized_inputs(
-    node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan, memo: dict[fx.Node, bool] | None = None
+    node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan, memo: dict[fx.Node, bool]
 ) -> list[fx.Node]:
     """The float tensor inputs of ``node`` that must arrive quantized for its int8 kernel; an add or
     concat only when its result goes on to an int8 kernel."""
-    if (
-        _is_merge(node)
-        and not _feeds_int8(node, modules, plan, {} if memo is None else memo)
-        and not any(_from_int8_conv(a, modules, plan) for a in _kernel_inputs(node, modules, plan))
-    ):
+    if _is_merge(node) and not _feeds_int8(node, modules, plan, memo):
         return []
     return [a for a in _kernel_inputs(node, modules, plan) if _is_float_tensor(a)]
 
@@ -328,12 +340,9 @@ def _kernel_inputs(node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan
     )
     if is_avg:  # int8 average pooling kernels (QLinearAveragePool / QLinearGlobalAveragePool)
         return [a for a in node.args[:1] if isinstance(a, fx.Node)]
-    is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in ("add", "add_")
-    )
-    if is_add:
+    if _is_add(node):
         return [a for a in node.args[:2] if isinstance(a, fx.Node)]
-    if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+    if _is_cat(node):
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
         return [a for a in tensors if isinstance(a, fx.Node)]
     is_matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
@@ -370,6 +379,13 @@ def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, 
                 chain.append(src)
                 src = src.args[0]
             sources.setdefault(src, set()).update(chain)
+    if plan.mode == "static":
+        # ONNX Runtime runs a conv as QLinearConv only with a quantize step on its output: the next
+        # int8 kernel's input point usually provides it; where none follows (a ViT's patch
+        # embedding into the position add, a conv into a LayerNorm or the model output), it gets one.
+        for node in gm.graph.nodes:
+            if _is_int8_conv(node, modules, plan) and not _quantized_after(node, sources, modules):
+                sources[node] = set()
     for src in [n for n in gm.graph.nodes if n in sources]:  # graph order: deterministic names
         name = f"quant_{src.name}"
         gm.add_submodule(name, _make_activation_quantizer(plan))
@@ -445,6 +461,7 @@ def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
     return {n: m for n, m in model.named_children() if isinstance(m, FakeQuantize)}
 
 
+@register_architecture_layer("quantized")
 def restore(model: nn.Module, record: dict[str, Any]) -> fx.GraphModule:
     """Rebuild the fake-quant structure a saved model was made with (scales come from its weights file).
 

@@ -14,7 +14,7 @@ from torchshrink.errors import QuantizationError
 from torchshrink.inputs import take
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel import ddp
-from torchshrink.prune.stage import PRUNED_WEIGHTS
+from torchshrink.prune.masks import PRUNED_WEIGHTS
 from torchshrink.quantize.mixed import MixedConfig, choose_plan, describe_plan
 from torchshrink.quantize.observers import ObserverName
 from torchshrink.quantize.onnx_int8 import (
@@ -113,16 +113,14 @@ def _rename_pruned(names: list[str], model: nn.Module) -> list[str]:
     return out
 
 
-@register_stage("quantize", QuantizeConfig, role="transform", embeddings=True)
+@register_stage(
+    "quantize", QuantizeConfig, role="transform", embeddings=lambda cfg: cfg.mode != "qat"
+)  # QAT trains with class labels
 def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> ModelState:
     """Quantize ``state.model``; with the ONNX Runtime backend the int8 file is what the report measures."""
     if state.architecture is None:
         log.warning(
             "the model has no architecture reference: the quantized model can be exported but not reloaded"
-        )
-    if cfg.mode == "qat" and ctx.data.embedding:
-        raise QuantizationError(
-            "quantize mode 'qat' trains with class labels; on an embedding model use mode static or dynamic"
         )
     reduce_range = needs_reduced_range() if cfg.reduce_range == "auto" else cfg.reduce_range
     calibration = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)

@@ -16,8 +16,7 @@ from torchshrink.augment import AugmentConfig, augment_batch
 from torchshrink.io import load_tensors, save_tensors
 from torchshrink.models import load_weights_into
 from torchshrink.parallel import ddp
-from torchshrink.prune.masks import MaskKeeper
-from torchshrink.prune.stage import PRUNED_WEIGHTS
+from torchshrink.prune.masks import keeper_for
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
 from torchshrink.train import Batch, DatasetBatches, LossFn, TrainConfig, classification_loss, fit
@@ -82,8 +81,7 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
         return state.replace(artefact=None, lineage=(*state.lineage, ctx.stage_name))
     train_cfg = train_config(cfg, ctx)
     batches = DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed)
-    pruned = state.attachments.get(PRUNED_WEIGHTS)  # unstructured pruning: keep pruned weights at zero
-    keeper = MaskKeeper(state.model, pruned) if pruned else None
+    keeper = keeper_for(state.model, state.attachments)  # unstructured pruning: pruned weights stay zero
     loss_fn = augmented_classification_loss(cfg.augment, ctx.data.num_classes)
     result = fit(state.model, batches, loss_fn, train_cfg, checkpoint_dir=ctx.work_dir, after_step=keeper)
     ctx.details.update(
