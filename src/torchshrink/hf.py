@@ -173,7 +173,7 @@ class Logits(nn.Module):
 
 
 def _wrap(model: nn.Module, task: str) -> nn.Module:
-    model.eval()
+    model.float().eval()  # a float16 / bfloat16 checkpoint computes (and is rebuilt) in float32
     if task == "embedding":
         if getattr(model, "pooler", None) is not None:
             model.pooler = None  # the [CLS] pooler's output is not the embedding: no dead weights or work
@@ -204,7 +204,7 @@ def open_hf(directory: Path, task: str) -> tuple[nn.Module, dict[str, Any]]:
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"model.hf: {directory} does not load as a {task} model: {exc}") from exc
-    model.float()  # a float16 / bfloat16 checkpoint computes in float32 like the model rebuilt from its file
     saved = json.loads(model.config.to_json_string(use_diff=False))
-    saved.pop("_attn_implementation_autoset", None)
+    for key in ("_attn_implementation_autoset", "dtype", "torch_dtype"):  # built in float32, see _wrap
+        saved.pop(key, None)
     return _wrap(model, task), {"hf": {"config": saved, "task": task}}

@@ -245,3 +245,23 @@ def test_fused_attention_quantizes_with_its_products_counted_float(tmp_path) -> 
     info = export_int8(q, tmp_path / "m.onnx", (5, 8), x[:4])
     assert _fused_attention(q) == 1
     _check_int8_coverage(plan, info["operators"], False, tmp_path / "m.onnx", _fused_attention(q))  # no error
+
+
+class _CountsToo(nn.Module):
+    """Branches on a shape and returns a plain number next to the tensor (as HF outputs may)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x) if x.shape[1] == 1 else x
+        return y, 7
+
+
+def test_a_trace_with_non_tensor_outputs_keeps_the_shape_branch(caplog) -> None:
+    x = torch.rand(4, 1, 8, 8)
+    with caplog.at_level("WARNING"):
+        gm = trace_model(_CountsToo().eval(), x)
+    assert "traced again without it" not in caplog.text  # the outputs agree on another batch
+    assert gm(x[:3])[1] == 7 and gm(x[:3])[0].shape == (3, 4, 8, 8)

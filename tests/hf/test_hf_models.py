@@ -137,3 +137,17 @@ def test_inputs_the_model_cannot_take_are_named(tiny_bert, corpus, tmp_path, cap
     assert main(["run", str(path), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "list data.inputs in forward's order" in err and "Traceback" not in err
+
+
+def test_a_half_precision_checkpoint_computes_in_float32(tiny_bert, tmp_path) -> None:
+    import shutil
+
+    half = tmp_path / "half"
+    transformers.BertModel.from_pretrained(tiny_bert).half().save_pretrained(half, safe_serialization=True)
+    shutil.copy(tiny_bert / "tokenizer.json", half / "tokenizer.json")
+    loaded = open_model({"hf": half, "task": "embedding"})
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.float32}
+    ids, mask = _tokens()
+    with torch.no_grad():  # the same model as the one rebuilt from its own file
+        path = save_model(tmp_path / "m.safetensors", loaded.module, loaded.architecture)
+        assert torch.equal(load_model(path)(ids, mask), loaded.module(ids, mask))
