@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -30,12 +29,6 @@ def mnist_small() -> DatasetBundle:
     return load_data({"name": "mnist5k", "train_limit": 1000, "test_limit": 500})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def launch() -> Callable[..., subprocess.CompletedProcess]:
     """Run ``python ARGS`` alone (``nproc=1``) or under torchrun with ``nproc`` gloo processes on loopback."""
@@ -45,13 +38,9 @@ def launch() -> Callable[..., subprocess.CompletedProcess]:
         env["OMP_NUM_THREADS"] = "1"
         prefix = [sys.executable]
         if nproc > 1:
-            prefix += [
-                "-m",
-                "torch.distributed.run",
-                f"--nproc_per_node={nproc}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}",
-            ]
+            # --standalone: torchrun binds a free port itself; a port picked here and closed again
+            # could be taken by a test launching at the same time (the other xdist worker)
+            prefix += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         return subprocess.run(prefix + args, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
