@@ -177,8 +177,8 @@ def _wrap(model: nn.Module, task: str) -> nn.Module:
     if task == "embedding":
         if getattr(model, "pooler", None) is not None:
             model.pooler = None  # the [CLS] pooler's output is not the embedding: no dead weights or work
-        return TextEmbedding(model)
-    return Logits(model, text=task == "sequence-classification")
+        return TextEmbedding(model).eval()
+    return Logits(model, text=task == "sequence-classification").eval()
 
 
 def build_hf(config: dict[str, Any], task: str) -> nn.Module:

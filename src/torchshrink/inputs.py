@@ -47,6 +47,8 @@ DEFAULT_NAME = "input"
 """The name of a model's only input when the data does not name it (also its ONNX input name)."""
 TEXT_INPUTS = ("input_ids", "attention_mask")
 """What a tokenizer gives a transformers text model, in its ``forward``'s order."""
+MASK_INPUT = TEXT_INPUTS[1]
+"""The input that marks real tokens (1) and padding (0)."""
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 

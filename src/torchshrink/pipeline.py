@@ -123,16 +123,11 @@ def _fit_labels(
     embedding model's targets are its own output vectors (quality: fidelity to it)."""
     roles = [e.role for e in entries]
     if task == "embedding":
-        unfit = [
-            spec.name
-            for spec, e in zip(recipe.stages, entries, strict=True)
-            if not e.works_on_embeddings(spec.config)
-        ]
+        unfit = [spec.name for spec, e in zip(recipe.stages, entries, strict=True) if not e.embeddings]
         if unfit:
             raise RecipeError(
-                f"stage {unfit[0]!r} trains or scores with class labels (with these options) and does not "
-                f"work on an embedding model yet; stages that do: {', '.join(stages_on_embeddings())} "
-                "(quantize: static, dynamic, weight_only)"
+                f"stage {unfit[0]!r} trains or scores with class labels and does not "
+                f"work on an embedding model yet; stages that do: {', '.join(stages_on_embeddings())}"
             )
         if data.labelled:
             log.info(

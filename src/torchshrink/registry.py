@@ -43,19 +43,14 @@ class StageEntry:
     ``role`` tells the report which model is the baseline: "reference" stages (train, ensemble)
     produce it, "transform" stages change the model, "observe" stages only look at it.
     ``embeddings``: whether the stage works on embedding models (targets are the original's output
-    vectors, not class labels): True, False (it trains or scores with class labels), or a function
-    of the stage's config (``quantize`` does, except in mode ``qat``).
+    vectors, not class labels) or not (it trains or scores with class labels only).
     """
 
     kind: str
     config: type[BaseModel]
     handler: StageHandler
     role: Role
-    embeddings: bool | Callable[[Any], bool] = False
-
-    def works_on_embeddings(self, config: BaseModel) -> bool:
-        """Whether this stage, with ``config``, works on an embedding model."""
-        return self.embeddings(config) if callable(self.embeddings) else self.embeddings
+    embeddings: bool = False
 
 
 STAGES: dict[str, StageEntry] = {}
@@ -65,7 +60,7 @@ def register_stage(
     kind: str,
     config: type[BaseModel],
     role: Role = "transform",
-    embeddings: bool | Callable[[Any], bool] = False,
+    embeddings: bool = False,
 ) -> Callable[[StageHandler], StageHandler]:
     """Decorator that registers ``handler(state, config, ctx) -> state`` for stage ``kind``."""
 
@@ -131,7 +126,7 @@ def registered(table: dict[str, Any]) -> dict[str, Any]:
 def stages_on_embeddings() -> list[str]:
     """The stage kinds that work on embedding models."""
     load_builtin_stages()
-    return sorted(kind for kind, entry in STAGES.items() if entry.embeddings is not False)
+    return sorted(kind for kind, entry in STAGES.items() if entry.embeddings)
 
 
 def get_stage(kind: str) -> StageEntry:

@@ -2,6 +2,11 @@
 so a smaller model can be rebuilt from its zoo/factory builder without executing code from a file.
 
 ``architecture["resized"] = {"features.0": {"in_channels": 1, "out_channels": 12, "groups": 1}, ...}``
+
+Besides conv / linear / norm layers, a transformer's attention module records its head count
+(``{"num_attention_heads": 9}``, the heads' q/k/v/projection linears are entries of their own) and
+an encoder's layer list its length after layers were dropped (``{"length": 4}``: the first four
+entries stay, as the kept layers were renumbered when the others went).
 """
 
 from __future__ import annotations
@@ -14,17 +19,27 @@ from torch import nn
 
 from torchshrink.errors import ModelLoadError
 from torchshrink.tracing import bake_parametrizations
+from torchshrink.transformer_blocks import is_attention, set_head_count
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
-__all__ = ["module_shape", "resize_module", "apply_resized", "RESIZABLE"]
+__all__ = ["module_shape", "resize_module", "apply_resized", "is_resizable"]
 
-RESIZABLE = (*_CONV, nn.Linear, *_BN, nn.LayerNorm)
+_LAYERS = (*_CONV, nn.Linear, *_BN, nn.LayerNorm)
+
+
+def is_resizable(module: nn.Module) -> bool:
+    """Whether structured pruning may change ``module``'s shape (and :func:`module_shape` records it)."""
+    return isinstance(module, (*_LAYERS, nn.ModuleList)) or is_attention(module)
 
 
 def module_shape(module: nn.Module) -> dict[str, Any]:
     """The shape-defining attributes of a resizable layer."""
+    if is_attention(module):
+        return {"num_attention_heads": int(module.num_attention_heads)}
+    if isinstance(module, nn.ModuleList):
+        return {"length": len(module)}
     if isinstance(module, _CONV):
         return {
             "in_channels": module.in_channels,
@@ -60,7 +75,9 @@ def _reshaped_copy(
         old = originals[name]
         if old is None:
             continue
-        fresh = torch.empty(shape, dtype=old.dtype, device=old.device)
+        fresh = torch.zeros(
+            shape, dtype=old.dtype, device=old.device
+        )  # finite: a model is traced before its weights load
         if name in new._parameters:
             new._parameters[name] = nn.Parameter(fresh, requires_grad=old.requires_grad)
         else:
@@ -72,7 +89,17 @@ def _reshaped_copy(
 
 
 def resize_module(module: nn.Module, shape: dict[str, Any]) -> nn.Module:
-    """A fresh layer of the same type and settings as ``module`` with the given shape attributes."""
+    """A fresh layer of the same type and settings as ``module`` with the given shape attributes
+    (an attention module and a layer list are changed in place: their tensors are their children's)."""
+    if is_attention(module) and "num_attention_heads" in shape:
+        set_head_count(module, int(shape["num_attention_heads"]))
+        return module
+    if isinstance(module, nn.ModuleList) and "length" in shape:
+        length = int(shape["length"])
+        if not 0 < length <= len(module):
+            raise ModelLoadError(f"a layer list of {len(module)} cannot be cut to length {length}")
+        del module[length:]
+        return module
     if isinstance(module, _CONV):
         cin, cout, groups = shape["in_channels"], shape["out_channels"], shape["groups"]
         tensors = {"weight": (cout, cin // groups, *module.kernel_size), "bias": (cout,)}
@@ -93,7 +120,7 @@ def resize_module(module: nn.Module, shape: dict[str, Any]) -> nn.Module:
 
 
 def apply_resized(model: nn.Module, resized: dict[str, dict[str, Any]]) -> nn.Module:
-    """Replace each named layer by a resized copy (weights uninitialised: load a state_dict after).
+    """Replace each named layer by a resized copy (weights zero: load a state_dict after).
 
     Parametrizations are baked first, as structured pruning baked them before it resized anything.
     """

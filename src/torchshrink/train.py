@@ -33,6 +33,7 @@ from torchshrink.errors import TrainingError
 from torchshrink.inputs import call, to_device
 from torchshrink.inputs import count as count_samples
 from torchshrink.io import atomic_path
+from torchshrink.measure import is_embedding_target
 from torchshrink.parallel import ddp
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ __all__ = [
     "BatchSource",
     "DatasetBatches",
     "classification_loss",
+    "cosine_distance",
+    "task_loss",
+    "supervised_loss",
     "fit",
 ]
 
@@ -94,6 +98,32 @@ def classification_loss(model: nn.Module, batch: Batch) -> dict[str, torch.Tenso
     """Cross-entropy of the model's logits against integer labels (or class distributions, as mixup makes)."""
     x, y = batch[0], batch[1]
     return {"ce": F.cross_entropy(call(model, x), y)}
+
+
+def cosine_distance(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(output, target)`` averaged over the batch: how far an embedding model's vectors are
+    from the ones it should reproduce (the quality score is the mean cosine, so this is its loss)."""
+    return 1.0 - F.cosine_similarity(outputs.float(), targets.float(), dim=1).mean()
+
+
+def embedding_loss(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """Cosine distance of the model's vectors to the target vectors (an embedding model's outputs)."""
+    return {"cosine": cosine_distance(call(model, batch[0]), batch[1])}
+
+
+def task_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss a model is judged by on plain data: cosine distance against vector targets (an
+    embedding model's own outputs), cross-entropy against class labels. Importance scores and the
+    sensitivity allocation measure it; class distributions (mixup) go through
+    :func:`classification_loss` instead."""
+    if is_embedding_target(targets):
+        return cosine_distance(outputs, targets)
+    return F.cross_entropy(outputs, targets)
+
+
+def supervised_loss(embedding: bool) -> LossFn:
+    """The training loss for a dataset's targets: :func:`embedding_loss` for vectors, else cross-entropy."""
+    return embedding_loss if embedding else classification_loss
 
 
 @dataclass

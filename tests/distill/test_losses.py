@@ -14,8 +14,10 @@ from torchshrink.distill.losses import (
     Objective,
     StepOutputs,
     attention_map,
+    attention_map_loss,
     attention_transfer,
     confidence_penalty,
+    hidden_state_loss,
     logit_mae,
     make_term,
     soft_target_loss,
@@ -159,5 +161,41 @@ def test_objective_is_a_weighted_sum_of_named_terms() -> None:
     )
     with pytest.raises(ValueError, match="unknown loss term 'dropout'"):
         make_term("dropout")
-    with pytest.raises(ValueError, match="needs teacher logits"):
+    with pytest.raises(ValueError, match="need the teacher's outputs"):
         make_term("kd")(StepOutputs(student_logits=out.student_logits, labels=out.labels))
+
+
+def test_hidden_state_loss_counts_real_tokens_only() -> None:
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 4, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    expected = sum(
+        ((student[b, t] - teacher[b, t]) ** 2).mean() for b in range(2) for t in range(5) if mask[b, t]
+    ) / int(mask.sum())
+    assert hidden_state_loss(student, teacher, mask).item() == pytest.approx(float(expected), rel=1e-6)
+    padded = student.clone()
+    padded[0, 3:] = 100.0  # what padding positions hold does not matter
+    assert hidden_state_loss(padded, teacher, mask).item() == pytest.approx(float(expected), rel=1e-6)
+    assert hidden_state_loss(teacher, teacher, mask).item() == 0.0
+    with pytest.raises(ValueError, match="same width"):
+        hidden_state_loss(student[..., :3], teacher, mask)
+
+
+def test_attention_map_loss_is_the_kl_of_head_averaged_attention() -> None:
+    gen = torch.Generator().manual_seed(0)
+    student = torch.softmax(torch.randn(1, 3, 2, 4, generator=gen), -1)  # 3 heads
+    teacher = torch.softmax(torch.randn(1, 2, 2, 4, generator=gen), -1)  # 2 heads: averaged, it still fits
+    mask = torch.tensor([[1, 0]])  # only the first query token is real
+    t, s_ = teacher.mean(1)[0, 0], student.mean(1)[0, 0]
+    expected = float((t * (t / s_).log()).sum())
+    assert attention_map_loss(student, teacher, mask).item() == pytest.approx(expected, rel=1e-5)
+    assert attention_map_loss(teacher, teacher, mask).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_cosine_match_and_the_task_loss_on_vector_targets() -> None:
+    student = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    teacher = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    out = StepOutputs(student_logits=student, labels=teacher, teacher_logits=teacher)
+    expected = 1 - (1 / math.sqrt(2) + 1) / 2
+    assert make_term("cosine")(out).item() == pytest.approx(expected, rel=1e-6)
+    assert make_term("ce")(out).item() == pytest.approx(expected, rel=1e-6)  # vector targets: cosine distance

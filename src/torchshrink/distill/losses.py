@@ -6,9 +6,13 @@ student's logits, the labels, the teacher's logits, tapped intermediate features
 itself) and returns a scalar. :class:`Objective` evaluates the weighted sum and returns the named
 terms, so the training loop logs each and names the one that goes NaN.
 
-Terms: ``ce`` (the task loss), ``kd`` (soft targets, Hinton et al. 2015:
-``KL(softmax(t/T) || softmax(s/T)) * T^2``), ``mae`` (mean absolute logit difference, Fang et al. 2019), ``feature`` (hint loss through a learned adapter,
-FitNets), ``attention`` (attention transfer, Zagoruyko & Komodakis 2017), ``confidence``
+Terms: ``ce`` (the task loss: cross-entropy, or cosine distance to an embedding model's target
+vectors), ``kd`` (soft targets, Hinton et al. 2015: ``KL(softmax(t/T) || softmax(s/T)) * T^2``),
+``mae`` (mean absolute logit difference, Fang et al. 2019), ``cosine`` (cosine distance of the
+student's vectors to the teacher's: the match of embedding models), ``feature`` (hint loss through
+a learned adapter, FitNets), ``attention`` (attention transfer, Zagoruyko & Komodakis 2017),
+``hidden`` and ``attention_maps`` (transformers, TinyBERT-style: the hidden states of matched layers
+and their head-averaged attention distributions, over real tokens only), ``confidence``
 (confidence penalty, Pereyra et al. 2017: minus the entropy of the student's prediction), ``l1`` and
 ``l2`` (on the student's conv/linear weights).
 """
@@ -22,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchshrink.train import cosine_distance, task_loss
+
 __all__ = [
     "StepOutputs",
     "Term",
@@ -31,6 +37,8 @@ __all__ = [
     "weight_penalty",
     "attention_map",
     "attention_transfer",
+    "hidden_state_loss",
+    "attention_map_loss",
     "FeatureAdapter",
     "FeatureTap",
     "Objective",
@@ -49,6 +57,8 @@ class StepOutputs:
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
     student: nn.Module | None = None
+    token_mask: torch.Tensor | None = None
+    """(N, L) 1 for real tokens, 0 for padding (transformer terms average over real tokens only)."""
 
 
 Term = Callable[[StepOutputs], torch.Tensor]
@@ -111,6 +121,39 @@ def attention_transfer(student: torch.Tensor, teacher: torch.Tensor, p: float = 
     return (attention_map(student, p) - attention_map(teacher, p)).pow(2).sum(dim=1).mean()
 
 
+def _token_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-token ``values`` (N, L) over the real tokens (all tokens without a mask)."""
+    if token_mask is None:
+        return values.mean()
+    weights = token_mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def hidden_state_loss(
+    student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared difference of two layers' hidden states (N, L, H), over real tokens."""
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"hidden states of shape {tuple(student.shape)} (student) and {tuple(teacher.shape)} (teacher) "
+            "differ: the hidden term matches layers of the same width"
+        )
+    return _token_mean((student - teacher).pow(2).mean(-1), token_mask)
+
+
+def attention_map_loss(
+    student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``KL(teacher || student)`` of the head-averaged attention distributions (N, heads, L, L) of
+    two layers, per real query token. Averaging over heads lets a student that lost heads still
+    learn where its layer as a whole looks."""
+    t, s_ = teacher.mean(1), student.mean(1)
+    if t.shape != s_.shape:
+        raise ValueError(f"attention maps {tuple(s_.shape)} and {tuple(t.shape)} differ in length")
+    kl = (t * (t.clamp_min(1e-12).log() - s_.clamp_min(1e-12).log())).sum(-1)
+    return _token_mean(kl, token_mask)
+
+
 class FeatureAdapter(nn.Module):
     """Maps a student feature to the teacher's shape: a 1x1 conv (conv features) or a linear layer.
 
@@ -141,10 +184,24 @@ class FeatureAdapter(nn.Module):
         return self.map(x)
 
 
-class FeatureTap:
-    """Forward hooks that keep the outputs of named submodules of a model (``with`` removes them)."""
+def first_tensor(output: object) -> torch.Tensor:
+    """A module's output tensor, or the first element of a tuple it returns (a transformer layer's)."""
+    return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[return-value]
 
-    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+
+class FeatureTap:
+    """Forward hooks that keep the outputs of named submodules of a model (``with`` removes them).
+
+    ``select`` picks the tensor from a module's output (default: the output, or the first element
+    of a tuple); an attention module's probabilities are its output's second element.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Iterable[str],
+        select: Callable[[object], torch.Tensor] = first_tensor,
+    ) -> None:
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if missing:
@@ -152,11 +209,12 @@ class FeatureTap:
             listed = ", ".join(known[:25]) + (f", ... ({len(known)} in all)" if len(known) > 25 else "")
             raise ValueError(f"no layer(s) {missing} in {type(model).__name__}; layers: {listed}")
         self.outputs: dict[str, torch.Tensor] = {}
+        self.select = select
         self._handles = [modules[n].register_forward_hook(self._keeper(n)) for n in names]
 
     def _keeper(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self.outputs[name] = output
+            self.outputs[name] = self.select(output)
 
         return hook
 
@@ -174,7 +232,7 @@ class FeatureTap:
 
 def _needs_teacher(out: StepOutputs) -> torch.Tensor:
     if out.teacher_logits is None:
-        raise ValueError("the 'kd' term needs teacher logits")
+        raise ValueError("the 'kd' / 'mae' / 'cosine' terms need the teacher's outputs")
     return out.teacher_logits
 
 
@@ -186,7 +244,9 @@ def make_term(name: str, *, temperature: float = 4.0, pairs: Mapping[str, str] |
     layer -> :class:`FeatureAdapter` (feature).
     """
     if name == "ce":
-        return lambda out: F.cross_entropy(out.student_logits, out.labels)
+        return lambda out: task_loss(out.student_logits, out.labels)
+    if name == "cosine":
+        return lambda out: cosine_distance(out.student_logits, _needs_teacher(out))
     if name == "kd":
         return lambda out: soft_target_loss(out.student_logits, _needs_teacher(out), temperature)
     if name == "mae":
@@ -202,6 +262,20 @@ def make_term(name: str, *, temperature: float = 4.0, pairs: Mapping[str, str] |
             return weight_penalty(out.student, p)
 
         return penalty
+    if name in ("hidden", "attention_maps"):
+        if not pairs:
+            raise ValueError(f"the {name!r} term needs matched layers {{student_layer: teacher_layer}}")
+        compare = hidden_state_loss if name == "hidden" else attention_map_loss
+
+        def matched(out: StepOutputs) -> torch.Tensor:
+            return torch.stack(
+                [
+                    compare(out.student_features[s], out.teacher_features[t].detach(), out.token_mask)
+                    for s, t in pairs.items()
+                ]
+            ).mean()
+
+        return matched
     if name in ("feature", "attention"):
         if not pairs:
             raise ValueError(f"the {name!r} term needs layer pairs [[student_layer, teacher_layer], ...]")
@@ -221,7 +295,19 @@ def make_term(name: str, *, temperature: float = 4.0, pairs: Mapping[str, str] |
     raise ValueError(f"unknown loss term {name!r}; known: {', '.join(TERMS)}")
 
 
-TERMS = ("ce", "kd", "mae", "feature", "attention", "confidence", "l1", "l2")
+TERMS = (
+    "ce",
+    "kd",
+    "mae",
+    "cosine",
+    "feature",
+    "attention",
+    "hidden",
+    "attention_maps",
+    "confidence",
+    "l1",
+    "l2",
+)
 
 
 class Objective:

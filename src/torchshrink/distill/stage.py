@@ -24,7 +24,7 @@ from torchshrink.augment import augment_batch
 from torchshrink.distill.ensemble import Combine, Ensemble
 from torchshrink.distill.losses import FeatureAdapter, FeatureTap, Objective, StepOutputs, make_term
 from torchshrink.errors import RecipeError
-from torchshrink.inputs import ModelInput, call, samples, take
+from torchshrink.inputs import MASK_INPUT, ModelInput, call, samples, take
 from torchshrink.measure import accuracy, check_model_fits, count_params, predict
 from torchshrink.models import LoadedModel, ModelSpec, open_model
 from torchshrink.parallel import ddp
@@ -34,6 +34,7 @@ from torchshrink.stages.training import TrainStageConfig, train_config
 from torchshrink.state import ModelState, RunContext
 from torchshrink.tables import markdown_table
 from torchshrink.train import Batch, DatasetBatches, TrainResult, fit
+from torchshrink.transformer_blocks import attention_blocks, layer_lists
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ class DistillConfig(TrainStageConfig):
     )
     combine: Combine = Field("mean_logits", description="how several teachers are combined")
     temperature: float = Field(4.0, gt=0)
-    match: Literal["kd", "mae"] = Field(
-        "kd", description="how the student's logits match the teacher's: kd (softened KL, T^2) or mae"
+    match: Literal["kd", "mae", "cosine"] | None = Field(
+        None,
+        description="how the student's outputs match the teacher's: kd (softened KL, T^2) or mae on "
+        "logits, cosine on embedding vectors; default kd, cosine for an embedding model",
     )
     alpha: float = Field(
         0.9, ge=0, le=1, description="weight of the soft-target term; 1 - alpha on the labels"
@@ -72,6 +75,23 @@ class DistillConfig(TrainStageConfig):
     )
     feature_loss: Literal["hint", "attention"] = "hint"
     feature_weight: float = Field(1.0, ge=0)
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="transformers: weight of the hidden-state term (MSE of matched layers' outputs over "
+        "real tokens)",
+    )
+    attention_map_weight: float = Field(
+        0.0,
+        ge=0,
+        description="transformers: weight of the attention-map term (KL of matched layers' head-averaged "
+        "attention over real tokens)",
+    )
+    layer_map: list[int] | None = Field(
+        None,
+        description="transformers: the teacher layer each student layer matches (default: spread "
+        "evenly, the last on the last)",
+    )
     regularizers: dict[Literal["confidence", "l1", "l2"], float] = Field(
         default_factory=dict, description="extra terms lambda * R: confidence penalty, L1/L2 on the weights"
     )
@@ -125,15 +145,38 @@ def _teacher(
     return ensemble, [(f"teacher {i}", m) for i, m in enumerate(models)] + [("ensemble", ensemble)]
 
 
-def _objective(cfg: DistillConfig, adapters: dict[str, nn.Module]) -> Objective:
+def output_match(cfg: DistillConfig, embedding: bool, source: str) -> str:
+    """The term that matches the student's outputs to the teacher's: the option, or its default."""
+    if cfg.match is None:
+        return "cosine" if embedding else "kd"
+    if embedding and cfg.match != "cosine":
+        raise RecipeError(
+            f"{source}.match: {cfg.match!r} compares class logits; an embedding model's vectors are "
+            "matched by 'cosine' (the default for it)"
+        )
+    if not embedding and cfg.match == "cosine":
+        raise RecipeError(f"{source}.match: 'cosine' matches embedding vectors; use kd or mae on logits")
+    return cfg.match
+
+
+def _objective(
+    cfg: DistillConfig, adapters: dict[str, nn.Module], match: str, layers: LayerPairs
+) -> Objective:
     pairs = dict(cfg.features)
     terms = {
         "ce": (1.0 - cfg.alpha, make_term("ce")),
-        cfg.match: (cfg.alpha, make_term(cfg.match, temperature=cfg.temperature)),
+        match: (cfg.alpha, make_term(match, temperature=cfg.temperature)),
     }
     if pairs:
         kind = "feature" if cfg.feature_loss == "hint" else "attention"
         terms[kind] = (cfg.feature_weight, make_term(kind, pairs=pairs, adapters=adapters))
+    if cfg.hidden_weight:
+        terms["hidden"] = (cfg.hidden_weight, make_term("hidden", pairs=layers.hidden))
+    if cfg.attention_map_weight:
+        terms["attention_maps"] = (
+            cfg.attention_map_weight,
+            make_term("attention_maps", pairs=layers.attention),
+        )
     for name, weight in cfg.regularizers.items():
         terms[name] = (weight, make_term(name))
     return Objective(terms)
@@ -167,6 +210,63 @@ def _adapters(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, exampl
     }
 
 
+@dataclass(frozen=True)
+class LayerPairs:
+    """Matched transformer layers: student -> teacher layer outputs, and their attention modules."""
+
+    hidden: dict[str, str]
+    attention: dict[str, str]
+
+    @property
+    def active(self) -> bool:
+        return bool(self.hidden or self.attention)
+
+
+def _layers_of(model: nn.Module, role: str, source: str) -> tuple[str, nn.ModuleList, list[str]]:
+    """The encoder layer list of ``model`` and, per layer, the name of its attention module."""
+    lists = layer_lists(model)
+    if len(lists) != 1:
+        raise RecipeError(
+            f"{source}: the hidden / attention-map terms match transformer layers; the {role} has "
+            f"{len(lists)} layer lists (a ModuleList whose entries each hold one attention block)"
+        )
+    name, layers = lists[0]
+    blocks = {b.name for b in attention_blocks(model)}
+    attention = [next(b for b in blocks if b.startswith(f"{name}.{i}.")) for i in range(len(layers))]
+    return name, layers, attention
+
+
+def match_layers(student: nn.Module, teacher: nn.Module, cfg: DistillConfig, source: str) -> LayerPairs:
+    """Student layer i matches teacher layer ``layer_map[i]``; by default they are spread evenly
+    over the teacher's (TinyBERT's uniform mapping), the student's last on the teacher's last."""
+    if not (cfg.hidden_weight or cfg.attention_map_weight):
+        return LayerPairs({}, {})
+    s_name, s_layers, s_attention = _layers_of(student, "student", source)
+    t_name, t_layers, t_attention = _layers_of(teacher, "teacher", source)
+    n_s, n_t = len(s_layers), len(t_layers)
+    mapping = cfg.layer_map or [round((i + 1) * n_t / n_s) - 1 for i in range(n_s)]
+    if len(mapping) != n_s or not all(0 <= t < n_t for t in mapping):
+        raise RecipeError(
+            f"{source}.layer_map: {mapping} must give one teacher layer in [0, {n_t - 1}] for each of the "
+            f"student's {n_s} layers"
+        )
+    hidden = {f"{s_name}.{i}": f"{t_name}.{t}" for i, t in enumerate(mapping)} if cfg.hidden_weight else {}
+    attention = (
+        {s_attention[i]: t_attention[t] for i, t in enumerate(mapping)} if cfg.attention_map_weight else {}
+    )
+    return LayerPairs(hidden, attention)
+
+
+def attention_probabilities(output: object) -> torch.Tensor:
+    """The attention distribution a transformers attention module returns next to its output."""
+    if not isinstance(output, (tuple, list)) or len(output) < 2 or not isinstance(output[1], torch.Tensor):
+        raise RecipeError(
+            "distill.attention_map_weight: the attention module returned no attention probabilities "
+            "(the model must run eager attention, as model.hf loads it)"
+        )
+    return output[1]
+
+
 @dataclass
 class Distillation:
     """What a distillation stage trains with: the frozen teacher, the student (with its adapters, as
@@ -177,15 +277,21 @@ class Distillation:
     loaded: LoadedModel
     learner: StudentWithAdapters
     objective: Objective
-    student_tap: FeatureTap
-    teacher_tap: FeatureTap
+    student_taps: list[FeatureTap]
+    teacher_taps: list[FeatureTap]
+    live: bool
+    """The teacher must run on every batch (features are compared), not just once for its outputs."""
 
     @property
     def student(self) -> nn.Module:
         return self.learner.student
 
     def terms(
-        self, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor
+        self,
+        student_logits: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The objective's named terms for one step (the taps hold this step's features)."""
         return self.objective(
@@ -193,15 +299,16 @@ class Distillation:
                 student_logits=student_logits,
                 labels=labels,
                 teacher_logits=teacher_logits,
-                student_features=dict(self.student_tap.outputs),
-                teacher_features=dict(self.teacher_tap.outputs),
+                student_features={k: v for tap in self.student_taps for k, v in tap.outputs.items()},
+                teacher_features={k: v for tap in self.teacher_taps for k, v in tap.outputs.items()},
                 student=self.student,
+                token_mask=token_mask,
             )
         )
 
     def remove_taps(self) -> None:
-        self.student_tap.remove()
-        self.teacher_tap.remove()
+        for tap in (*self.student_taps, *self.teacher_taps):
+            tap.remove()
 
 
 def prepare_distillation(
@@ -219,14 +326,23 @@ def prepare_distillation(
         student, ctx.data.inputs, ctx.data.num_classes, source=f"{ctx.stage_name}.student {cfg.student}"
     )
     adapters = _adapters(student, teacher, cfg, example)
+    match = output_match(cfg, ctx.data.embedding, ctx.stage_name)
+    layers = match_layers(student, teacher, cfg, ctx.stage_name)
     return Distillation(
         teacher=teacher,
         named=named,
         loaded=loaded,
         learner=StudentWithAdapters(student, adapters),
-        objective=_objective(cfg, adapters),
-        student_tap=FeatureTap(student, [s for s, _ in cfg.features]),
-        teacher_tap=FeatureTap(teacher, [t for _, t in cfg.features]),
+        objective=_objective(cfg, adapters, match, layers),
+        student_taps=[
+            FeatureTap(student, [s for s, _ in cfg.features] + list(layers.hidden)),
+            FeatureTap(student, list(layers.attention), select=attention_probabilities),
+        ],
+        teacher_taps=[
+            FeatureTap(teacher, [t for _, t in cfg.features] + list(layers.hidden.values())),
+            FeatureTap(teacher, list(layers.attention.values()), select=attention_probabilities),
+        ],
+        live=bool(cfg.features) or cfg.augment.active or layers.active,
     )
 
 
@@ -243,7 +359,8 @@ def finish_distillation(
         terms=sorted(setup.objective.terms),
         epoch_losses=result.epoch_losses,
         models_table=markdown_table(
-            ["model", "params", "test accuracy"], [[n, f"{p:,}", f"{a * 100:.2f}%"] for n, p, a in rows]
+            ["model", "params", "test cosine" if ctx.data.embedding else "test accuracy"],
+            [[n, f"{p:,}", f"{a:.4f}" if ctx.data.embedding else f"{a * 100:.2f}%"] for n, p, a in rows],
         ),
     )
     log.info("%s:\n%s", ctx.stage_name, ctx.details["models_table"])
@@ -252,15 +369,21 @@ def finish_distillation(
     )
 
 
-@register_stage("distill", DistillConfig, role="transform")
+@register_stage("distill", DistillConfig, role="transform", embeddings=True)
 def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> ModelState:
     """Train ``cfg.student`` from the teacher(s); the student becomes the pipeline's model."""
     x, y = ctx.data.train.tensors[0], ctx.data.train.tensors[1]
+    if ctx.data.embedding and cfg.augment.active:
+        raise RecipeError(
+            f"{ctx.stage_name}.augment: image augmentation does not apply to an embedding model's token "
+            "inputs; remove the augment options"
+        )
     setup = prepare_distillation(state, cfg, ctx, take(x, slice(0, 2)))
     teacher = setup.teacher
     # Features or augmented inputs need the teacher's forward pass on the student's view; else its logits are cached.
-    live = bool(cfg.features) or cfg.augment.active
+    live = setup.live
     dataset = samples(x, y) if live else samples(x, y, predict(teacher, x))
+    mask_at = ctx.data.input_names.index(MASK_INPUT) if MASK_INPUT in ctx.data.input_names else None
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         inputs, labels = augment_batch(batch[0], batch[1], cfg.augment, ctx.data.num_classes)
@@ -270,7 +393,8 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
                 t_logits = call(teacher, inputs)
         else:
             t_logits = batch[2]
-        return setup.terms(logits, labels, t_logits)
+        token_mask = inputs[mask_at] if mask_at is not None else None
+        return setup.terms(logits, labels, t_logits, token_mask)
 
     try:
         result = fit(

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,6 +27,7 @@ from torchshrink.inputs import ModelInput, call, spec_of
 from torchshrink.prune.graph import Group
 from torchshrink.prune.latency_model import LatencyModel
 from torchshrink.prune.structural import Plan, Size, bounds, mask_channels, rebind, rebuilt_size
+from torchshrink.train import task_loss
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ CHUNKS = 8  # a group loses at most 1/CHUNKS of its channels per greedy step
 
 
 def masked_loss(model: nn.Module, groups: Sequence[Group], plan: Plan, batches: Sequence) -> float:
-    """Mean cross-entropy of ``model`` with the planned channels zeroed (in a copy).
+    """Mean task loss (cross-entropy, or cosine distance to target vectors) of ``model`` with the
+    planned channels zeroed (in a copy).
 
     Batch-norms use the batch's statistics, as re-estimating them after removal would: stale running
     statistics make a pruned residual network look far worse than it is after recalibration.
@@ -48,7 +49,7 @@ def masked_loss(model: nn.Module, groups: Sequence[Group], plan: Plan, batches: 
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.train()
     with torch.no_grad():
-        return sum(float(F.cross_entropy(call(candidate, x), y)) for x, y in batches) / len(batches)
+        return sum(float(task_loss(call(candidate, x), y)) for x, y in batches) / len(batches)
 
 
 def sensitivity_plan(

@@ -16,13 +16,15 @@ import logging
 import math
 import operator
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from torchshrink.errors import StructureError
+from torchshrink.prune.groups import Group, Member
+from torchshrink.prune.heads import transformer_groups
 from torchshrink.tracing import trace_model
 
 log = logging.getLogger(__name__)
@@ -150,58 +152,6 @@ _ELEMENTWISE = {
 _ELEMENTWISE_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "sub_"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
-
-
-@dataclass
-class Member:
-    """One tensor slice coupled to a group: ``module.<attr>`` indexed along ``dim``.
-
-    ``index[c]`` holds the positions along ``dim`` that belong to the group's channel ``c``
-    (several for a consumer after a flatten). ``role`` is "out" (producer rows), "in" (consumer
-    columns) or "pass" (batch-norm, depthwise conv: indexed like the channels themselves).
-    """
-
-    module_name: str
-    module: nn.Module
-    attr: str
-    dim: int
-    index: torch.Tensor
-    role: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.module_name}.{self.attr}" if self.module_name else self.attr
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        return getattr(self.module, self.attr)
-
-
-@dataclass
-class Group:
-    """Channels that must be removed together, and every tensor slice they index.
-
-    ``macs`` is what one channel costs per sample: the multiply-accumulates of every conv/linear
-    weight slice it owns (producer rows and consumer columns) times that layer's output positions.
-    """
-
-    size: int
-    members: list[Member] = field(default_factory=list)
-    macs: float = 0.0
-
-    @property
-    def producers(self) -> list[str]:
-        """The layers whose outputs are these channels."""
-        return [m.module_name for m in self.members if m.role == "out" and m.attr == "weight"]
-
-    @property
-    def joined(self) -> bool:
-        """Several layers write into these channels (a residual stream joined by adds)."""
-        return len(self.producers) > 1
-
-    @property
-    def name(self) -> str:
-        return "+".join(self.producers) or self.members[0].module_name
 
 
 # --- channel spaces -------------------------------------------------------------------------------
@@ -560,7 +510,8 @@ def _index_for(layout: _Layout, space_root: int, spaces: _Spaces) -> torch.Tenso
 
 
 def find_groups(model: nn.Module, example: torch.Tensor, ignore: Iterable[str] = ()) -> list[Group]:
-    """Trace ``model`` on ``example`` and return its prunable channel groups.
+    """Trace ``model`` on ``example`` and return its prunable channel groups, then the attention
+    heads and feed-forward neurons of its transformer blocks that the trace left pinned.
 
     Layers named in ``ignore`` (or inside them) keep all their output channels.
     """
@@ -588,4 +539,6 @@ def find_groups(model: nn.Module, example: torch.Tensor, ignore: Iterable[str] =
                 weight = modules[module_name].weight
                 per_position = weight.numel() / weight.shape[dim]
                 group.macs += per_position * index.shape[1] * analysis.positions[module_name]
-    return [g for g in groups.values() if any(m.role == "out" for m in g.members)]
+    traced = [g for g in groups.values() if any(m.role == "out" for m in g.members)]
+    taken = {m.module_name for g in traced for m in g.members}
+    return traced + transformer_groups(model, example, ignored, taken)

@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchshrink.inputs import ModelInput, call
 from torchshrink.prune.graph import Group
+from torchshrink.train import task_loss
 
 Batches = Sequence[tuple[ModelInput, torch.Tensor]]
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -87,13 +87,14 @@ def bn_scale(model: nn.Module) -> Importance:
 
 
 def _gradients(model: nn.Module, batches: Batches) -> list[dict[str, torch.Tensor]]:
-    """Per-batch gradients of the cross-entropy loss (the model's weights are not changed)."""
+    """Per-batch gradients of the task loss (cross-entropy, or cosine distance to an embedding
+    model's target vectors); the model's weights are not changed."""
     was_training = model.training
     model.eval()
     grads = []
     for x, y in batches:
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(call(model, x), y).backward()
+        task_loss(call(model, x), y).backward()
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
     model.zero_grad(set_to_none=True)
     model.train(was_training)

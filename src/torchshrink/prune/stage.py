@@ -10,18 +10,18 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from torchshrink.errors import StructureError
-from torchshrink.inputs import InputSpec, ModelInput, call, spec_of, take
+from torchshrink.inputs import InputSpec, ModelInput, spec_of, take
 from torchshrink.measure import count_macs, count_params, latencies_ms
 from torchshrink.models import build_architecture
 from torchshrink.prune.allocation import sensitivity_plan
 from torchshrink.prune.graph import Group, find_groups
 from torchshrink.prune.importance import IMPORTANCE, make_importance
 from torchshrink.prune.latency_model import LatencyModel, fit_latency_model
+from torchshrink.prune.layers import drop_layers
 from torchshrink.prune.masks import (
     PRUNED_WEIGHTS,
     MaskKeeper,
@@ -46,7 +46,7 @@ from torchshrink.prune.structural import (
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
 from torchshrink.tracing import bake_parametrizations
-from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit
+from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit, supervised_loss
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,12 @@ class PruneConfig(BaseModel, extra="forbid"):
     cost_aware: bool = Field(
         True, description="structured, allocation 'ranking': rank channels by importance per MAC they cost"
     )
+    drop_layers: int = Field(
+        0,
+        ge=0,
+        description="structured, transformers: remove this many encoder layers first, the least harmful "
+        "by measured loss; with a target, channels, heads and neurons then go until it holds",
+    )
     ignore: list[str] = Field(default_factory=list, description="layer names never pruned")
     allow_partial: bool = Field(
         False,
@@ -137,10 +143,12 @@ class PruneConfig(BaseModel, extra="forbid"):
             for k in ("sparsity", "macs_reduction", "params_reduction", "speedup")
             if getattr(self, k) is not None
         ]
-        if len(targets) != 1:
+        if self.drop_layers and self.granularity != "structured":
+            raise ValueError("drop_layers removes whole layers: use granularity: structured")
+        if len(targets) > 1 or (not targets and not self.drop_layers):
             raise ValueError(
-                "give exactly one of sparsity, macs_reduction, params_reduction, speedup; "
-                f"got {targets or 'none'}"
+                "give exactly one of sparsity, macs_reduction, params_reduction, speedup (structured: "
+                f"or drop_layers alone); got {targets or 'none'}"
             )
         if self.granularity == "unstructured" and self.importance == "bn_scale":
             raise ValueError(
@@ -182,12 +190,10 @@ def sparsity_inducing_training(model: nn.Module, cfg: PruneConfig, ctx: RunConte
     assert l1 is not None
     penalised = _l1_penalty_params(model, cfg)
 
+    task = supervised_loss(ctx.data.embedding)
+
     def loss_fn(net: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        x, y = batch[0], batch[1]
-        return {
-            "ce": F.cross_entropy(call(net, x), y),
-            "l1": l1.weight * sum(p.abs().sum() for p in penalised),
-        }
+        return {**task(net, batch), "l1": l1.weight * sum(p.abs().sum() for p in penalised)}
 
     def mean_abs() -> float:
         with torch.no_grad():
@@ -214,7 +220,8 @@ def _finetune(
     fit(
         model,
         DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed + step),
-        config=TrainConfig(
+        supervised_loss(ctx.data.embedding),
+        TrainConfig(
             epochs=cfg.schedule.epochs_between,
             lr=cfg.finetune_lr,
             seed=ctx.seed + step,
@@ -433,7 +440,7 @@ def _plan(
     )
 
 
-@register_stage("prune", PruneConfig, role="transform")
+@register_stage("prune", PruneConfig, role="transform", embeddings=True)
 def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelState:
     """Prune ``state.model`` in place to the target; structured pruning returns a smaller architecture."""
     model = state.model
@@ -468,7 +475,12 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
             seed=ctx.seed,
         )
         ctx.details["latency_model"] = asdict(latency)
-    for step in range(1, steps + 1):
+    if cfg.drop_layers:
+        ctx.details["dropped_layers"] = drop_layers(model, cfg.drop_layers, batches)
+    channel_target = any(
+        getattr(cfg, k) is not None for k in ("sparsity", "macs_reduction", "params_reduction", "speedup")
+    )
+    for step in range(1, steps + 1 if channel_target else 1):
         fraction = SCHEDULES[cfg.schedule.kind](step, steps)
         if structured:
             rounds = _prune_structured_step(

@@ -9,6 +9,7 @@ smaller and faster, whose new shapes are recorded for rebuilding (:mod:`torchshr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -18,8 +19,9 @@ from torch import nn
 
 from torchshrink.inputs import InputSpec, ModelInput, call, spec_of
 from torchshrink.measure import count_activations, count_macs, count_params
-from torchshrink.prune.graph import Group
-from torchshrink.shapes import RESIZABLE, module_shape
+from torchshrink.prune.groups import Group
+from torchshrink.shapes import is_resizable, module_shape
+from torchshrink.transformer_blocks import sync_head_counts
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ def remove_channels(model: nn.Module, groups: Sequence[Group], plan: Plan) -> nn
             touched.add(module)
     for module in touched:
         _fix_attributes(module)
+    sync_head_counts(model)
     return model
 
 
@@ -142,7 +145,7 @@ def resized_shapes(model: nn.Module, reference: nn.Module) -> dict[str, dict]:
     ref = dict(reference.named_modules())
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, RESIZABLE) and name in ref and module_shape(module) != module_shape(ref[name]):
+        if is_resizable(module) and name in ref and module_shape(module) != module_shape(ref[name]):
             out[name] = module_shape(module)
     return out
 
@@ -265,13 +268,8 @@ def rebind(groups: Sequence[Group], source: nn.Module, target: nn.Module) -> lis
     """The same groups with members pointing at ``target``'s modules (a deep copy of ``source``)."""
     modules = dict(target.named_modules())
     return [
-        Group(
-            g.size,
-            [
-                type(m)(m.module_name, modules[m.module_name], m.attr, m.dim, m.index, m.role)
-                for m in g.members
-            ],
-            g.macs,
+        dataclasses.replace(
+            g, members=[dataclasses.replace(m, module=modules[m.module_name]) for m in g.members]
         )
         for g in groups
     ]

@@ -113,9 +113,7 @@ def _rename_pruned(names: list[str], model: nn.Module) -> list[str]:
     return out
 
 
-@register_stage(
-    "quantize", QuantizeConfig, role="transform", embeddings=lambda cfg: cfg.mode != "qat"
-)  # QAT trains with class labels
+@register_stage("quantize", QuantizeConfig, role="transform", embeddings=True)
 def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> ModelState:
     """Quantize ``state.model``; with the ONNX Runtime backend the int8 file is what the report measures."""
     if state.architecture is None:

@@ -1,7 +1,8 @@
 """Stages ``train`` (produces the reference model) and ``finetune`` (recovers accuracy after a change).
 
-Both run the one training loop with the classification loss; they differ only in defaults and in
-their role for the report's baseline.
+Both run the one training loop with the data's loss (cross-entropy on class labels; cosine distance
+to the original's vectors for an embedding model, which only ``finetune`` takes: ``train`` makes a
+reference from labels); they differ only in defaults and in their role for the report's baseline.
 """
 
 from __future__ import annotations
@@ -13,13 +14,22 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from torchshrink.augment import AugmentConfig, augment_batch
+from torchshrink.errors import RecipeError
 from torchshrink.io import load_tensors, save_tensors
 from torchshrink.models import load_weights_into
 from torchshrink.parallel import ddp
 from torchshrink.prune.masks import keeper_for
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
-from torchshrink.train import Batch, DatasetBatches, LossFn, TrainConfig, classification_loss, fit
+from torchshrink.train import (
+    Batch,
+    DatasetBatches,
+    LossFn,
+    TrainConfig,
+    classification_loss,
+    fit,
+    supervised_loss,
+)
 
 
 class TrainStageConfig(BaseModel, extra="forbid"):
@@ -45,10 +55,16 @@ class FinetuneStageConfig(TrainStageConfig):
     lr: float = Field(3e-4, gt=0)
 
 
-def augmented_classification_loss(augment: AugmentConfig, num_classes: int) -> LossFn:
-    """Cross-entropy on batches augmented as ``augment`` says (plain cross-entropy when it is off)."""
+def training_loss(augment: AugmentConfig, num_classes: int, embedding: bool = False) -> LossFn:
+    """The loss for the data's targets (cross-entropy, or cosine distance to an embedding model's
+    vectors), on batches augmented as ``augment`` says (image augmentation: class labels only)."""
+    if embedding and augment.active:
+        raise RecipeError(
+            "augment: mixes or transforms image inputs for class labels; an embedding model's inputs "
+            "(token ids) are not augmented: remove the augment options"
+        )
     if not augment.active:
-        return classification_loss
+        return supervised_loss(embedding)
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return classification_loss(model, augment_batch(batch[0], batch[1], augment, num_classes))
@@ -82,7 +98,7 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
     train_cfg = train_config(cfg, ctx)
     batches = DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed)
     keeper = keeper_for(state.model, state.attachments)  # unstructured pruning: pruned weights stay zero
-    loss_fn = augmented_classification_loss(cfg.augment, ctx.data.num_classes)
+    loss_fn = training_loss(cfg.augment, ctx.data.num_classes, ctx.data.embedding)
     result = fit(state.model, batches, loss_fn, train_cfg, checkpoint_dir=ctx.work_dir, after_step=keeper)
     ctx.details.update(
         steps=result.steps,
@@ -96,4 +112,4 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
 
 
 register_stage("train", TrainStageConfig, role="reference")(run_training)
-register_stage("finetune", FinetuneStageConfig, role="transform")(run_training)
+register_stage("finetune", FinetuneStageConfig, role="transform", embeddings=True)(run_training)
