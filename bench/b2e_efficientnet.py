@@ -13,7 +13,6 @@ all rows timed interleaved in one run; speed-ups are ratios of those medians.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import subprocess
 import sys
@@ -25,9 +24,8 @@ import torch
 from torch import nn
 
 from bench.b2_int8 import ort_calibration_reader, ort_prepared
-from bench.common import ROOT, machine_line, write_section
+from bench.common import ROOT, machine_line, time_rows, write_section
 from torchshrink import run
-from torchshrink.measure import interleaved_medians
 from torchshrink.models import open_model
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.quantize.onnx_int8 import int8_kernel_counts
@@ -134,17 +132,7 @@ def run_case() -> dict:
                 "transposes": kernels.get("Transpose", 0) if key in files else None,
             }
         for batch in BATCHES:
-            x = test[:batch]
-            with torch.inference_mode():
-                times = interleaved_medians(
-                    {k: functools.partial(r, x) for k, r in runners.items()},
-                    repeats=30 if batch == 1 else 15,
-                    warmup=3,
-                )
-            for key in runners:
-                rows[key][f"ms_b{batch}"] = times[key]
-                rows[key][f"vs_torch_b{batch}"] = times["torch fp32"] / times[key]
-                rows[key][f"vs_ort_b{batch}"] = times["ORT fp32"] / times[key]
+            time_rows(rows, runners, test[:batch], batch, 30 if batch == 1 else 15, 3)
         rows["torchshrink static int8"]["report_seconds"] = report.stages[-1]["seconds"]
     return rows
 

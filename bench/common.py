@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -13,8 +14,10 @@ from torch import nn
 
 from torchshrink.augment import AugmentConfig
 from torchshrink.data import DatasetBundle
+from torchshrink.inputs import ModelInput, call
+from torchshrink.measure import interleaved_medians
 from torchshrink.models import open_model, save_model
-from torchshrink.stages.training import augmented_classification_loss
+from torchshrink.stages.training import training_loss
 from torchshrink.train import DatasetBatches, TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +81,7 @@ def trained(
     fit(
         loaded.module,
         DatasetBatches(data.train, 64, seed=seed),
-        augmented_classification_loss(AugmentConfig(shift=shift, mixup=mixup), data.num_classes),
+        training_loss(AugmentConfig(shift=shift, mixup=mixup), data.num_classes),
         config=TrainConfig(epochs=epochs, lr=lr, seed=seed, desc=f"{name} s{seed}"),
     )
     save_model(path, loaded.module, loaded.architecture, data.input_shape)
@@ -96,6 +99,21 @@ def finetune(
         after_step=after_step,
     )
     return model
+
+
+def time_rows(
+    rows: dict[str, dict], runners: dict[str, nn.Module], x: ModelInput, batch: int, repeats: int, warmup: int
+) -> None:
+    """Time every runner on ``x`` interleaved (medians) and add ``ms_b<batch>`` and the speed-ups
+    against the rows ``torch fp32`` and ``ORT fp32`` (``vs_torch_b<batch>``, ``vs_ort_b<batch>``)."""
+    with torch.inference_mode():
+        times = interleaved_medians(
+            {k: functools.partial(call, r, x) for k, r in runners.items()}, repeats=repeats, warmup=warmup
+        )
+    for key in runners:
+        rows[key][f"ms_b{batch}"] = times[key]
+        rows[key][f"vs_torch_b{batch}"] = times["torch fp32"] / times[key]
+        rows[key][f"vs_ort_b{batch}"] = times["ORT fp32"] / times[key]
 
 
 def write_section(key: str, markdown: str, payload: dict) -> None:

@@ -184,12 +184,16 @@ def test_prune_distill_int8_recipe_on_a_transformer(tiny_bert, corpus, tmp_path,
     )
 
 
-def test_distillation_options_that_do_not_fit_an_embedding_model_are_named(tiny_bert, corpus, tmp_path) -> None:
+def test_distillation_options_that_do_not_fit_an_embedding_model_are_named(
+    tiny_bert, corpus, tmp_path
+) -> None:
     kd = _recipe(tiny_bert, corpus, {"distill": {"student": "current", "match": "kd", "epochs": 1}})
     with pytest.raises(RecipeError, match="'kd' compares class logits.*'cosine'"):
         run(kd, tmp_path / "a")
     mapped = _recipe(
-        tiny_bert, corpus, {"distill": {"student": "current", "hidden_weight": 1.0, "layer_map": [0, 5], "epochs": 1}}
+        tiny_bert,
+        corpus,
+        {"distill": {"student": "current", "hidden_weight": 1.0, "layer_map": [0, 5], "epochs": 1}},
     )
     with pytest.raises(RecipeError, match=r"layer_map: \[0, 5\] must give one teacher layer in \[0, 1\]"):
         run(mapped, tmp_path / "b")
