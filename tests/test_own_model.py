@@ -126,6 +126,9 @@ def test_batch_sizes_must_be_small_then_large(tmp_path) -> None:
     path = _recipe(tmp_path, {"zoo": "lenet5"}, {"name": "digits"}, {"evaluate": {}}, batch_sizes=(8, 1))
     with pytest.raises(RecipeError, match="measure.batch_sizes.*small then large"):
         load_recipe(path)
+    one = _recipe(tmp_path, {"zoo": "lenet5"}, {"name": "digits"}, {"evaluate": {}}, batch_sizes=(32,))
+    with pytest.raises(RecipeError, match=r"measure.batch_sizes.*give two batch sizes.*got \[32\]"):
+        load_recipe(one)
 
 
 WEIGHT_NORMED = """

@@ -42,6 +42,13 @@ class MeasureSettings(BaseModel, extra="forbid"):
         description="the small and the large batch latency is timed at (e.g. [1, 8] for 224x224 images)",
     )
 
+    @field_validator("batch_sizes", mode="before")
+    @classmethod
+    def _two(cls, value: object) -> object:
+        if isinstance(value, (list, tuple)) and len(value) != 2:
+            raise ValueError(f"give two batch sizes, small then large, e.g. [1, 32]; got {list(value)}")
+        return value
+
     @field_validator("batch_sizes")
     @classmethod
     def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
