@@ -35,7 +35,7 @@ import yaml
 
 from bench.common import ROOT, machine_line, time_rows, write_section
 from torchshrink.data import load_data
-from torchshrink.measure import mean_cosine, neighbour_agreement
+from torchshrink.measure import mean_cosine, neighbour_agreement, predict
 from torchshrink.models import open_model
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.report import markdown_table
@@ -44,6 +44,14 @@ EXAMPLE = ROOT / "examples" / "minilm"
 MODEL_DIR = EXAMPLE / "all-MiniLM-L6-v2"
 LENGTH = 128
 BATCHES = (1, 32)
+SCALE_TEXTS = 200  # of which 160 train: 10 distillation steps of 16
+SCALE_STAGES = [
+    {"prune": {"granularity": "structured", "drop_layers": 4, "macs_reduction": 3, "importance": "taylor",
+               "calibration_batches": 1, "batch_size": 16}},
+    {"distill": {"student": "current", "epochs": 1, "batch_size": 16, "lr": 1e-4, "hidden_weight": 1.0,
+                 "attention_map_weight": 1.0}},
+    {"quantize": {"mode": "static", "calibration_batches": 2, "batch_size": 16}},
+]  # fmt: skip
 DATA = {"text": str(EXAMPLE / "corpus.txt"), "tokenizer": str(MODEL_DIR), "max_length": LENGTH}
 
 
@@ -167,11 +175,6 @@ def _torchao(model_dir: Path, tmp: Path) -> tuple[torch.nn.Module, dict] | None:
     return model, {"cost": cost, "bytes": saved.stat().st_size}
 
 
-def _embed(runner, ids: torch.Tensor, mask: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([runner(ids[i : i + batch], mask[i : i + batch]) for i in range(0, len(ids), batch)])
-
-
 def scale_case(tmp: Path) -> dict:
     """BERT-base from its config (random weights) through prune -> distill (a few steps) -> static int8."""
     import shutil
@@ -182,17 +185,10 @@ def scale_case(tmp: Path) -> dict:
     torch.manual_seed(0)
     transformers.BertModel(transformers.BertConfig()).save_pretrained(folder, safe_serialization=True)
     shutil.copy(MODEL_DIR / "tokenizer.json", folder / "tokenizer.json")
-    corpus = tmp / "scale-corpus.txt"  # 160 training sentences: 10 distillation steps of 16
-    corpus.write_text("\n".join((EXAMPLE / "corpus.txt").read_text().splitlines()[:200]) + "\n")
-    stages = [
-        {"prune": {"granularity": "structured", "drop_layers": 4, "macs_reduction": 3, "importance": "taylor",
-                   "calibration_batches": 1, "batch_size": 16}},
-        {"distill": {"student": "current", "epochs": 1, "batch_size": 16, "lr": 1e-4, "hidden_weight": 1.0,
-                     "attention_map_weight": 1.0}},
-        {"quantize": {"mode": "static", "calibration_batches": 2, "batch_size": 16}},
-    ]  # fmt: skip
+    corpus = tmp / "scale-corpus.txt"
+    corpus.write_text("\n".join((EXAMPLE / "corpus.txt").read_text().splitlines()[:SCALE_TEXTS]) + "\n")
     data = {"text": str(corpus), "tokenizer": str(folder), "max_length": LENGTH}
-    recipe = _recipe(stages, "scale", {"hf": str(folder), "task": "embedding"}, data)
+    recipe = _recipe(SCALE_STAGES, "scale", {"hf": str(folder), "task": "embedding"}, data)
     path = tmp / "scale.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cost = measured([sys.executable, "-m", "torchshrink.cli", "run", str(path), "--out", str(tmp / "scale")])
@@ -230,9 +226,9 @@ def run_case(scale: bool = True) -> dict:
             runners["torchao int8 dynamic"], extra = torchao
             costs["torchao int8 dynamic"] = extra["cost"]
         rows: dict[str, dict] = {}
-        reference = _embed(model, ids, mask)
+        reference = predict(model, (ids, mask), batch_size=32)
         for key, runner in runners.items():
-            out = _embed(runner, ids, mask)
+            out = predict(runner, (ids, mask), batch_size=32)
             rows[key] = {
                 "cosine": mean_cosine(out, reference),
                 "nn_agreement": neighbour_agreement(out, reference),
@@ -269,7 +265,13 @@ def _cell(value: float | None, fmt: str, suffix: str = "") -> str:
 
 
 def run_all(command: str = "python -m bench b7") -> dict:
-    result = run_case()
+    result = {**run_case(), "machine": machine_line(), "command": command}
+    write_section("b7_minilm", markdown(result), result)
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The B7 section of docs/benchmarks.md from a run's results (``bench/results/b7_minilm.json``)."""
     rows = result["rows"]
     header = ["MiniLM-L6 (seq 128)", "cosine", "NN agreement", "b1 ms", "b32 ms", "b32 vs torch",
               "b32 vs ORT fp32", "b1 vs torch", "file", "compress s", "peak MB"]  # fmt: skip
@@ -307,25 +309,29 @@ def run_all(command: str = "python -m bench b7") -> dict:
         ],
     )
     scale = result.get("scale")
+    prune, distill = SCALE_STAGES[0]["prune"], SCALE_STAGES[1]["distill"]
+    epochs = yaml.safe_load((EXAMPLE / "compress.yaml").read_text())["stages"][1]["distill"]["epochs"]
     scale_lines = (
         [
             "",
             f"Scale: a BERT-base-sized model ({scale['params'] / 1e6:.1f}M parameters, built from BertConfig(), "
-            f"random weights) through prune (drop 4 layers, 3x fewer MACs) -> distill (10 steps of 16) -> static "
+            f"random weights) through prune (drop {prune['drop_layers']} layers, {prune['macs_reduction']}x fewer "
+            f"MACs) -> distill ({distill['epochs']} epoch of batch {distill['batch_size']} over "
+            f"{SCALE_TEXTS} sentences, 80% of them for training) -> static "
             f"int8 at sequence 128: {scale['seconds']:.0f} s and {scale['peak_mb'] / 1024:.1f} GiB peak "
             f"memory in all (stages: {scale['stage_seconds']}), against "
             f"{rows['torchshrink prune + distill + static int8']['seconds']:.0f} s and "
             f"{rows['torchshrink prune + distill + static int8']['peak_mb'] / 1024:.1f} GiB for MiniLM's "
-            "22.7M (the full-corpus recipe: 10 distillation epochs).",
+            f"22.7M (the full-corpus recipe: {epochs} distillation epochs).",
         ]
         if scale
         else []
     )
-    markdown = "\n".join(
+    return "\n".join(
         [
             "## B7: all-MiniLM-L6-v2 (real pretrained sentence embeddings) on a CPU",
             "",
-            f"Command: `{command}`. Machine: {machine_line()}.",
+            f"Command: `{result['command']}`. Machine: {result['machine']}.",
             "",
             f"Data: the committed corpus, {result['test_texts']} held-out sentences padded to {LENGTH} tokens; "
             "fidelity to torch fp32 (mean cosine, nearest-neighbour agreement). Latency: median of interleaved "
@@ -338,5 +344,3 @@ def run_all(command: str = "python -m bench b7") -> dict:
             *scale_lines,
         ]
     )
-    write_section("b7_minilm", markdown, {**result, "machine": machine_line(), "command": command})
-    return result

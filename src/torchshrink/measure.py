@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchshrink.errors import ShapeMismatchError
 from torchshrink.inputs import InputSpec, ModelInput, as_spec, call, count, spec_of, take
 from torchshrink.io import encode_sparse
+from torchshrink.modes import switched
 
 METRIC_NAMES = (
     "accuracy",
@@ -67,15 +68,11 @@ def predict(model: nn.Module, inputs: ModelInput, batch_size: int = 500) -> torc
 
     (``no_grad`` rather than ``inference_mode``: the result may serve as a training target.)
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with switched(model):
         n = count(inputs)
         return torch.cat(
             [call(model, take(inputs, slice(i, i + batch_size))) for i in range(0, n, batch_size)]
         )
-    finally:
-        model.train(was_training)
 
 
 def is_embedding_target(y: torch.Tensor) -> bool:
@@ -139,8 +136,6 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 @torch.inference_mode()
 def _forward_once(model: nn.Module, inputs: InputSpec | Sequence[int], mode: TorchDispatchMode) -> None:
     """Run one stand-in sample through ``model`` in eval mode under a dispatch ``mode`` that counts."""
-    was_training = model.training
-    model.eval()
     # FlopCounterMode's module tracker hooks gradients of any module input that requires grad, which
     # fails without autograd (e.g. a parametrized weight passed to its quantizer): switch them off.
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -149,12 +144,11 @@ def _forward_once(model: nn.Module, inputs: InputSpec | Sequence[int], mode: Tor
     device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     sample = as_spec(inputs).example(1, device=device)  # made outside the mode: not the model's work
     try:
-        with mode:
+        with switched(model), mode:
             call(model, sample)
     finally:
         for p in trainable:
             p.requires_grad_(True)
-        model.train(was_training)
 
 
 def count_macs(model: nn.Module, inputs: InputSpec | Sequence[int]) -> int:
@@ -267,10 +261,8 @@ def check_model_fits(
     own_check = getattr(model, "check_inputs", None)  # a model that knows its limits (transformers)
     if callable(own_check):
         own_check(spec, source)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with switched(model), torch.inference_mode():
             out = call(model, spec.example(1))
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         shown = (
@@ -281,8 +273,6 @@ def check_model_fits(
         raise ShapeMismatchError(
             f"{source}: the model cannot take inputs {shown} (per sample): {type(exc).__name__}: {exc}"
         ) from exc
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ShapeMismatchError(

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 
 from torchshrink.errors import StructureError
 from torchshrink.inputs import ModelInput, as_tuple
+from torchshrink.modes import switched
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +282,7 @@ def trace_model(
     stays prunable. Only a top-level ``forward`` that cannot be traced is an error.
     """
     inputs = tuple(t.clone() for t in as_tuple(example))  # in-place ops of the model must not reach the data
-    was_training = model.training
-    model.eval()  # leaf modules run on the example: batch-norm statistics must not move
-    try:
+    with switched(model):  # leaf modules run on the example: batch-norm statistics must not move
         gm = _trace(model, inputs, purpose, advice, concrete=True)
         if not _agrees(gm, model, inputs):
             log.warning(
@@ -292,12 +291,9 @@ def trace_model(
                 type(model).__name__,
             )
             gm = _trace(model, inputs, purpose, advice, concrete=False)
-    finally:
-        model.train(was_training)
     gm.eval()
     with torch.no_grad():
         ShapeProp(gm).propagate(*inputs)
-    model.train(was_training)
     return gm
 
 

@@ -107,22 +107,20 @@ def attention_blocks(model: nn.Module) -> list[AttentionBlock]:
 
 
 def feed_forward_blocks(model: nn.Module) -> list[FeedForwardBlock]:
-    """Every ``intermediate.dense`` -> ``output.dense`` pair of a layer holding an attention block."""
+    """Every ``intermediate.dense`` -> ``output.dense`` pair of a layer that holds an attention block
+    (the layer is the attention module's grandparent: ``layer.attention.self``)."""
     out = []
-    for name, module in model.named_modules():
-        if not any(is_attention(m) for m in module.children()) and not any(
-            is_attention(m) for c in module.children() for m in c.children()
-        ):
+    for block in attention_blocks(model):
+        if block.name.count(".") < 2:
             continue
-        up, down = _child(module, "intermediate.dense"), _child(module, "output.dense")
-        if (
-            isinstance(up, nn.Linear)
-            and isinstance(down, nn.Linear)
-            and down.in_features == up.out_features
-            and up is not down
-        ):
+        layer_name = block.name.rsplit(".", 2)[0]
+        layer = model.get_submodule(layer_name)
+        up, down = _child(layer, "intermediate.dense"), _child(layer, "output.dense")
+        if isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and down.in_features == up.out_features:
             out.append(
-                FeedForwardBlock(_join(name, "intermediate.dense"), up, _join(name, "output.dense"), down)
+                FeedForwardBlock(
+                    _join(layer_name, "intermediate.dense"), up, _join(layer_name, "output.dense"), down
+                )
             )
     return out
 

@@ -65,23 +65,27 @@ def test_jsonl_labels_make_a_labelled_dataset(tmp_path, tokenizer_dir) -> None:
     assert sorted(np.bincount(labels)) == [20, 20]  # "neg" -> 0, "pos" -> 1, stratified split
 
 
-def test_bad_text_inputs_are_named(tmp_path, corpus, tokenizer_dir) -> None:
-    mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text('{"text": "a first text here", "label": 1}\n{"text": "a second text"}\n')
-    with pytest.raises(DataError, match='some lines have a "label" and some do not'):
-        load_data(_spec(mixed, tokenizer_dir))
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"text": "fine"}\n{"txt": "no text key"}\n')
-    with pytest.raises(DataError, match=r"line 2: needs a \"text\" string"):
-        load_data(_spec(broken, tokenizer_dir))
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("mixed.jsonl", '{"text": "a first text here", "label": 1}\n{"text": "a second text"}\n',
+         'some lines have a "label" and some do not'),
+        ("broken.jsonl", '{"text": "fine"}\n{"txt": "no text key"}\n', r"line 2: needs a \"text\" string"),
+        ("texts.csv", "text,label\nhello,1\n", r"a text corpus is a .txt file \(one text a line\) or .jsonl"),
+    ],
+)  # fmt: skip
+def test_bad_corpus_files_are_named(name, content, message, tmp_path, tokenizer_dir) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_data(_spec(path, tokenizer_dir))
+
+
+def test_a_missing_tokenizer_is_named(tmp_path, corpus) -> None:
     with pytest.raises(MissingFileError, match="tokenizer directory"):
         load_data(_spec(corpus, tmp_path / "nowhere"))
     with pytest.raises(DataError, match="has no tokenizer.json"):
         load_data(_spec(corpus, tmp_path))
-    csv = tmp_path / "texts.csv"
-    csv.write_text("text,label\nhello,1\n")
-    with pytest.raises(DataError, match=r"a text corpus is a .txt file \(one text a line\) or .jsonl"):
-        load_data(_spec(csv, tokenizer_dir))
 
 
 def test_jsonl_lines_split_on_newlines_only(tmp_path, tokenizer_dir) -> None:

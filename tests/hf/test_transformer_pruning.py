@@ -13,6 +13,8 @@ from conftest import MAX_LENGTH
 
 from torchshrink.cli import main
 from torchshrink.errors import RecipeError, StructureError
+from torchshrink.inputs import spec_of
+from torchshrink.measure import count_macs
 from torchshrink.models import load_model, save_model
 from torchshrink.pipeline import run
 from torchshrink.prune.graph import find_groups
@@ -66,8 +68,12 @@ def test_heads_and_neurons_are_channel_groups_with_their_costs() -> None:
     assert all(g.size == 4 and not g.joined for g in heads)
     neurons = [g for g in groups if "intermediate" in g.name]
     assert len(neurons) == 3 and all(g.size == 48 for g in neurons)
-    # a head: 3 x (8 x 32) q/k/v weights + 8 x 32 projection columns per token, plus QK^T and AV
-    assert heads[0].macs == (3 * 8 * 32 + 8 * 32) * 12 + 2 * 12 * 12 * 8
+    # what one head or neuron costs is what removing it saves, as the MACs counter measures it
+    before = count_macs(model, spec_of(x))
+    for group in (heads[0], neurons[0]):
+        smaller = copy.deepcopy(model)
+        remove_channels(smaller, rebind([group], model, smaller), {0: torch.tensor([0])})
+        assert before - count_macs(smaller, spec_of(x)) == group.macs
 
 
 def test_removing_zero_importance_heads_and_neurons_leaves_the_outputs_unchanged(tmp_path) -> None:
@@ -160,7 +166,7 @@ def test_prune_distill_int8_recipe_on_a_transformer(tiny_bert, corpus, tmp_path,
     )
     pruned, distilled, quantized = report.stages
     assert report.quality == "cosine"
-    assert pruned["details"]["dropped_layers"][0]["layer"] in (0, 1)
+    assert len(pruned["details"]["dropped_layers"]) == 1
     assert report.baseline["macs"] / pruned["metrics"]["macs"] >= 2.5 * 0.98
     assert pruned["details"]["layers"]["encoder.encoder.layer"] == {"length": 1}
     assert distilled["details"]["terms"] == ["attention_maps", "ce", "cosine", "hidden"]
@@ -197,3 +203,7 @@ def test_distillation_options_that_do_not_fit_an_embedding_model_are_named(
     )
     with pytest.raises(RecipeError, match=r"layer_map: \[0, 5\] must give one teacher layer in \[0, 1\]"):
         run(mapped, tmp_path / "b")
+    for stage in ({"finetune": {"epochs": 1, "augment": {"shift": 2}}},
+                  {"distill": {"student": "current", "epochs": 1, "augment": {"shift": 2}}}):  # fmt: skip
+        with pytest.raises(RecipeError, match=r"\.augment: shifts and mixes image inputs.*token ids"):
+            run(_recipe(tiny_bert, corpus, stage), tmp_path / "c")

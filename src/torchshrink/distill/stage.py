@@ -30,7 +30,7 @@ from torchshrink.models import LoadedModel, ModelSpec, open_model
 from torchshrink.parallel import ddp
 from torchshrink.prune.masks import keeper_for
 from torchshrink.registry import register_stage
-from torchshrink.stages.training import TrainStageConfig, train_config
+from torchshrink.stages.training import TrainStageConfig, check_augment, train_config
 from torchshrink.state import ModelState, RunContext
 from torchshrink.tables import markdown_table
 from torchshrink.train import Batch, DatasetBatches, TrainResult, fit
@@ -373,11 +373,7 @@ def finish_distillation(
 def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> ModelState:
     """Train ``cfg.student`` from the teacher(s); the student becomes the pipeline's model."""
     x, y = ctx.data.train.tensors[0], ctx.data.train.tensors[1]
-    if ctx.data.embedding and cfg.augment.active:
-        raise RecipeError(
-            f"{ctx.stage_name}.augment: image augmentation does not apply to an embedding model's token "
-            "inputs; remove the augment options"
-        )
+    check_augment(cfg.augment, ctx.data.embedding, ctx.stage_name)
     setup = prepare_distillation(state, cfg, ctx, take(x, slice(0, 2)))
     teacher = setup.teacher
     # Features or augmented inputs need the teacher's forward pass on the student's view; else its logits are cached.

@@ -31,7 +31,7 @@ from torchshrink.train import task_loss
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sensitivity_plan", "masked_loss", "CHUNKS"]
+__all__ = ["sensitivity_plan", "masked_loss", "calibration_loss", "CHUNKS"]
 
 CHUNKS = 8  # a group loses at most 1/CHUNKS of its channels per greedy step
 
@@ -48,8 +48,14 @@ def masked_loss(model: nn.Module, groups: Sequence[Group], plan: Plan, batches: 
     for module in candidate.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.train()
+    return calibration_loss(candidate, batches)
+
+
+def calibration_loss(model: nn.Module, batches: Sequence[tuple[ModelInput, torch.Tensor]]) -> float:
+    """Mean task loss of ``model`` over labelled calibration batches, without gradients, in the
+    modes its modules are in (the caller chooses them)."""
     with torch.no_grad():
-        return sum(float(task_loss(call(candidate, x), y)) for x, y in batches) / len(batches)
+        return sum(float(task_loss(call(model, x), y)) for x, y in batches) / len(batches)
 
 
 def sensitivity_plan(

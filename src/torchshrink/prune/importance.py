@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from torchshrink.inputs import ModelInput, call
+from torchshrink.modes import switched
 from torchshrink.prune.graph import Group
 from torchshrink.train import task_loss
 
@@ -89,15 +90,15 @@ def bn_scale(model: nn.Module) -> Importance:
 def _gradients(model: nn.Module, batches: Batches) -> list[dict[str, torch.Tensor]]:
     """Per-batch gradients of the task loss (cross-entropy, or cosine distance to an embedding
     model's target vectors); the model's weights are not changed."""
-    was_training = model.training
-    model.eval()
     grads = []
-    for x, y in batches:
-        model.zero_grad(set_to_none=True)
-        task_loss(call(model, x), y).backward()
-        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    with switched(model):
+        for x, y in batches:
+            model.zero_grad(set_to_none=True)
+            task_loss(call(model, x), y).backward()
+            grads.append(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
     model.zero_grad(set_to_none=True)
-    model.train(was_training)
     return grads
 
 
@@ -143,16 +144,13 @@ class EntropyImportance(Importance):
                         lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].detach())
                     )
                 )
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with switched(model), torch.no_grad():
                 for x, _ in batches:
                     call(model, x)
         finally:
             for h in hooks:
                 h.remove()
-            model.train(was_training)
         self.input_entropy: dict[str, torch.Tensor] = {}
         for name, chunks in inputs.items():
             values = torch.cat(chunks)

@@ -2,7 +2,7 @@
 
 Each layer of a transformer encoder is a residual block, so without it the hidden states go on
 to the next layer unchanged. Which layers matter is measured, not guessed: every candidate
-removal is tried on a copy and scored by the task loss on calibration batches (cross-entropy, or
+removal is tried (the layer taken out of the list and put back) and scored by the task loss on calibration batches (cross-entropy, or
 cosine distance to an embedding model's vectors); the one that raises it least goes, and the
 search repeats for the next. The kept layers are renumbered, and the layer list's new length is
 recorded as data (:mod:`torchshrink.shapes`), so the smaller model rebuilds from its own file.
@@ -10,7 +10,6 @@ recorded as data (:mod:`torchshrink.shapes`), so the smaller model rebuilds from
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 
@@ -18,26 +17,24 @@ import torch
 from torch import nn
 
 from torchshrink.errors import StructureError
-from torchshrink.inputs import ModelInput, call
-from torchshrink.train import task_loss
+from torchshrink.inputs import ModelInput
+from torchshrink.modes import switched
+from torchshrink.prune.allocation import calibration_loss
 from torchshrink.transformer_blocks import layer_lists
 
 log = logging.getLogger(__name__)
 
-__all__ = ["drop_layers", "calibration_loss"]
+__all__ = ["drop_layers"]
 
 
-def calibration_loss(model: nn.Module, batches: Sequence[tuple[ModelInput, torch.Tensor]]) -> float:
-    """Mean task loss of ``model`` (eval mode, no gradients) over labelled calibration batches."""
-    model.eval()
-    with torch.no_grad():
-        return sum(float(task_loss(call(model, x), y)) for x, y in batches) / len(batches)
-
-
-def _without(model: nn.Module, list_name: str, index: int) -> nn.Module:
-    candidate = copy.deepcopy(model)
-    del candidate.get_submodule(list_name)[index]
-    return candidate
+def _loss_without(layers: nn.ModuleList, index: int, model: nn.Module, batches: Sequence) -> float:
+    """The calibration loss of ``model`` with entry ``index`` of ``layers`` taken out (then put back)."""
+    layer = layers[index]
+    del layers[index]
+    try:
+        return calibration_loss(model, batches)
+    finally:
+        layers.insert(index, layer)
 
 
 def drop_layers(
@@ -66,9 +63,10 @@ def drop_layers(
     original = list(range(len(layers)))  # original index of each remaining entry
     records: list[dict[str, float | int]] = []
     for _ in range(count):
-        losses = [calibration_loss(_without(model, list_name, i), batches) for i in range(len(original))]
+        with switched(model):
+            losses = [_loss_without(layers, i, model, batches) for i in range(len(original))]
         best = min(range(len(losses)), key=losses.__getitem__)
-        del model.get_submodule(list_name)[best]
+        del layers[best]
         records.append({"layer": original.pop(best), "loss": round(losses[best], 6)})
         log.info(
             "dropped layer %d of %s (calibration loss %.4f)", records[-1]["layer"], list_name, losses[best]

@@ -136,13 +136,18 @@ class PruneConfig(BaseModel, extra="forbid"):
     finetune_lr: float = Field(3e-4, gt=0, description="learning rate of the fine-tuning between steps")
     l1_regularization: L1Config | None = None
 
-    @model_validator(mode="after")
-    def _one_target(self) -> PruneConfig:
-        targets = [
+    @property
+    def targets(self) -> list[str]:
+        """The size / speed targets given (drop_layers aside)."""
+        return [
             k
             for k in ("sparsity", "macs_reduction", "params_reduction", "speedup")
             if getattr(self, k) is not None
         ]
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneConfig:
+        targets = self.targets
         if self.drop_layers and self.granularity != "structured":
             raise ValueError("drop_layers removes whole layers: use granularity: structured")
         if len(targets) > 1 or (not targets and not self.drop_layers):
@@ -477,10 +482,7 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
         ctx.details["latency_model"] = asdict(latency)
     if cfg.drop_layers:
         ctx.details["dropped_layers"] = drop_layers(model, cfg.drop_layers, batches)
-    channel_target = any(
-        getattr(cfg, k) is not None for k in ("sparsity", "macs_reduction", "params_reduction", "speedup")
-    )
-    for step in range(1, steps + 1 if channel_target else 1):
+    for step in range(1, steps + 1 if cfg.targets else 1):  # drop_layers alone: no channel steps
         fraction = SCHEDULES[cfg.schedule.kind](step, steps)
         if structured:
             rounds = _prune_structured_step(

@@ -19,6 +19,7 @@ from torch import nn
 
 from torchshrink.inputs import InputSpec, ModelInput, call, spec_of
 from torchshrink.measure import count_activations, count_macs, count_params
+from torchshrink.modes import switched
 from torchshrink.prune.groups import Group
 from torchshrink.shapes import is_resizable, module_shape
 from torchshrink.transformer_blocks import sync_head_counts
@@ -66,18 +67,17 @@ def recalibrate_batchnorm(model: nn.Module, inputs: Sequence[ModelInput]) -> boo
     ]
     if not norms or not inputs:
         return False
-    was_training = model.training
     saved = [(m, m.momentum) for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
+    with switched(model), torch.no_grad():
+        for m in norms:  # only the batch-norms gather statistics; dropout stays off
+            m.train()
         for x in inputs:
             call(model, x)
     for m, momentum in saved:
         m.momentum = momentum
-    model.train(was_training)
     return True
 
 

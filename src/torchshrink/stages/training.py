@@ -55,14 +55,22 @@ class FinetuneStageConfig(TrainStageConfig):
     lr: float = Field(3e-4, gt=0)
 
 
-def training_loss(augment: AugmentConfig, num_classes: int, embedding: bool = False) -> LossFn:
-    """The loss for the data's targets (cross-entropy, or cosine distance to an embedding model's
-    vectors), on batches augmented as ``augment`` says (image augmentation: class labels only)."""
+def check_augment(augment: AugmentConfig, embedding: bool, source: str) -> None:
+    """Image augmentation shifts and mixes inputs for class labels: an embedding model's token
+    inputs are not augmented (a named error, not a shifted token id)."""
     if embedding and augment.active:
         raise RecipeError(
-            "augment: mixes or transforms image inputs for class labels; an embedding model's inputs "
-            "(token ids) are not augmented: remove the augment options"
+            f"{source}.augment: shifts and mixes image inputs for class labels; an embedding model's "
+            "inputs (token ids) are not augmented: remove the augment options"
         )
+
+
+def training_loss(
+    augment: AugmentConfig, num_classes: int, embedding: bool = False, source: str = "train"
+) -> LossFn:
+    """The loss for the data's targets (cross-entropy, or cosine distance to an embedding model's
+    vectors), on batches augmented as ``augment`` says (image augmentation: class labels only)."""
+    check_augment(augment, embedding, source)
     if not augment.active:
         return supervised_loss(embedding)
 
@@ -98,7 +106,7 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
     train_cfg = train_config(cfg, ctx)
     batches = DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed)
     keeper = keeper_for(state.model, state.attachments)  # unstructured pruning: pruned weights stay zero
-    loss_fn = training_loss(cfg.augment, ctx.data.num_classes, ctx.data.embedding)
+    loss_fn = training_loss(cfg.augment, ctx.data.num_classes, ctx.data.embedding, ctx.stage_name)
     result = fit(state.model, batches, loss_fn, train_cfg, checkpoint_dir=ctx.work_dir, after_step=keeper)
     ctx.details.update(
         steps=result.steps,
