@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Per-sample input shape of every zoo model in its default configuration.
@@ -43,3 +44,30 @@ def randomise_bn(model: nn.Module) -> nn.Module:
             m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
             m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
     return model.eval()
+
+
+# Transformer-like blocks whose LayerNorm has a few outlier channels (quantization's hard case).
+class PreNormBlock(nn.Module):
+    """x -> LayerNorm -> (fc_a, fc_b) -> GELU -> out, plus a residual: the LayerNorm feeds only linears
+    (smoothing folds into it), ``out`` reads a GELU (smoothing needs an input scale)."""
+
+    def __init__(self, width: int = 32, outliers: float = 1.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc_a = nn.Linear(width, 2 * width)
+        self.fc_b = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(2 * width, width)
+        with torch.no_grad():  # a few channels far larger than the rest, as BERT's LayerNorms have
+            self.norm.weight[:3] = outliers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return x + self.out(F.gelu(self.fc_a(h)) * self.fc_b(h))
+
+
+class PostNormBlock(PreNormBlock):
+    """The LayerNorm's output feeds the linears and the residual (post-LN BERT): no fold possible."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return h + self.out(F.gelu(self.fc_a(h)) * self.fc_b(h))

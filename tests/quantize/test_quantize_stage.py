@@ -128,6 +128,8 @@ def test_config_errors_name_the_key() -> None:
         parse_recipe(recipe({"quantize": {"mode": "qat", "mixed": {"avg_bits": 4}}}))
     with pytest.raises(RecipeError, match="exactly one budget"):
         parse_recipe(recipe({"quantize": {"mixed": {}}}))
+    with pytest.raises(RecipeError, match="smoothing migrates activation ranges"):
+        parse_recipe(recipe({"quantize": {"mode": "weight_only", "smoothing": 0.5}}))
     with pytest.raises(RecipeError, match="bits"):
         parse_recipe(recipe({"quantize": {"bits": 1}}))
 

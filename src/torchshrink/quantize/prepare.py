@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from torchshrink.errors import QuantizationError
 from torchshrink.inputs import InputSpec, ModelInput
 from torchshrink.quantize.affine import QuantSpec
 from torchshrink.quantize.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
+from torchshrink.quantize.smoothing import insert_input_scales, smooth, smoothing_groups
 from torchshrink.registry import register_architecture_layer
 from torchshrink.tracing import bake_parametrizations, torch_layer_type, trace_model
 
@@ -82,6 +84,7 @@ class QuantPlan:
     weight_observer: str = "mse"
     reduce_range: bool = False  # 7-bit weights at 8 bits: exact int8 kernels on x86 without VNNI
     matmuls: bool = True  # static: activation x activation matmuls (attention) get int8 inputs too
+    smoothing: float | None = None  # SmoothQuant's alpha for the linears' inputs (None: off)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -406,9 +409,17 @@ def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, 
     return feeding
 
 
-def prepare(model: nn.Module, example: ModelInput, plan: QuantPlan) -> fx.GraphModule:
-    """A fake-quant copy of ``model`` (BN folded, quantizers placed, weights' ranges fixed).
+def prepare(
+    model: nn.Module,
+    example: ModelInput,
+    plan: QuantPlan,
+    smoothing_inputs: Sequence[ModelInput] | None = None,
+) -> fx.GraphModule:
+    """A fake-quant copy of ``model`` (BN folded, inputs smoothed, quantizers placed, weights' ranges fixed).
 
+    With ``plan.smoothing``, the linears' inputs are measured on ``smoothing_inputs`` and their range
+    migrated into the weights before the weights' ranges are fixed (without inputs, as when a saved
+    model is rebuilt, the smoothing modules start at factor 1 and its weights file sets them).
     Activation quantizers start in calibration mode (observing, values unchanged) unless the plan
     is dynamic; call :func:`torchshrink.quantize.ptq.calibrate` next.
     """
@@ -424,6 +435,11 @@ def prepare(model: nn.Module, example: ModelInput, plan: QuantPlan) -> fx.GraphM
     folded = _fold_batchnorm(gm)
     if folded:
         log.info("folded %d batch-norm layer(s) into convolutions", len(folded))
+    if plan.smoothing is not None and plan.mode != "weight_only":
+        groups = smoothing_groups(gm, [n for n, bits in plan.layers.items() if bits is not None])
+        insert_input_scales(gm, groups)
+        if smoothing_inputs is not None:
+            smooth(gm, groups, smoothing_inputs, plan.smoothing)
     feeding = _insert_activation_points(gm, plan) if plan.mode != "weight_only" else {}
     for name, bits in plan.layers.items():
         if bits is None:

@@ -165,12 +165,17 @@ def quantize_model(
     bias_correction: bool = False,
 ) -> fx.GraphModule:
     """A fake-quant copy of ``model`` following ``plan``, calibrated when the plan needs it; with
-    ``bias_correction`` (static / qat) the biases then absorb the mean error of weight rounding."""
-    gm = prepare(model, example, plan)
+    ``bias_correction`` (static / qat) the biases then absorb the mean error of weight rounding.
+    Smoothing (``plan.smoothing``) measures its inputs on the calibration batches too."""
+    batches = list(calibration)
+    needs_batches = plan.mode in ("static", "qat") or (
+        plan.smoothing is not None and plan.mode != "weight_only"
+    )
+    if needs_batches and not batches:
+        raise ValueError(f"{plan.mode} quantization with these options needs calibration batches")
+    inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    gm = prepare(model, example, plan, smoothing_inputs=inputs if plan.smoothing is not None else None)
     if plan.mode in ("static", "qat"):
-        batches = list(calibration)
-        if not batches:
-            raise ValueError("static quantization needs calibration batches")
         calibrate(gm, batches)
         if bias_correction:
             correct_bias(gm, batches)

@@ -74,6 +74,13 @@ class QuantizeConfig(BaseModel, extra="forbid"):
         description="static/qat: matrix products of two activations (attention scores and their mixing) "
         "run on int8 kernels too; false keeps them float",
     )
+    smoothing: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="static/dynamic/qat: SmoothQuant's alpha: the share of each linear input channel's range "
+        "moved into the weights (0.5 is the paper's default for BERT-class models; off when unset)",
+    )
     reduce_range: bool | Literal["auto"] = Field(
         "auto",
         description="7-bit weights at 8 bits (auto: on x86 CPUs without VNNI, where int8 kernels saturate)",
@@ -96,6 +103,10 @@ class QuantizeConfig(BaseModel, extra="forbid"):
             )
         if self.mixed is not None and self.mode not in ("static", "weight_only"):
             raise ValueError("mixed precision chooses bits for static or weight_only quantization")
+        if self.smoothing is not None and self.mode == "weight_only":
+            raise ValueError(
+                "smoothing migrates activation ranges: weight_only quantization keeps activations float"
+            )
         return self
 
 
@@ -130,6 +141,7 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
         weight_observer=cfg.weight_observer,
         reduce_range=reduce_range,
         matmuls=cfg.matmuls,
+        smoothing=cfg.smoothing,
     )
     mode = "static" if cfg.mode == "qat" else cfg.mode
     skip = list(cfg.skip)

@@ -1,0 +1,70 @@
+"""Transformer int8 options through a recipe on a tiny BERT: smoothing (SmoothQuant) places its input
+scales, keeps every linear on an int8 kernel, and the saved model reloads to the same outputs; a
+fidelity budget (mixed.min_cosine) leaves layers in float until the cosine target is met."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MAX_LENGTH
+
+from torchshrink.models import load_model
+from torchshrink.pipeline import run
+from torchshrink.quantize.prepare import weight_quantizers
+from torchshrink.quantize.smoothing import InputScale
+
+pytest.importorskip("transformers")
+
+
+def _recipe(tiny_bert, corpus, *stages) -> dict:
+    return {
+        "seed": 0,
+        "model": {"hf": str(tiny_bert), "task": "embedding"},
+        "data": {"text": str(corpus), "tokenizer": str(tiny_bert), "max_length": MAX_LENGTH},
+        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8]},
+        "stages": list(stages),
+    }
+
+
+def _tokens(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1000, 2000, (n, 12), generator=g), torch.ones(n, 12, dtype=torch.long)
+
+
+def test_smoothed_static_int8_reloads_and_keeps_int8_kernels(tiny_bert, corpus, tmp_path) -> None:
+    quantize = {"mode": "static", "calibration_batches": 2, "batch_size": 16, "smoothing": 0.5}
+    report = run(_recipe(tiny_bert, corpus, {"quantize": quantize}), tmp_path / "out")
+    (stage,) = report.stages
+    ops = stage["details"]["operators"]
+    # per layer 6 linears and 2 attention matmuls, all still on int8 kernels
+    int8 = ops.get("MatMulIntegerToFloat", 0) + ops.get("QGemm", 0) + ops.get("QLinearMatMul", 0)
+    assert int8 == 2 * (6 + 2) and not ops.get("MatMul") and not ops.get("Gemm")
+    # post-LN BERT: the LayerNorms also feed the residual, so every linear input gets a scale (a Mul):
+    # per layer q/k/v share one, then attention output, intermediate and output dense
+    assert ops.get("Mul", 0) >= 2 * 4
+    assert 0.95 < stage["metrics"]["cosine"] <= 1.0
+    reloaded = load_model(tmp_path / "out" / "model.safetensors")
+    scales = [m for m in reloaded.modules() if isinstance(m, InputScale)]
+    assert len(scales) == 2 * 4 and not all(torch.all(m.inverse == 1) for m in scales)
+    ids, mask = _tokens()
+    reference = load_model(tmp_path / "out" / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, mask), reference(ids, mask))
+
+
+def test_a_cosine_budget_leaves_layers_float_until_met(tiny_bert, corpus, tmp_path) -> None:
+    static = {"mode": "static", "calibration_batches": 2, "batch_size": 16, "bits": 4, "activation_bits": 4}
+    uniform = run(_recipe(tiny_bert, corpus, {"quantize": static}), tmp_path / "uniform")
+    low = uniform.stages[0]["metrics"]["cosine"]
+    target = round(low + 0.6 * (1 - low), 4)
+    mixed = {**static, "mixed": {"min_cosine": target, "candidates": [4], "samples": 64}}
+    report = run(_recipe(tiny_bert, corpus, {"quantize": mixed}), tmp_path / "mixed")
+    (stage,) = report.stages
+    plan = stage["details"]["plan"]
+    kept = [n for n, b in plan.items() if b == "float"]
+    assert kept and len(kept) < len(plan)  # some layers float, not all of them
+    # the budget is measured on 64 held-out texts in fake-quant; the report scores every text on ONNX Runtime
+    assert stage["metrics"]["cosine"] >= target - (target - low) / 2
+    # the file reloads with the same layers in float (no weight quantizer on them)
+    loaded = load_model(tmp_path / "mixed" / "model.safetensors")
+    assert sorted(weight_quantizers(loaded)) == sorted(n for n, b in plan.items() if b != "float")
