@@ -38,6 +38,11 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="*", default=[], help="b3: rerun only these models, keep the other rows"
     )
+    parser.add_argument(
+        "--keep-scale",
+        action="store_true",
+        help="b7: keep the stored BERT-base scale row instead of rerunning it",
+    )
     args = parser.parse_args()
     unknown = [t for t in args.tables if t not in TABLES]
     if unknown:
@@ -46,6 +51,8 @@ def main() -> None:
     for name in args.tables or TABLES:
         if name == "b3" and args.only:
             TABLES[name](command=f"python -m bench b3 --only {' '.join(args.only)}", only=tuple(args.only))
+        elif name == "b7" and args.keep_scale:
+            TABLES[name](command="python -m bench b7 --keep-scale", scale=False)
         else:
             TABLES[name](command=f"python -m bench {name}")
 

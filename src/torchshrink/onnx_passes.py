@@ -9,6 +9,13 @@ float ("same"-padding convolutions of TensorFlow-born models, e.g. EfficientNet)
   whose constant weights are what int8 kernels read);
 - :func:`fold_pad_into_conv` moves a zero ``Pad`` on the spatial axes into the ``pads`` attribute
   of the ``Conv`` it feeds (ONNX convolutions take asymmetric padding; torch's do not).
+
+A third, :func:`fuse_transformer_blocks`, runs on graphs with LayerNorms: ONNX Runtime's transformer
+optimizer fuses each residual ``Add -> LayerNormalization`` into ``SkipLayerNormalization`` and the
+erf GELU into ``Gelu`` / ``BiasGelu`` (ONNX Runtime's own session optimiser finds no skip-layer-norm
+in an exported graph, whose reshapes leave it without the shapes that fusion checks). Attention
+fusion is left off: a fused ``Attention`` computes its two products in float, while torchshrink's
+static int8 runs them on int8 kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_constants", "fold_pad_into_conv", "clean_graph"]
+__all__ = ["fold_constants", "fold_pad_into_conv", "fuse_transformer_blocks", "clean_graph"]
 
 _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike"}
 _MAX_FOLDED_ELEMENTS = 1 << 16
@@ -180,3 +187,22 @@ def clean_graph(model: Any) -> dict[str, int]:
     if folded or pads:
         log.info("ONNX graph: %d constant node(s) folded, %d Pad(s) merged into convolutions", folded, pads)
     return {"constants_folded": folded, "pads_merged": pads}
+
+
+def fuse_transformer_blocks(model: Any) -> tuple[Any, dict[str, int]]:
+    """``model`` with ONNX Runtime's skip-layer-norm and GELU fusions applied (see the module
+    docstring), and the fused operators counted; unchanged when it has no LayerNormalization."""
+    if not any(n.op_type == "LayerNormalization" for n in model.graph.node):
+        return model, {}
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.enable_attention = False  # int8 attention products stay int8 (see above)
+    options.enable_embed_layer_norm = False  # the embeddings keep their own inputs and position ids
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
+    fused = optimize_model(model, model_type="bert", opt_level=0, optimization_options=options)
+    counts = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
+    if counts:
+        log.info("ONNX graph: transformer fusions %s", counts)
+    return fused.model, counts

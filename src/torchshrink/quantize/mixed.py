@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 from torch import fx, nn
+from tqdm.auto import tqdm
 
 from torchshrink.data import DatasetBundle
 from torchshrink.inputs import ModelInput
@@ -184,7 +185,7 @@ def float_gains(
     weights = weight_quantizers(gm)
     base = _mse(predict(gm, inputs), reference)
     gains = []
-    for layers, points in _float_units(gm, list(weights)):
+    for layers, points in tqdm(_float_units(gm, list(weights)), desc="mixed: float gains", leave=False):
         switched = [*(weights[n] for n in layers), *(gm.get_submodule(p) for p in points)]
         states = [fq.enabled for fq in switched]
         for fq in switched:
