@@ -15,7 +15,7 @@ from torch import nn
 from torchshrink.errors import CorruptFileError, ExportError, MissingFileError
 from torchshrink.inputs import InputSpec, ModelInput, as_spec, as_tuple, call
 from torchshrink.io import atomic_path
-from torchshrink.onnx_passes import clean_graph, fuse_transformer_blocks
+from torchshrink.onnx_passes import clean_graph, fuse_transformer_blocks, pack_embedding_tables
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,15 @@ def max_abs_diff_vs_onnx(model: nn.Module, onnx_path: str | Path, x: ModelInput)
     return float((expected - got).abs().max())
 
 
-def _clean_file(path: Path, fuse: bool) -> None:
-    """Fold the exporter's constant sub-graphs and zero Pads into convolutions, and with ``fuse`` apply
-    the transformer fusions (see onnx_passes)."""
+def _clean_file(path: Path, int8: bool) -> None:
+    """Fold the exporter's constant sub-graphs and zero Pads into convolutions; for an int8 file also
+    store int8-grid embedding tables as int8 and apply the transformer fusions (see onnx_passes)."""
     import onnx
 
     model = onnx.load(str(path))
     changed = any(clean_graph(model).values())
-    if fuse:
+    if int8:
+        changed = bool(pack_embedding_tables(model)) or changed
         model, fused = fuse_transformer_blocks(model)
         changed = changed or bool(fused)
     if changed:
@@ -98,13 +99,13 @@ def export_onnx(
     opset: int = 17,
     check_inputs: ModelInput | None = None,
     atol: float = 1e-4,
-    fuse: bool = False,
+    int8: bool = False,
 ) -> float | None:
     """Export ``model`` to ``path`` atomically, with the graph inputs named and shaped as ``inputs``
     describes (dynamic batch axis, and dynamic sequence axes for variable-length inputs); with
     ``check_inputs``, verify that ONNX Runtime reproduces PyTorch within ``atol`` and return the max
-    abs difference. ``fuse`` applies ONNX Runtime's skip-layer-norm / GELU fusions to a transformer
-    graph before the check."""
+    abs difference. ``int8`` applies the int8 file's passes before the check: int8 embedding tables,
+    ONNX Runtime's skip-layer-norm / GELU fusions on a transformer graph."""
     path = Path(path)
     spec = as_spec(inputs)
     model.eval()
@@ -124,7 +125,7 @@ def export_onnx(
             )
         except Exception as exc:  # the exporter raises many unrelated types
             raise ExportError(f"ONNX export to {path} failed for inputs {spec.describe()}: {exc}") from exc
-        _clean_file(tmp, fuse)
+        _clean_file(tmp, int8)
     if check_inputs is None:
         return None
     diff = max_abs_diff_vs_onnx(model, path, check_inputs)

@@ -10,7 +10,10 @@ float ("same"-padding convolutions of TensorFlow-born models, e.g. EfficientNet)
 - :func:`fold_pad_into_conv` moves a zero ``Pad`` on the spatial axes into the ``pads`` attribute
   of the ``Conv`` it feeds (ONNX convolutions take asymmetric padding; torch's do not).
 
-A third, :func:`fuse_transformer_blocks`, runs on graphs with LayerNorms: ONNX Runtime's transformer
+:func:`pack_embedding_tables` stores an embedding table that sits on an int8 block grid (see
+:mod:`torchshrink.quantize.embeddings`) as int8 codes read by ``GatherBlockQuantized``.
+
+And :func:`fuse_transformer_blocks`, runs on graphs with LayerNorms: ONNX Runtime's transformer
 optimizer fuses each residual ``Add -> LayerNormalization`` into ``SkipLayerNormalization`` and the
 erf GELU into ``Gelu`` / ``BiasGelu`` (ONNX Runtime's own session optimiser finds no skip-layer-norm
 in an exported graph, whose reshapes leave it without the shapes that fusion checks). Attention
@@ -27,7 +30,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_constants", "fold_pad_into_conv", "fuse_transformer_blocks", "clean_graph"]
+__all__ = [
+    "fold_constants",
+    "fold_pad_into_conv",
+    "block_int8",
+    "pack_embedding_tables",
+    "fuse_transformer_blocks",
+    "clean_graph",
+]
 
 _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike"}
 _MAX_FOLDED_ELEMENTS = 1 << 16
@@ -206,3 +216,85 @@ def fuse_transformer_blocks(model: Any) -> tuple[Any, dict[str, int]]:
     if counts:
         log.info("ONNX graph: transformer fusions %s", counts)
     return fused.model, counts
+
+
+TABLE_BLOCKS = (128, 64, 32, 16)  # ONNX Runtime's GatherBlockQuantized takes powers of two from 16
+MIN_TABLE_ELEMENTS = 1 << 16  # smaller tables (token types, short position tables) stay float
+
+
+def block_int8(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes (the table's shape) and float32 scales (rows x blocks) of a 2-D table,
+    one scale per ``block`` consecutive values of a row."""
+    rows, width = table.shape
+    blocks = table.reshape(rows, width // block, block).astype(np.float32)
+    scale = np.maximum(np.abs(blocks).max(-1) / 127, np.finfo(np.float32).tiny).astype(np.float32)
+    codes = np.clip(np.round(blocks / scale[..., None]), -127, 127).astype(np.int8)
+    return codes.reshape(rows, width), scale
+
+
+def _on_block_grid(table: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(block, int8 codes, scales) when ``table``'s rows sit on a symmetric int8 grid with one scale
+    per block of that size; None otherwise."""
+    rows, width = table.shape
+    for block in TABLE_BLOCKS:
+        if width % block:
+            continue
+        codes, scale = block_int8(table, block)
+        values = codes.reshape(rows, width // block, block) * scale[..., None]
+        if np.allclose(values.reshape(rows, width), table, rtol=1e-5, atol=0):
+            return block, codes, scale
+    return None
+
+
+def pack_embedding_tables(model: Any) -> int:
+    """Replace each ``Gather`` (axis 0) from a large float table on an int8 block grid by
+    ``GatherBlockQuantized`` over int8 codes; returns how many tables were packed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    packed = 0
+    for node in list(graph.node):
+        if node.op_type != "Gather" or node.input[0] not in initializers:
+            continue
+        if any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            continue
+        init = initializers[node.input[0]]
+        if init.data_type != TensorProto.FLOAT or len(init.dims) != 2:
+            continue
+        if init.dims[0] * init.dims[1] < MIN_TABLE_ELEMENTS:
+            continue
+        grid = _on_block_grid(numpy_helper.to_array(init))
+        if grid is None:
+            continue
+        block, codes, scale = grid
+        name = node.input[0]
+        names = (f"{name}_int8", f"{name}_scale", f"{name}_zero_point")
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8), names[0]),
+                numpy_helper.from_array(scale, names[1]),
+                numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), names[2]),
+            ]
+        )
+        fused = helper.make_node(
+            "GatherBlockQuantized",
+            [names[0], node.input[1], names[1], names[2]],
+            list(node.output),
+            name=f"{node.name}_int8",
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=block,
+            bits=8,
+        )
+        index = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(index, fused)
+        packed += 1
+    if packed:
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        _drop_unused_initializers(graph)
+        log.info("ONNX graph: %d embedding table(s) stored as int8 (GatherBlockQuantized)", packed)
+    return packed

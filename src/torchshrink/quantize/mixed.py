@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from torchshrink.data import DatasetBundle
 from torchshrink.inputs import ModelInput
 from torchshrink.measure import accuracy, mean_cosine, predict
+from torchshrink.quantize.embeddings import embedding_tables
 from torchshrink.quantize.fakequant import FakeQuantize
 from torchshrink.quantize.prepare import (
     _MATMUL_FUNCTIONS,
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 FLOAT_BITS = 32
+# Units of their own, switched by a plan option: the int8 embedding tables, and (static) the int8
+# inputs of every product of two activations (attention scores and their mixing).
+OPTION_UNITS = {"(embedding tables)": "embeddings", "(activation products)": "matmuls"}
 
 
 class MixedConfig(BaseModel, extra="forbid"):
@@ -179,13 +183,15 @@ def float_gains(
 ) -> list[tuple[list[str], float]]:
     """Units of quantized layers (see :func:`_float_units`) with their float gain: output MSE vs float of
     the quantized model minus that with the unit alone in float (its weight quantizers and the
-    activation points only it reads switched off), largest gain first."""
+    activation points only it reads switched off), largest gain first. The plan options of
+    ``OPTION_UNITS`` are units too, each measured by quantizing once more with it off."""
     reference = predict(model, inputs)
     gm = quantize_model(model, example, plan, calibration)
     weights = weight_quantizers(gm)
     base = _mse(predict(gm, inputs), reference)
     gains = []
-    for layers, points in tqdm(_float_units(gm, list(weights)), desc="mixed: float gains", leave=False):
+    units = _float_units(gm, list(weights))
+    for layers, points in tqdm(units, desc="mixed: float gains", leave=False):
         switched = [*(weights[n] for n in layers), *(gm.get_submodule(p) for p in points)]
         states = [fq.enabled for fq in switched]
         for fq in switched:
@@ -195,7 +201,21 @@ def float_gains(
         finally:
             for fq, on in zip(switched, states, strict=True):
                 fq.enabled = on
+    for unit, option in OPTION_UNITS.items():
+        if _option_applies(model, plan, option):
+            floating = quantize_model(model, example, _with_options(plan, {option: False}), calibration)
+            gains.append(([unit], base - _mse(predict(floating, inputs), reference)))
     return sorted(gains, key=lambda unit: -unit[1])
+
+
+def _option_applies(model: nn.Module, plan: QuantPlan, option: str) -> bool:
+    if option == "embeddings":
+        return plan.embeddings and bool(embedding_tables(model))
+    return plan.matmuls and plan.mode == "static"
+
+
+def _with_options(plan: QuantPlan, options: dict[str, bool]) -> QuantPlan:
+    return QuantPlan(**{**plan.to_dict(), **options})
 
 
 def choose_plan(
@@ -250,7 +270,8 @@ def choose_plan(
     current = excess(plan)
     if current > 0 and cfg.allow_float:
         units = [u for u, _ in float_gains(model, example, calibration, plan, inputs)]
-        plan, current = _fewest_float(plan, [[n for n in u if n in layers] for u in units], excess)
+        units = [[n for n in u if n in layers or n in OPTION_UNITS] for u in units]
+        plan, current = _fewest_float(plan, units, excess)
     frozen: set[str] = set()
     while moves := lower_moves(plan, frozen):
         _, name, nxt = moves[0]
@@ -301,7 +322,9 @@ def _fewest_float(
     bisection over how many (assuming more float layers never hurt; each step is measured)."""
 
     def floated(k: int) -> QuantPlan:
-        return _with_layers(plan, {n: None for unit in units[:k] for n in unit})
+        names = {n for unit in units[:k] for n in unit}
+        changed = _with_layers(plan, {n: None for n in names - set(OPTION_UNITS)})
+        return _with_options(changed, {OPTION_UNITS[n]: False for n in names & set(OPTION_UNITS)})
 
     low, high = 0, len(units)  # low misses the budget; every unit in float is the float model
     best, best_excess = floated(high), None

@@ -4,7 +4,8 @@ The exported file carries torchshrink's own scales and zero points (see
 :mod:`torchshrink.quantize.fakequant`); ONNX Runtime's graph optimiser fuses each
 ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear`` into ``QLinearConv`` / ``QGemm`` and keeps
 max-pool and reshapes in int8; a transformer's residual adds and LayerNorms become
-``SkipLayerNormalization`` (:func:`torchshrink.onnx_passes.fuse_transformer_blocks`). The check
+``SkipLayerNormalization`` (:func:`torchshrink.onnx_passes.fuse_transformer_blocks`) and embedding
+tables on an int8 grid are stored as int8 (``GatherBlockQuantized``). The check
 after export runs the optimised session and compares it with the fake-quant model in PyTorch.
 
 Activations are u8 and weights s8. x86 CPUs without VNNI multiply u8 x s8 pairs with an
@@ -133,7 +134,7 @@ def export_int8(
     step = max(steps, default=1e-3)
     error = _quantization_error(model, check_inputs) if check_inputs is not None else 0.0
     tolerance = max(step, 0.25 * error)
-    diff = export_onnx(model, path, inputs, check_inputs=check_inputs, atol=tolerance, fuse=True)
+    diff = export_onnx(model, path, inputs, check_inputs=check_inputs, atol=tolerance, int8=True)
     kernels = int8_kernel_counts(path)
     int8_ops = sum(n for op, n in kernels.items() if op in INT8_KERNELS)
     if any(not fq.dynamic for fq in points) and int8_ops == 0:

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from torchshrink.errors import QuantizationError
 from torchshrink.inputs import InputSpec, ModelInput
 from torchshrink.quantize.affine import QuantSpec
+from torchshrink.quantize.embeddings import snap_embedding_tables
 from torchshrink.quantize.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
 from torchshrink.quantize.smoothing import insert_input_scales, smooth, smoothing_groups
 from torchshrink.registry import register_architecture_layer
@@ -85,14 +86,15 @@ class QuantPlan:
     reduce_range: bool = False  # 7-bit weights at 8 bits: exact int8 kernels on x86 without VNNI
     matmuls: bool = True  # static: activation x activation matmuls (attention) get int8 inputs too
     smoothing: float | None = None  # SmoothQuant's alpha for the linears' inputs (None: off)
+    embeddings: bool = True  # large embedding tables on an int8 block grid (int8 in the ONNX file)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
-        # plans saved before activation matmuls were quantized did not quantize them
-        return cls(**{"matmuls": False, **data})
+        # plans saved before activation matmuls / embedding tables were quantized did not quantize them
+        return cls(**{"matmuls": False, "embeddings": False, **data})
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -425,6 +427,8 @@ def prepare(
     """
     model = copy.deepcopy(model).eval()
     bake_parametrizations(model)  # a weight-normed layer quantizes its current weight
+    if plan.embeddings:
+        snap_embedding_tables(model)
     unknown = sorted(set(plan.layers) - set(quantizable_layers(model)))
     if unknown:
         raise QuantizationError(

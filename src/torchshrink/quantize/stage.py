@@ -15,6 +15,7 @@ from torchshrink.inputs import take
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel import ddp
 from torchshrink.prune.masks import PRUNED_WEIGHTS
+from torchshrink.quantize.embeddings import snap_embedding_tables
 from torchshrink.quantize.mixed import MixedConfig, choose_plan, describe_plan
 from torchshrink.quantize.observers import ObserverName
 from torchshrink.quantize.onnx_int8 import (
@@ -81,6 +82,11 @@ class QuantizeConfig(BaseModel, extra="forbid"):
         description="static/dynamic/qat: SmoothQuant's alpha: the share of each linear input channel's range "
         "moved into the weights (0.5 is the paper's default for BERT-class models; off when unset)",
     )
+    embeddings: bool = Field(
+        True,
+        description="embedding tables of at least 65,536 values on a block-wise int8 grid (one scale per 128 "
+        "values of a row), stored as int8 in the ONNX file (GatherBlockQuantized); false keeps them float",
+    )
     reduce_range: bool | Literal["auto"] = Field(
         "auto",
         description="7-bit weights at 8 bits (auto: on x86 CPUs without VNNI, where int8 kernels saturate)",
@@ -142,6 +148,7 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
         reduce_range=reduce_range,
         matmuls=cfg.matmuls,
         smoothing=cfg.smoothing,
+        embeddings=cfg.embeddings,
     )
     mode = "static" if cfg.mode == "qat" else cfg.mode
     skip = list(cfg.skip)
@@ -242,4 +249,6 @@ def _train_aware(model: nn.Module, state: ModelState, cfg: QuantizeConfig, ctx: 
         },
     )
     run_training(train_state, FinetuneStageConfig(epochs=cfg.epochs, lr=cfg.lr), ctx)
+    if cfg.embeddings:
+        snap_embedding_tables(model)  # training moved the tables off their int8 grid
     return model
