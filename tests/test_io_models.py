@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import uuid
@@ -203,6 +204,19 @@ def test_load_state_dict_file_refuses_pickled_module(tmp_path: Path) -> None:
     with pytest.raises(UntrustedPickleError, match="--trust-pickle") as excinfo:
         load_state_dict_file(path)
     assert str(path) in str(excinfo.value)
+
+
+class _Hostile:
+    def __reduce__(self):  # unpickling would call os.system
+        return (os.system, ("echo pwned",))
+
+
+def test_a_hostile_pickle_is_called_untrusted_not_damaged(tmp_path: Path) -> None:
+    """torch says "unsupported GLOBAL posix.system ... is blocked": that is a pickle of code, not damage."""
+    path = tmp_path / "hostile.pt"
+    torch.save({"w": torch.ones(1), "x": _Hostile()}, path)
+    with pytest.raises(UntrustedPickleError, match="can execute code"):
+        load_state_dict_file(path)
 
 
 def test_load_state_dict_file_rejects_non_state_dict(tmp_path: Path) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
 from testkit import DIGITS_MLP
 
 from torchshrink import load_model, run
-from torchshrink.errors import ShapeMismatchError
+from torchshrink.errors import ModelLoadError, ShapeMismatchError
+from torchshrink.io import read_safetensors_metadata
 from torchshrink.measure import METRIC_NAMES, accuracy
 from torchshrink.models import open_model, save_model
 from torchshrink.registry import register_stage
@@ -218,3 +221,19 @@ def test_branch_ending_a_recipe_leaves_the_final_model_before_it(tmp_path):
         recipe({"train": {"epochs": 2, "lr": 0.003}}, {"prune": {"sparsity": 0.9}, "branch": True}), tmp_path
     )
     assert report.final == report.stages[0]["metrics"]
+
+
+def test_a_planted_checkpoint_naming_code_is_refused_on_resume(full_run, tmp_path):
+    """A between-stage checkpoint whose metadata names a factory the recipe does not (here os:system)
+    is refused with a named error on --resume; the code never runs."""
+    out, _ = full_run
+    planted = tmp_path / "planted"
+    shutil.copytree(out, planted)
+    path = sorted((planted / ".checkpoints").glob("stage-00-*.safetensors"))[0]
+    meta = read_safetensors_metadata(path)
+    marker = tmp_path / "ran"
+    meta["architecture"] = json.dumps({"factory": "os:system", "kwargs": {"command": f"touch {marker}"}})
+    save_file(load_file(path), path, metadata=meta)
+    with pytest.raises(ModelLoadError, match="names factory 'os:system', which the recipe does not"):
+        run(recipe(*FULL_STAGES), planted, resume=True)
+    assert not marker.exists()

@@ -137,6 +137,32 @@ def test_nan_loss_names_step_and_term(digits):
         fit(_mlp(), DatasetBatches(digits.train, 64), bad_loss, TrainConfig(progress=False))
 
 
+def test_an_exploding_learning_rate_stops_with_step_term_and_rate(digits):
+    """Adam at lr 1e6 keeps every loss finite but grows it by orders of magnitude: stopped, named."""
+    config = TrainConfig(epochs=2, lr=1e6, progress=False, desc="finetune")
+    with pytest.raises(
+        TrainingError,
+        match=r"finetune: training diverged: loss .* at step 2 .*'ce'.*learning rate \(now 9.99e\+05\)",
+    ):
+        fit(_mlp(), DatasetBatches(digits.train, 64), config=config)
+    # allowed on request: the same run ends, with a loss far above where it started
+    allowed = fit(
+        _mlp(),
+        DatasetBatches(digits.train, 64),
+        config=TrainConfig(epochs=2, lr=1e6, progress=False, divergence=None),
+    )
+    assert allowed.epoch_losses[-1]["ce"] > 1e3 * 2.5
+
+
+def test_a_normal_run_is_not_called_divergent(digits):
+    result = fit(
+        _mlp(),
+        DatasetBatches(digits.train, 64),
+        config=TrainConfig(epochs=2, lr=0.01, progress=False, divergence=2),
+    )
+    assert result.epoch_losses[-1]["ce"] < result.epoch_losses[0]["ce"]
+
+
 def test_inf_data_is_caught(digits):
     x = digits.train.tensors[0].clone()
     x[:] = float("inf")

@@ -215,7 +215,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # garbage, not a pickle of Python objects
+        if "unsupported global" not in str(exc).lower():  # garbage, not a pickle of Python objects
             raise CorruptFileError(path, "not a readable torch file (the pickle data is damaged)") from exc
         raise UntrustedPickleError(
             f"{path}: holds pickled Python objects (for example a whole nn.Module), and loading them can "

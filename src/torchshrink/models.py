@@ -311,6 +311,20 @@ def _architecture_parts(architecture: dict[str, Any]) -> list[dict[str, Any]]:
     return [architecture]
 
 
+def check_named_code(architecture: dict[str, Any], trusted: dict[str, Any] | None, source: str) -> None:
+    """A file's architecture may name only the factories that ``trusted`` (the architecture of the
+    model the user's recipe names) names: code runs because a recipe says so, never because a file does."""
+    allowed = {
+        (p["factory"], p.get("import_path")) for p in _architecture_parts(trusted or {}) if "factory" in p
+    }
+    for part in _architecture_parts(architecture):
+        if "factory" in part and (part["factory"], part.get("import_path")) not in allowed:
+            raise ModelLoadError(
+                f"{source}: names factory {part['factory']!r}, which the recipe does not; torchshrink runs no "
+                "code that a file names. Delete the file (or the output folder's checkpoints) and run again"
+            )
+
+
 def _from_recorded(
     path: Path, architecture: dict[str, Any] | None, weights: dict[str, torch.Tensor]
 ) -> nn.Module:
@@ -326,8 +340,9 @@ def _from_recorded(
             continue  # a config (data) that transformers turns into one of its own classes
         if "zoo" not in part:
             raise ModelLoadError(
-                f"{path}: was built by factory {part.get('factory')!r}; a file may not name code to run, "
-                f"so load it as {{factory: {part.get('factory')!r}, weights: {str(path)!r}}}"
+                f"{path}: names the factory {part.get('factory')!r} (code) as its architecture, and torchshrink "
+                "runs no code that a file names. If you built this model with a factory of your own and "
+                "trust the file, name that factory in your recipe: {factory: 'your.module:function', weights: FILE}"
             )
         if part["zoo"] not in zoo.ZOO:
             raise ModelLoadError(

@@ -20,7 +20,7 @@ from torchshrink.errors import DataError, RecipeError, TorchshrinkError
 from torchshrink.inputs import InputSpec
 from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors
 from torchshrink.measure import check_model_fits, measure, predict
-from torchshrink.models import build_architecture, load_weights_into, open_model, save_model
+from torchshrink.models import build_architecture, check_named_code, load_weights_into, open_model, save_model
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.parallel import ddp
 from torchshrink.recipe import Recipe, load_recipe, parse_recipe
@@ -64,6 +64,8 @@ def _save_stage(path: Path, state: ModelState, record: dict[str, Any], fingerpri
 def _load_stage(path: Path, current: ModelState) -> tuple[ModelState, dict[str, Any]]:
     meta = read_safetensors_metadata(path)
     architecture = json.loads(meta["architecture"])
+    if architecture:
+        check_named_code(architecture, current.architecture, str(path))
     model = build_architecture(architecture) if architecture else current.model
     load_weights_into(model, load_tensors(path), str(path))
     model.eval()

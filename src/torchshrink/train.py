@@ -7,6 +7,8 @@ the loss function and the batch source they pass in.
   them over ranks with a ``DistributedSampler``, so the loop runs unchanged under ``torchrun``.
 * Checkpoints hold model, optimizer, scheduler, position and RNG state: a resumed run ends with
   bit-identical weights to an uninterrupted one.
+* Divergence stops the run with the step, term and learning rate: a non-finite loss term, or a loss
+  grown past ``divergence`` times its first value (at least 1), as an exploding learning rate makes it.
 * The progress bar shows on the main process unless ``TORCHSHRINK_PROGRESS=0`` (parallel task
   workers set it, so their bars do not interleave).
 """
@@ -144,6 +146,8 @@ class TrainConfig:
     lr_groups: dict[str, float] = field(default_factory=dict)
     """Learning rates for parameters whose names start with a prefix (e.g. ``{"generator.": 1e-3}``);
     the rest train at ``lr``. The schedule scales every group alike."""
+    divergence: float | None = 1e3
+    """Stop when the loss exceeds this multiple of its first value (at least 1); None: never."""
 
 
 @dataclass
@@ -183,6 +187,28 @@ def _make_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> 
 
 def _terms(raw: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"loss": raw} if isinstance(raw, torch.Tensor) else dict(raw)
+
+
+def _check_divergence(
+    cfg: TrainConfig,
+    terms: Mapping[str, torch.Tensor],
+    loss: float,
+    first: float,
+    step: int,
+    epoch: int,
+    index: int,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """A named error when the loss grew past ``cfg.divergence`` times its first value (at least 1)."""
+    if cfg.divergence is None or loss <= cfg.divergence * max(first, 1.0):
+        return
+    largest = max(terms, key=lambda n: float(terms[n].detach()))
+    raise TrainingError(
+        f"{cfg.desc}: training diverged: loss {loss:.3g} at step {step + 1} (epoch {epoch + 1}, batch "
+        f"{index + 1}) is over {cfg.divergence:g}x its first value {first:.3g} (largest term {largest!r}); "
+        f"lower the learning rate (now {optimizer.param_groups[0]['lr']:.3g}), or set divergence: null "
+        "to let it run"
+    )
 
 
 def _resume_fields(cfg: TrainConfig) -> dict[str, object]:
@@ -256,9 +282,11 @@ def fit(
         resumed_sums, resumed_count = dict(state["epoch_sums"]), int(state["epoch_count"])
         result.epoch_losses = [dict(e) for e in state["epoch_losses"]]
         result.resumed_from_step = step
+        first_loss = state.get("first_loss")
         log.info("%s: resumed from %s at step %d of %d", cfg.desc, ckpt_path, step, total_steps)
     else:
         torch.manual_seed(cfg.seed)
+        first_loss = None
 
     wrapped: nn.Module = model
     if info.distributed:
@@ -277,6 +305,7 @@ def fit(
             "epoch_losses": result.epoch_losses,
             "epoch_sums": epoch_sums,
             "epoch_count": epoch_count,
+            "first_loss": first_loss,
         }
         with atomic_path(ckpt_path) as tmp:
             torch.save(state, tmp)
@@ -314,6 +343,10 @@ def fit(
                             f"(now {optimizer.param_groups[0]['lr']:.3g}) or check the data for NaN/inf"
                         )
                 loss = sum(terms.values())
+                value = float(loss.detach())
+                if first_loss is None:
+                    first_loss = value
+                _check_divergence(cfg, terms, value, first_loss, step, epoch, index, optimizer)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -329,7 +362,7 @@ def fit(
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach())
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     save_checkpoint(sums, count)
             names = sorted(sums)

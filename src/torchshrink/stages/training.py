@@ -43,6 +43,11 @@ class TrainStageConfig(BaseModel, extra="forbid"):
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = Field(None, gt=0)
+    divergence: float | None = Field(
+        1e3,
+        gt=1,
+        description="stop when the loss exceeds this multiple of its first value (at least 1); null: never",
+    )
     checkpoint_every: int = Field(200, ge=0, description="steps between training checkpoints (0: none)")
     cache: bool = Field(False, description="reuse the result from the output folder's cache/ when present")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="training-input augmentation")
@@ -90,6 +95,7 @@ def train_config(cfg: TrainStageConfig, ctx: RunContext) -> TrainConfig:
         weight_decay=cfg.weight_decay,
         schedule=cfg.schedule,
         grad_clip=cfg.grad_clip,
+        divergence=cfg.divergence,
         checkpoint_every=cfg.checkpoint_every,
         seed=ctx.seed,
         desc=ctx.stage_name,
