@@ -120,6 +120,20 @@ def test_yaml_file_errors_and_relative_paths(tmp_path):
     assert recipe.data.npz == tmp_path / "sub" / "d.npz"
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "model: {zoo: lenet5}\ndata: {name: digits}\nstages: [train: {epochs: 2, epochs: 3}]\n",
+        "model: {zoo: lenet5}\ndata: {name: digits}\nstages: [evaluate: {}]\nstages: [train: {}]\n",
+    ],
+)
+def test_a_key_given_twice_is_refused(tmp_path, text):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=re.escape(str(path)) + r": not valid YAML: .*appears twice"):
+        load_recipe(path)
+
+
 def test_branch_key_is_validated():
     from torchshrink.errors import RecipeError
     from torchshrink.recipe import parse_recipe

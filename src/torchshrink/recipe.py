@@ -253,13 +253,32 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
     return Recipe(head.name, head.seed, model, data_spec, head.measure, tuple(specs))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives a key twice (plain YAML keeps the last one,
+    so a repeated ``stages:`` or ``lr:`` would silently drop what came first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice in one mapping (first on line {seen[key] + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file; errors name the file and the key path."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(path, "recipe file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     return parse_recipe(data, source=str(path), base_dir=path.parent)
