@@ -134,6 +134,44 @@ def test_npz_length_mismatch(tmp_path: Path) -> None:
         load_npz(path)
 
 
+def _labels_with(value: object, n: int = 20) -> np.ndarray:
+    y = np.arange(n) % 4
+    y = y.astype(type(value)) if not isinstance(value, str) else y.astype(str)
+    y[7] = value
+    return y
+
+
+@pytest.mark.parametrize(
+    ("y", "message"),
+    [
+        (np.array(["cat", "dog"] * 10), r"'y' must hold integer class indices, got <U3 values"),
+        (
+            np.zeros((20, 2), dtype=np.int64),
+            r"'y' must hold one class index per sample \(1-D\), got shape \(20, 2\)",
+        ),
+        (_labels_with(float("nan")), r"'y' must hold integer class indices; sample 7 has nan"),
+        (_labels_with(1.5), r"'y' must hold integer class indices; sample 7 has 1.5"),
+        (_labels_with(-1), r"'y' must hold class indices >= 0; sample 7 has -1"),
+        (
+            np.array([0] * 10 + [1] * 9 + [2]),
+            r"class 2 has only one sample, and the test split is stratified",
+        ),
+    ],
+)
+def test_npz_bad_labels_are_named_before_any_split(tmp_path: Path, y: np.ndarray, message: str) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros((20, 3), dtype=np.float32), y=y)
+    with pytest.raises(DataError, match=re.escape(path.stem) + ": " + message):
+        load_npz(path)
+
+
+def test_npz_with_no_samples_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "empty.npz"
+    np.savez(path, x=np.zeros((0, 3), dtype=np.float32), y=np.zeros(0, dtype=np.int64))
+    with pytest.raises(DataError, match="x holds no samples"):
+        load_npz(path)
+
+
 def test_npz_random_bytes_is_corrupt(tmp_path: Path) -> None:
     path = tmp_path / "noise.npz"
     path.write_bytes(np.random.default_rng(0).bytes(300))

@@ -143,13 +143,21 @@ def make_bundle(
     ``x`` is one array (the model's only input) or a mapping of named arrays, in the order the
     model's ``forward`` takes them.
     """
-    columns, y_arr = _columns(name, x, "input"), np.asarray(y)
+    columns, y_arr = _columns(name, x, "input"), _labels(name, y, "y")
     n = len(next(iter(columns.values())))
+    if n == 0:
+        raise DataError(f"{name}: x holds no samples")
     if n != len(y_arr):
         raise DataError(f"{name}: x has {n} samples but y has {len(y_arr)}")
     if x_test is None:
         if y_test is not None:
             raise DataError(f"{name}: y_test given without x_test")
+        classes, counts = np.unique(y_arr, return_counts=True)
+        if counts.min() < 2:
+            raise DataError(
+                f"{name}: class {int(classes[counts.argmin()])} has only one sample, and the test split is "
+                "stratified (each class needs at least 2); add samples or give x_test / y_test"
+            )
         train_idx, test_idx = train_test_split(
             np.arange(n), test_size=test_size or test_fraction, stratify=y_arr, random_state=seed
         )
@@ -159,7 +167,7 @@ def make_bundle(
     else:
         if y_test is None:
             raise DataError(f"{name}: x_test given without y_test")
-        test_columns, y_te = _columns(name, x_test, "test input"), np.asarray(y_test)
+        test_columns, y_te = _columns(name, x_test, "test input"), _labels(name, y_test, "y_test")
         if set(test_columns) != set(columns):
             raise DataError(
                 f"{name}: test inputs {sorted(test_columns)} differ from training inputs {sorted(columns)}"
@@ -170,13 +178,6 @@ def make_bundle(
             raise DataError(f"{name}: x_test has {n_test} samples but y_test has {len(y_te)}")
         _check_same_samples(name, columns, test_columns)
     labels = np.concatenate([y_arr, y_te])
-    if not np.issubdtype(labels.dtype, np.integer):
-        if np.all(np.mod(labels, 1) == 0):
-            labels = labels.astype(np.int64)
-        else:
-            raise DataError(f"{name}: labels must be integer class indices, got dtype {labels.dtype}")
-    if labels.min() < 0:
-        raise DataError(f"{name}: labels must be >= 0, found {labels.min()}")
     num_classes = int(labels.max()) + 1
     train = samples(_model_input(columns), torch.as_tensor(y_arr, dtype=torch.long))
     test = samples(_model_input(test_columns), torch.as_tensor(y_te, dtype=torch.long))
@@ -190,6 +191,30 @@ def make_bundle(
     )
     bundle.inputs  # noqa: B018 - a declared range that does not hold the data fails here, at load time
     return bundle
+
+
+def _labels(name: str, y: np.ndarray | torch.Tensor, key: str) -> np.ndarray:
+    """``y`` as int64 class indices, checked before anything is split or trained: one label per sample
+    (1-D), numbers (not strings or objects), whole, finite and not negative."""
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise DataError(f"{name}: {key!r} must hold one class index per sample (1-D), got shape {arr.shape}")
+    if not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating) or arr.dtype == bool
+    ):
+        raise DataError(f"{name}: {key!r} must hold integer class indices, got {arr.dtype} values")
+    if arr.size and np.issubdtype(arr.dtype, np.floating):
+        bad = ~np.isfinite(arr) | (np.mod(arr, 1) != 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{name}: {key!r} must hold integer class indices; sample {i} has {float(arr[i])}"
+            )
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        i = int(arr.argmin())
+        raise DataError(f"{name}: {key!r} must hold class indices >= 0; sample {i} has {arr[i]}")
+    return arr
 
 
 def make_unlabelled_bundle(
