@@ -44,3 +44,14 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "texts.txt"
     path.write_text("\n".join(CORPUS.read_text(encoding="utf-8").splitlines()[:120]) + "\n")
     return path
+
+
+def tiny_recipe(model_dir: Path, corpus: Path, *stages: dict, **data: object) -> dict:
+    """A recipe on an hf embedding model and a text corpus with few latency repeats (fast tests)."""
+    return {
+        "seed": 0,
+        "model": {"hf": str(model_dir), "task": "embedding"},
+        "data": {"text": str(corpus), "tokenizer": str(model_dir), "max_length": MAX_LENGTH, **data},
+        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8]},
+        "stages": list(stages),
+    }

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import MAX_LENGTH
+from conftest import MAX_LENGTH, tiny_recipe
 
 from torchshrink.cli import main
 from torchshrink.errors import ModelLoadError, RecipeError, ShapeMismatchError
@@ -62,18 +62,8 @@ def test_missing_model_files_are_named(tmp_path, tiny_bert) -> None:
         open_model({"hf": tiny_bert})
 
 
-def _recipe(tiny_bert, corpus, *stages, **data) -> dict:
-    return {
-        "seed": 0,
-        "model": {"hf": str(tiny_bert), "task": "embedding"},
-        "data": {"text": str(corpus), "tokenizer": str(tiny_bert), "max_length": MAX_LENGTH, **data},
-        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8]},
-        "stages": list(stages),
-    }
-
-
 def test_int8_of_a_transformer_reports_fidelity(tiny_bert, corpus, tmp_path, capsys) -> None:
-    recipe = _recipe(
+    recipe = tiny_recipe(
         tiny_bert,
         corpus,
         {"quantize": {"mode": "dynamic"}, "branch": True},
@@ -105,7 +95,7 @@ def test_int8_of_a_transformer_reports_fidelity(tiny_bert, corpus, tmp_path, cap
 
 @pytest.mark.parametrize("stage", [{"train": {"epochs": 1}}, {"ensemble": {"members": 2, "epochs": 1}}])
 def test_stages_that_need_class_labels_refuse_an_embedding_model(stage, tiny_bert, corpus, tmp_path) -> None:
-    recipe = _recipe(tiny_bert, corpus, {"quantize": {"mode": "dynamic"}, "branch": True}, stage)
+    recipe = tiny_recipe(tiny_bert, corpus, {"quantize": {"mode": "dynamic"}, "branch": True}, stage)
     name = next(iter(stage))
     with pytest.raises(
         RecipeError,
@@ -117,14 +107,14 @@ def test_stages_that_need_class_labels_refuse_an_embedding_model(stage, tiny_ber
 
 
 def test_inputs_the_model_cannot_take_are_named(tiny_bert, corpus, tmp_path, capsys) -> None:
-    too_long = _recipe(tiny_bert, corpus, {"quantize": {"mode": "dynamic"}}, max_length=100)
+    too_long = tiny_recipe(tiny_bert, corpus, {"quantize": {"mode": "dynamic"}}, max_length=100)
     with pytest.raises(ShapeMismatchError, match="100 tokens per text but the model has 64 positions"):
         run(too_long, tmp_path / "a")
     floats = tmp_path / "floats.npz"
     np.savez(
         floats, input_ids=np.random.rand(20, 8).astype(np.float32), attention_mask=np.ones((20, 8), np.int64)
     )
-    recipe = _recipe(tiny_bert, corpus, {"quantize": {"mode": "dynamic"}})
+    recipe = tiny_recipe(tiny_bert, corpus, {"quantize": {"mode": "dynamic"}})
     recipe["data"] = {"npz": str(floats), "inputs": ["input_ids", "attention_mask"]}
     with pytest.raises(
         ShapeMismatchError, match="'input_ids' must be integer token ids; the data gives float32"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MAX_LENGTH
+from conftest import tiny_recipe
 
 from torchshrink.measure import mean_cosine
 from torchshrink.models import load_model
@@ -19,16 +19,6 @@ from torchshrink.quantize.smoothing import InputScale
 pytest.importorskip("transformers")
 
 
-def _recipe(tiny_bert, corpus, *stages) -> dict:
-    return {
-        "seed": 0,
-        "model": {"hf": str(tiny_bert), "task": "embedding"},
-        "data": {"text": str(corpus), "tokenizer": str(tiny_bert), "max_length": MAX_LENGTH},
-        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8]},
-        "stages": list(stages),
-    }
-
-
 def _tokens(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return torch.randint(1000, 2000, (n, 12), generator=g), torch.ones(n, 12, dtype=torch.long)
@@ -36,7 +26,7 @@ def _tokens(n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_smoothed_static_int8_reloads_and_keeps_int8_kernels(tiny_bert, corpus, tmp_path) -> None:
     quantize = {"mode": "static", "calibration_batches": 2, "batch_size": 16, "smoothing": 0.5}
-    report = run(_recipe(tiny_bert, corpus, {"quantize": quantize}), tmp_path / "out")
+    report = run(tiny_recipe(tiny_bert, corpus, {"quantize": quantize}), tmp_path / "out")
     (stage,) = report.stages
     ops = stage["details"]["operators"]
     # per layer 6 linears and 2 attention matmuls, all still on int8 kernels
@@ -65,11 +55,11 @@ def test_smoothed_static_int8_reloads_and_keeps_int8_kernels(tiny_bert, corpus, 
 
 def test_a_cosine_budget_leaves_layers_float_until_met(tiny_bert, corpus, tmp_path) -> None:
     static = {"mode": "static", "calibration_batches": 2, "batch_size": 16}
-    uniform = run(_recipe(tiny_bert, corpus, {"quantize": static}), tmp_path / "uniform")
+    uniform = run(tiny_recipe(tiny_bert, corpus, {"quantize": static}), tmp_path / "uniform")
     low = uniform.stages[0]["metrics"]["cosine"]
     target = round(low + 0.5 * (1 - low), 6)
     mixed = {**static, "mixed": {"min_cosine": target, "candidates": [8], "samples": 64}}
-    report = run(_recipe(tiny_bert, corpus, {"quantize": mixed}), tmp_path / "mixed")
+    report = run(tiny_recipe(tiny_bert, corpus, {"quantize": mixed}), tmp_path / "mixed")
     (stage,) = report.stages
     plan = stage["details"]["plan"]
     kept = [n for n, b in plan.items() if b == "float"]

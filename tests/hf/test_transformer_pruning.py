@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import MAX_LENGTH
+from conftest import MAX_LENGTH, tiny_recipe
 
 from torchshrink.cli import main
 from torchshrink.errors import RecipeError, StructureError
@@ -143,16 +143,6 @@ def test_drop_layers_removes_the_layer_that_matters_least_and_the_file_reloads(t
         drop_layers(model, 2, [(x, targets)])
 
 
-def _recipe(tiny_bert, corpus, *stages) -> dict:
-    return {
-        "seed": 0,
-        "model": {"hf": str(tiny_bert), "task": "embedding"},
-        "data": {"text": str(corpus), "tokenizer": str(tiny_bert), "max_length": MAX_LENGTH},
-        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8]},
-        "stages": list(stages),
-    }
-
-
 @pytest.mark.slow
 def test_prune_distill_int8_recipe_on_a_transformer(tiny_bert, corpus, tmp_path, capsys) -> None:
     prune = {"granularity": "structured", "drop_layers": 1, "macs_reduction": 2.5, "batch_size": 16,
@@ -161,7 +151,7 @@ def test_prune_distill_int8_recipe_on_a_transformer(tiny_bert, corpus, tmp_path,
                "attention_map_weight": 1.0}  # fmt: skip
     static = {"mode": "static", "calibration_batches": 2, "batch_size": 16}
     report = run(
-        _recipe(tiny_bert, corpus, {"prune": prune}, {"distill": distill}, {"quantize": static}),
+        tiny_recipe(tiny_bert, corpus, {"prune": prune}, {"distill": distill}, {"quantize": static}),
         tmp_path / "out",
     )
     pruned, distilled, quantized = report.stages
@@ -193,10 +183,10 @@ def test_prune_distill_int8_recipe_on_a_transformer(tiny_bert, corpus, tmp_path,
 def test_distillation_options_that_do_not_fit_an_embedding_model_are_named(
     tiny_bert, corpus, tmp_path
 ) -> None:
-    kd = _recipe(tiny_bert, corpus, {"distill": {"student": "current", "match": "kd", "epochs": 1}})
+    kd = tiny_recipe(tiny_bert, corpus, {"distill": {"student": "current", "match": "kd", "epochs": 1}})
     with pytest.raises(RecipeError, match="'kd' compares class logits.*'cosine'"):
         run(kd, tmp_path / "a")
-    mapped = _recipe(
+    mapped = tiny_recipe(
         tiny_bert,
         corpus,
         {"distill": {"student": "current", "hidden_weight": 1.0, "layer_map": [0, 5], "epochs": 1}},
@@ -206,4 +196,4 @@ def test_distillation_options_that_do_not_fit_an_embedding_model_are_named(
     for stage in ({"finetune": {"epochs": 1, "augment": {"shift": 2}}},
                   {"distill": {"student": "current", "epochs": 1, "augment": {"shift": 2}}}):  # fmt: skip
         with pytest.raises(RecipeError, match=r"\.augment: shifts and mixes image inputs.*token ids"):
-            run(_recipe(tiny_bert, corpus, stage), tmp_path / "c")
+            run(tiny_recipe(tiny_bert, corpus, stage), tmp_path / "c")
