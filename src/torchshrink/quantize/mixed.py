@@ -34,9 +34,9 @@ from torchshrink.measure import accuracy, mean_cosine, predict
 from torchshrink.quantize.embeddings import embedding_tables
 from torchshrink.quantize.fakequant import FakeQuantize
 from torchshrink.quantize.prepare import (
-    _MATMUL_FUNCTIONS,
+    MATMUL_FUNCTIONS,
     QuantPlan,
-    _is_passthrough,
+    is_passthrough,
     quantizable_layers,
     weight_quantizers,
 )
@@ -149,9 +149,9 @@ def _float_units(gm: fx.GraphModule, layers: Sequence[str]) -> list[tuple[list[s
         for user in node.users:
             if user.op == "call_module" and str(user.target) in layers:
                 found.add(str(user.target))
-            elif user.op == "call_function" and user.target in _MATMUL_FUNCTIONS:
+            elif user.op == "call_function" and user.target in MATMUL_FUNCTIONS:
                 found.add(None)
-            elif _is_passthrough(user, modules):
+            elif is_passthrough(user, modules):
                 found |= needing(user)
         return found
 

@@ -70,7 +70,7 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _AVG_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _AVG_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
-_MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
+MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,8 @@ def _is_zero_pad(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_passthrough(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Does ``node`` pass values through unchanged in int8 (reshapes, max-pools, zero pads)?"""
     if _is_zero_pad(node, modules):
         return True
     if node.op == "call_module":
@@ -259,7 +260,7 @@ _RELU_FUNCTIONS = {F.relu, F.relu6, torch.relu}
 def _transparent(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Ops an int8 value passes through on its way to the next int8 kernel (ORT folds a ReLU into
     the quantize step)."""
-    if _is_passthrough(node, modules):
+    if is_passthrough(node, modules):
         return True
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _RELU_MODULES)
@@ -350,7 +351,7 @@ def _kernel_inputs(node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan
     if _is_cat(node):
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
         return [a for a in tensors if isinstance(a, fx.Node)]
-    is_matmul = (node.op == "call_function" and node.target in _MATMUL_FUNCTIONS) or (
+    is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and node.target in ("matmul", "bmm")
     )
     if is_matmul and plan.matmuls:  # activation operands; a parameter operand (x @ self.w) stays as it is
@@ -379,7 +380,7 @@ def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, 
             # Dynamic points quantize right before the kernel: re-applying them after a max-pool
             # would re-measure the range, not pass the codes through.
             while (
-                plan.mode != "dynamic" and _is_passthrough(src, modules) and isinstance(src.args[0], fx.Node)
+                plan.mode != "dynamic" and is_passthrough(src, modules) and isinstance(src.args[0], fx.Node)
             ):
                 chain.append(src)
                 src = src.args[0]
