@@ -200,3 +200,19 @@ def test_pickled_module_needs_trust_pickle(tmp_path, capsys):
         main(["eval", str(tmp_path / "whole.pt"), "--data", "mnist5k", "--repeats", "3", "--trust-pickle"])
         == 0
     )
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_an_out_that_is_or_lies_under_a_file_is_named_before_any_work(tmp_path, capsys, where, command):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"zoo": "lenet300", "kwargs": {"in_features": 64}},
+                                      "data": {"name": "digits"}, "stages": [{"train": {"epochs": 1}}]}))  # fmt: skip
+    blocker = tmp_path / "taken.txt"
+    blocker.write_text("not a folder\n")
+    out = blocker if where == "file" else blocker / "sub"
+    assert main([command, str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    expected = "--out is a file" if where == "file" else f"--out lies under {blocker}, which is a file"
+    assert expected in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder\n"  # nothing written

@@ -79,11 +79,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from torchshrink.errors import MissingFileError
-    from torchshrink.io import write_json_atomic, write_text_atomic
+    from torchshrink.io import prepare_output_folder, write_json_atomic, write_text_atomic
     from torchshrink.parallel.tasks import Task, run_tasks, summary_table
     from torchshrink.pipeline import run
 
-    out = Path(args.out)
+    out = prepare_output_folder(args.out)
     missing = [r for r in args.recipes if not Path(r).is_file()]
     if missing:
         raise MissingFileError(f"recipe file(s) not found: {', '.join(missing)}")

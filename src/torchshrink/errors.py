@@ -78,3 +78,7 @@ class MissingFileError(FileProblem, FileNotFoundError):
 
 class CorruptFileError(FileProblem):
     """A file exists but cannot be parsed as what it should be."""
+
+
+class OutputFolderError(FileProblem):
+    """An output folder that cannot be used: a file, under a file, or not writable."""

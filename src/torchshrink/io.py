@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save_file as _save_safetensors
 
-from torchshrink.errors import CorruptFileError, MissingFileError, UntrustedPickleError
+from torchshrink.errors import CorruptFileError, MissingFileError, OutputFolderError, UntrustedPickleError
 
 __all__ = [
     "folder_listing",
@@ -37,6 +37,7 @@ __all__ = [
     "read_safetensors_metadata",
     "load_state_dict_file",
     "file_kind",
+    "prepare_output_folder",
 ]
 
 
@@ -79,6 +80,25 @@ def decode_sparse(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str])
         dense[mask] = tensors[name]
         out[name] = dense.reshape(shape)
     return out
+
+
+def prepare_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Create ``path`` (parents too) and check that it can be written, before any work is done: a
+    file in its place, a file above it or a folder without write permission is a named error."""
+    path = Path(path)
+    for where in (path, *path.parents):
+        if where.exists() and not where.is_dir():
+            what = "is a file" if where == path else f"lies under {where}, which is a file"
+            raise OutputFolderError(path, f"{option} {what}", "give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise OutputFolderError(
+            path, f"{option} cannot be written ({exc.strerror or exc})", "choose a writable folder"
+        ) from None
+    return path
 
 
 def _current_umask() -> int:

@@ -18,7 +18,7 @@ from torchshrink._version import __version__
 from torchshrink.data import DatasetBundle, load_data
 from torchshrink.errors import DataError, RecipeError, TorchshrinkError
 from torchshrink.inputs import InputSpec
-from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors
+from torchshrink.io import load_tensors, prepare_output_folder, read_safetensors_metadata, save_tensors
 from torchshrink.measure import check_model_fits, measure, predict
 from torchshrink.models import build_architecture, check_named_code, load_weights_into, open_model, save_model
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
@@ -174,10 +174,10 @@ def run(
     out_dir = Path(out_dir)
     info = ddp.init_from_env()
     if info.is_main:
+        prepare_output_folder(out_dir)
         if not resume:
             for stale in (CHECKPOINT_DIR, WORK_DIR):
                 shutil.rmtree(out_dir / stale, ignore_errors=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
     ddp.barrier()
     started = time.perf_counter()
     seed_everything(recipe.seed)
