@@ -216,3 +216,13 @@ def test_an_out_that_is_or_lies_under_a_file_is_named_before_any_work(tmp_path, 
     expected = "--out is a file" if where == "file" else f"--out lies under {blocker}, which is a file"
     assert expected in err and "Traceback" not in err
     assert blocker.read_text() == "not a folder\n"  # nothing written
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x07garbage that is not protobuf" * 40, "truncated"])
+def test_inspect_of_a_bad_onnx_file_is_named(quick_demo, tmp_path, capsys, content):
+    onnx_files = sorted(quick_demo.glob("*.onnx"))
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(onnx_files[0].read_bytes()[:4000] if content == "truncated" else content)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: not a readable ONNX model" in err and "Traceback" not in err

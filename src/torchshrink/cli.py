@@ -175,7 +175,17 @@ def _inspect_onnx(path: Path) -> None:
 
     import onnx
 
-    model = onnx.load(str(path))
+    from torchshrink.errors import CorruptFileError
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError and others on bad files
+        raise CorruptFileError(
+            path, f"not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+    if not model.graph.node:
+        raise CorruptFileError(path, "an ONNX file with an empty graph (no operators)")
     _out(f"opset: {[(o.domain or 'ai.onnx', o.version) for o in model.opset_import]}")
     for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
         for v in values:
