@@ -153,6 +153,17 @@ def test_export_command(tmp_path, capsys):
         main(["export", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "n.onnx")]) == 0
     )  # shape from metadata
     assert (tmp_path / "n.onnx").stat().st_size > 100_000
+    # an --out that is a folder, or under a file, is named before the model is even opened
+    (tmp_path / "folder.onnx").mkdir()
+    for out, expected in (
+        (tmp_path / "folder.onnx", "--out is a folder"),
+        (tmp_path / "n.onnx" / "x.onnx", "the folder of --out is a file"),
+    ):
+        capsys.readouterr()
+        assert main(["export", str(tmp_path / "m.safetensors"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+    assert not any((tmp_path / "folder.onnx").iterdir())
 
 
 def test_run_recipe_file(tmp_path, capsys):

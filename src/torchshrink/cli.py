@@ -237,8 +237,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from torchshrink.data import load_data
     from torchshrink.errors import ShapeMismatchError
     from torchshrink.inputs import take
+    from torchshrink.io import prepare_output_file
     from torchshrink.onnx_export import export_onnx
 
+    prepare_output_file(args.out)
     model, _, known = _open_for_cli(args.model, args.factory, args.trust_pickle)
     check = None
     if args.input_shape:

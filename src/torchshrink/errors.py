@@ -80,5 +80,5 @@ class CorruptFileError(FileProblem):
     """A file exists but cannot be parsed as what it should be."""
 
 
-class OutputFolderError(FileProblem):
-    """An output folder that cannot be used: a file, under a file, or not writable."""
+class OutputPathError(FileProblem):
+    """An output path that cannot be used: a file where a folder goes (or the reverse), under a file, or not writable."""

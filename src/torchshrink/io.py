@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save_file as _save_safetensors
 
-from torchshrink.errors import CorruptFileError, MissingFileError, OutputFolderError, UntrustedPickleError
+from torchshrink.errors import CorruptFileError, MissingFileError, OutputPathError, UntrustedPickleError
 
 __all__ = [
     "folder_listing",
@@ -38,6 +38,7 @@ __all__ = [
     "load_state_dict_file",
     "file_kind",
     "prepare_output_folder",
+    "prepare_output_file",
 ]
 
 
@@ -89,15 +90,24 @@ def prepare_output_folder(path: str | Path, option: str = "--out") -> Path:
     for where in (path, *path.parents):
         if where.exists() and not where.is_dir():
             what = "is a file" if where == path else f"lies under {where}, which is a file"
-            raise OutputFolderError(path, f"{option} {what}", "give a folder")
+            raise OutputPathError(path, f"{option} {what}", "give a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
             pass
     except OSError as exc:
-        raise OutputFolderError(
+        raise OutputPathError(
             path, f"{option} cannot be written ({exc.strerror or exc})", "choose a writable folder"
         ) from None
+    return path
+
+
+def prepare_output_file(path: str | Path, option: str = "--out") -> Path:
+    """Check an output file's path before any work: not a folder, its folder usable (created if missing)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(path, f"{option} is a folder", "give a file name, for example model.onnx")
+    prepare_output_folder(path.parent, option=f"the folder of {option}")
     return path
 
 
