@@ -179,14 +179,20 @@ def _float_units(gm: fx.GraphModule, layers: Sequence[str]) -> list[tuple[list[s
 
 
 def float_gains(
-    model: nn.Module, example: ModelInput, calibration: list, plan: QuantPlan, inputs: ModelInput
+    model: nn.Module,
+    example: ModelInput,
+    calibration: list,
+    plan: QuantPlan,
+    inputs: ModelInput,
+    quantized: fx.GraphModule | None = None,
 ) -> list[tuple[list[str], float]]:
     """Units of quantized layers (see :func:`_float_units`) with their float gain: output MSE vs float of
     the quantized model minus that with the unit alone in float (its weight quantizers and the
     activation points only it reads switched off), largest gain first. The plan options of
-    ``OPTION_UNITS`` are units too, each measured by quantizing once more with it off."""
+    ``OPTION_UNITS`` are units too, each measured by quantizing once more with it off. ``quantized``:
+    the model already quantized by ``plan`` (its quantizers are switched and restored), if at hand."""
     reference = predict(model, inputs)
-    gm = quantize_model(model, example, plan, calibration)
+    gm = quantized if quantized is not None else quantize_model(model, example, plan, calibration)
     weights = weight_quantizers(gm)
     base = _mse(predict(gm, inputs), reference)
     gains = []
@@ -266,10 +272,16 @@ def choose_plan(
             plan = _with_layers(plan, {name: nxt})
         return plan
 
-    excess, what = _budget(model, example, calibration, split, cfg)
-    current = excess(plan)
+    score, what = _budget(model, split, cfg)
+
+    def excess(p: QuantPlan) -> float:
+        return score(quantize_model(model, example, p, calibration))
+
+    uniform = quantize_model(model, example, plan, calibration)
+    current = score(uniform)
     if current > 0 and cfg.allow_float:
-        units = [u for u, _ in float_gains(model, example, calibration, plan, inputs)]
+        gains = float_gains(model, example, calibration, plan, inputs, quantized=uniform)
+        units = [u for u, _ in gains]
         units = [[n for n in u if n in layers or n in OPTION_UNITS] for u in units]
         plan, current = _fewest_float(plan, units, excess)
     frozen: set[str] = set()
@@ -286,27 +298,19 @@ def choose_plan(
     return plan
 
 
-def _budget(
-    model: nn.Module, example: ModelInput, calibration: list, split: Any, cfg: MixedConfig
-) -> tuple[Callable[[QuantPlan], float], str]:
-    """``excess(plan)``: how far the quantized model misses the budget (<= 0: met), and the budget's name."""
+def _budget(model: nn.Module, split: Any, cfg: MixedConfig) -> tuple[Callable[[nn.Module], float], str]:
+    """``score(quantized)``: how far a quantized model misses the budget (<= 0: met), and the budget's name."""
+    inputs = split.tensors[0]
     if cfg.min_cosine is not None:
-        reference = predict(model, split.tensors[0]).flatten(1)
+        reference = predict(model, inputs).flatten(1)
         target = cfg.min_cosine
-
-        def cosine_excess(p: QuantPlan) -> float:
-            quantized = quantize_model(model, example, p, calibration)
-            return target - mean_cosine(predict(quantized, split.tensors[0]).flatten(1), reference)
-
-        return cosine_excess, f"min_cosine {target}"
+        return (
+            lambda q: target - mean_cosine(predict(q, inputs).flatten(1), reference),
+            f"min_cosine {target}",
+        )
     assert cfg.max_drop is not None
-    float_quality = accuracy(model, split)
-    limit = cfg.max_drop
-
-    def drop_excess(p: QuantPlan) -> float:
-        return (float_quality - accuracy(quantize_model(model, example, p, calibration), split)) * 100 - limit
-
-    return drop_excess, f"max_drop {limit}"
+    float_quality, limit = accuracy(model, split), cfg.max_drop
+    return lambda q: (float_quality - accuracy(q, split)) * 100 - limit, f"max_drop {limit}"
 
 
 def _describe_excess(cfg: MixedConfig, excess: float) -> str:
