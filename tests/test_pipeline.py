@@ -181,7 +181,7 @@ def test_same_seed_same_report_numbers(tmp_path):
 def test_model_data_shape_mismatch_names_both(tmp_path):
     with pytest.raises(ShapeMismatchError, match=r"shape \(1, 8, 8\)"):
         run(recipe({"evaluate": {}}, model={"zoo": "lenet5"}), tmp_path)
-    with pytest.raises(ShapeMismatchError, match=r"outputs 3 classes.*up to 9.*\(1, 10\)"):
+    with pytest.raises(ShapeMismatchError, match=r"labels exceed.*up to 9.*outputs 3 classes.*\(1, 10\)"):
         run(
             recipe(
                 {"evaluate": {}}, model={"zoo": "lenet300", "kwargs": {"in_features": 64, "num_classes": 3}}

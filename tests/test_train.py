@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -158,9 +160,30 @@ def test_a_normal_run_is_not_called_divergent(digits):
     result = fit(
         _mlp(),
         DatasetBatches(digits.train, 64),
-        config=TrainConfig(epochs=2, lr=0.01, progress=False, divergence=2),
+        config=TrainConfig(epochs=2, lr=0.01, progress=False, divergence=2, num_classes=10),
     )
     assert result.epoch_losses[-1]["ce"] < result.epoch_losses[0]["ce"]
+    assert result.epoch_losses[0]["train_accuracy"] < 0.9  # from scratch: it started at chance
+
+
+def test_accuracy_falling_to_chance_stops_with_epoch_and_rate(digits):
+    """SGD at lr 3 wrecks a trained model (93% -> 10%) while its loss stays under 1000x the first
+    one: the loss rule misses it, the chance rule stops it after the epoch."""
+    trained = _mlp()
+    fit(trained, DatasetBatches(digits.train, 64), config=TrainConfig(epochs=5, lr=2e-3, progress=False))
+    assert accuracy(trained, digits.test) > 0.9
+    config = TrainConfig(epochs=2, lr=3.0, optimizer="sgd", progress=False, desc="finetune", num_classes=10)
+    with pytest.raises(
+        TrainingError,
+        match=r"finetune: training diverged: accuracy on the training batches fell to 0\.1\d+ in epoch 1 "
+        r"\(chance for 10 classes: 0\.100\) from 0\.9\d+ at the start; lower the learning rate",
+    ):
+        fit(copy.deepcopy(trained), DatasetBatches(digits.train, 64), config=config)
+    wrecked = copy.deepcopy(trained)
+    fit(wrecked, DatasetBatches(digits.train, 64), config=dataclasses.replace(config, divergence=None))
+    assert accuracy(wrecked, digits.test) < 0.3  # what the guard kept from being shipped silently
+    no_classes = dataclasses.replace(config, num_classes=None)  # unknown chance level: no guard
+    fit(copy.deepcopy(trained), DatasetBatches(digits.train, 64), config=no_classes)
 
 
 def test_inf_data_is_caught(digits):

@@ -44,7 +44,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from torchshrink.demo import demo_recipe
     from torchshrink.pipeline import run
 
-    report = run(demo_recipe(quick=args.quick), args.out, resume=args.resume)
+    report = run(demo_recipe(quick=args.quick), args.out, resume=args.resume, force=args.force)
     _print_report(report, args.out)
     return 0
 
@@ -72,7 +72,7 @@ def _print_report(report: Any, out_dir: str | Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from torchshrink.pipeline import run
 
-    report = run(args.recipe, args.out, resume=args.resume)
+    report = run(args.recipe, args.out, resume=args.resume, force=args.force)
     _print_report(report, args.out)
     return 0
 
@@ -89,7 +89,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise MissingFileError(f"recipe file(s) not found: {', '.join(missing)}")
     stems = [Path(r).stem for r in args.recipes]
     names = [stem if stems.count(stem) == 1 else f"{i:02d}-{stem}" for i, stem in enumerate(stems)]
-    tasks = [Task(r, out / name, resume=args.resume) for r, name in zip(args.recipes, names, strict=True)]
+    tasks = [
+        Task(r, out / name, resume=args.resume, force=args.force)
+        for r, name in zip(args.recipes, names, strict=True)
+    ]
     started = time.perf_counter()
     results = run_tasks(tasks, run, jobs=args.jobs)
     seconds = time.perf_counter() - started
@@ -113,6 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from torchshrink.data import load_data
     from torchshrink.measure import check_model_fits, measure, predict
     from torchshrink.models import open_model, task_of
+    from torchshrink.onnx_export import OnnxRuntimeModel
 
     model, artefact, _ = _open_for_cli(args.model, args.factory, args.trust_pickle)
     spec: Any = args.data
@@ -137,7 +141,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{args.data}: has no labels; give --reference ORIGINAL_MODEL to score fidelity (embeddings) "
             "or agreement with it"
         )
-    if not hasattr(model, "session"):
+    if isinstance(model, OnnxRuntimeModel):  # an ONNX graph: its declared inputs against the data's
+        model.check_inputs(data.inputs, source=f"{args.model} on {data.name}")
+    else:
         check_model_fits(model, data.inputs, data.num_classes, source=f"{args.model} on {data.name}")
     metrics = measure(model, data.test, artefact=artefact, latency_repeats=args.repeats, inputs=data.inputs)
     if args.json:
@@ -281,12 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke-test version")
     p.add_argument("--resume", action="store_true", help="skip stages finished by an earlier run")
+    p.add_argument(
+        "--force", action="store_true", help="delete another recipe's outputs in --out and write there"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run a YAML recipe")
     p.add_argument("recipe", help="path to the recipe YAML")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="skip stages finished by an earlier run")
+    p.add_argument(
+        "--force", action="store_true", help="delete another recipe's outputs in --out and write there"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="run several recipes side by side in worker processes")
@@ -296,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--jobs", type=_positive_int, default=2, help="worker processes (default: 2)")
     p.add_argument("--resume", action="store_true", help="skip stages finished by an earlier run")
+    p.add_argument(
+        "--force", action="store_true", help="delete another recipe's outputs in --out and write there"
+    )
     p.set_defaults(func=cmd_sweep)
 
     for name, helptext in (("eval", "measure a model on a dataset"), ("export", "export a model to ONNX")):

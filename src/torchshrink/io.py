@@ -245,13 +245,23 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "unsupported global" not in str(exc).lower():  # garbage, not a pickle of Python objects
-            raise CorruptFileError(path, "not a readable torch file (the pickle data is damaged)") from exc
+        text = str(exc)
+        with path.open("rb") as fh:
+            head = fh.read(2)
+        pickled = "unsupported global" in text.lower() or (
+            head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"
+        )
+        if not pickled:  # garbage (or damaged), not a pickle of Python objects
+            raise CorruptFileError(path, "not a readable torch file (the pickle data is damaged)") from None
+        reason = next(
+            (line.strip() for line in text.splitlines() if line.strip().startswith("Unsupported")), ""
+        )
         raise UntrustedPickleError(
-            f"{path}: holds pickled Python objects (for example a whole nn.Module), and loading them can "
-            "execute code. If you trust this file, pass --trust-pickle (recipe: model.trust_pickle: true); "
-            "better, save model.state_dict() with safetensors and load it with a factory."
-        ) from exc
+            f"{path}: holds pickled Python objects (for example a whole nn.Module) that the safe loader "
+            f"refuses{f' ({reason})' if reason else ''}, and loading them can execute code. If you trust "
+            "this file, pass --trust-pickle (recipe: model.trust_pickle: true); better, save "
+            "model.state_dict() with safetensors and load it with a factory."
+        ) from None
     except Exception as exc:  # torch.load raises many types (KeyError, RuntimeError, ...) on bad files
         raise CorruptFileError(path, f"not a readable torch file: {type(exc).__name__}: {exc}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -281,8 +281,10 @@ def check_model_fits(
         )
     if out.shape[1] < num_classes:
         raise ShapeMismatchError(
-            f"{source}: the model outputs {out.shape[1]} classes but the data's labels go up to "
-            f"{num_classes - 1} (expected at least (1, {num_classes})); set the model's num_classes"
+            f"{source}: the data's labels exceed the model's classes: labels go up to {num_classes - 1}, "
+            f"the model outputs {out.shape[1]} classes (0 to {out.shape[1] - 1}; expected at least "
+            f"(1, {num_classes})): fix the labels above {out.shape[1] - 1}, or give the model num_classes: "
+            f"{num_classes}"
         )
     return int(out.shape[1])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import pickle
 import sys
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,13 @@ from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from torchshrink import zoo
-from torchshrink.errors import ModelLoadError, ShapeMismatchError, UntrustedPickleError
+from torchshrink.errors import (
+    CorruptFileError,
+    ModelLoadError,
+    ShapeMismatchError,
+    TorchshrinkError,
+    UntrustedPickleError,
+)
 from torchshrink.hf import Task
 from torchshrink.inputs import InputSpec, as_spec
 from torchshrink.io import (
@@ -274,8 +281,15 @@ def read_weights_file(path: str | Path) -> WeightsFile:
     meta = read_safetensors_metadata(path)
     if meta.get("format") != MODEL_FORMAT:
         return WeightsFile(state_dict)
-    architecture = json.loads(meta["architecture"]) if "architecture" in meta else None
-    inputs = recorded_inputs({k: json.loads(meta[k]) for k in ("inputs", "input_shape") if meta.get(k)})
+    try:
+        architecture = json.loads(meta["architecture"]) if "architecture" in meta else None
+        if architecture is not None and not isinstance(architecture, dict):
+            raise ValueError(f"a {type(architecture).__name__}, not a mapping")
+        inputs = recorded_inputs({k: json.loads(meta[k]) for k in ("inputs", "input_shape") if meta.get(k)})
+    except (ValueError, TypeError, KeyError, AttributeError, TorchshrinkError) as exc:
+        raise CorruptFileError(
+            path, f"its model metadata is damaged ({type(exc).__name__}: {str(exc)[:160]})"
+        ) from None
     return WeightsFile(state_dict, architecture, inputs, torchshrink=True)
 
 
@@ -349,8 +363,32 @@ def _from_recorded(
                 f"{path}: records the unknown architecture {part['zoo']!r} (known: {', '.join(sorted(zoo.ZOO))}); "
                 "it was written by another torchshrink version"
             )
+    check_record_fits(path, architecture, weights)
     model = build_architecture(architecture)
     return load_weights_into(model, weights, str(path))
+
+
+def check_record_fits(path: Path, architecture: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """Build the recorded architecture on the meta device (no memory) and compare it with the file's
+    tensors first: a record asking for layers far larger than the weights beside it (damaged, or
+    hostile: a 1e12-feature layer) is a named error, not an out-of-memory crash."""
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build_architecture(architecture).state_dict().items()}
+    except Exception:  # noqa: BLE001 - a builder that cannot run on meta is checked by the real build
+        return
+    for name, shape in shapes.items():
+        if name in weights and tuple(weights[name].shape) != shape:
+            raise ModelLoadError(
+                f"{path}: its architecture record builds {name!r} of shape {shape}, but the file holds "
+                f"{tuple(weights[name].shape)}; the record does not match the weights (damaged or edited file)"
+            )
+    wanted, held = sum(math.prod(s) for s in shapes.values()), sum(t.numel() for t in weights.values())
+    if wanted > 2 * held + 1_000_000:
+        raise ModelLoadError(
+            f"{path}: its architecture record asks for {wanted:,} values, the file holds {held:,}; the "
+            "record does not match the weights (damaged or edited file)"
+        )
 
 
 def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
@@ -365,7 +403,16 @@ def _open_file(path: Path, trust_pickle: bool) -> LoadedModel:
         model = _from_recorded(path, read.architecture, read.state_dict)
         return LoadedModel(model, read.architecture, read.inputs)
     if kind == "torchscript":
-        return LoadedModel(torch.jit.load(str(path), map_location="cpu"), None)
+        try:
+            return LoadedModel(torch.jit.load(str(path), map_location="cpu"), None)
+        except Exception as exc:  # the TorchScript reader raises RuntimeError / ValueError on bad archives
+            first = str(exc).strip().splitlines()
+            raise CorruptFileError(
+                path,
+                f"a zip archive laid out like TorchScript that does not load as TorchScript "
+                f"({type(exc).__name__}: {' '.join(first[:2])[:200]})",
+                "re-export it with torch.jit.save, or save model.state_dict() with safetensors",
+            ) from None
     if kind == "onnx":
         raise ModelLoadError(
             f"{path}: ONNX files run on ONNX Runtime, not as a torch module; use 'torchshrink eval'"

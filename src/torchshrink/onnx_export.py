@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchshrink.errors import CorruptFileError, ExportError, MissingFileError
+from torchshrink.errors import CorruptFileError, ExportError, MissingFileError, ShapeMismatchError
 from torchshrink.inputs import InputSpec, ModelInput, as_spec, as_tuple, call
 from torchshrink.io import atomic_path
 from torchshrink.onnx_passes import clean_graph, fuse_transformer_blocks, pack_embedding_tables
@@ -54,6 +54,28 @@ class OnnxRuntimeModel(nn.Module):
     def input_shape(self) -> tuple[int | str, ...]:
         """Per-sample shape of the first input as declared in the graph (symbolic dims stay strings)."""
         return tuple(self.session.get_inputs()[0].shape[1:])
+
+    def check_inputs(self, inputs: InputSpec, source: str) -> None:
+        """A named error when data of ``inputs`` cannot feed this graph: another number of inputs, or a
+        fixed per-sample axis of another length (checked before anything runs)."""
+        graph = self.session.get_inputs()
+        if len(graph) != len(inputs.fields):
+            raise ShapeMismatchError(
+                f"{source}: the graph takes {len(graph)} input(s) "
+                f"{[g.name for g in graph]}, the data gives {len(inputs.fields)} ({inputs.describe()})"
+            )
+        for declared, given in zip(graph, inputs.fields, strict=True):
+            dims = list(declared.shape[1:])
+            fixed = [d if isinstance(d, int) else None for d in dims]
+            fits = len(dims) == len(given.shape) and all(
+                d is None or d == n for d, n in zip(fixed, given.shape, strict=True)
+            )
+            if not fits:
+                raise ShapeMismatchError(
+                    f"{source}: the graph's input {declared.name!r} takes samples of shape "
+                    f"{tuple(d if d is not None else '?' for d in fixed)}, the data's are {tuple(given.shape)}; "
+                    "use data of the shape the model was exported for"
+                )
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         if len(xs) != len(self.input_names):

@@ -16,16 +16,25 @@ from torch import nn
 
 from torchshrink._version import __version__
 from torchshrink.data import DatasetBundle, load_data
-from torchshrink.errors import DataError, RecipeError, TorchshrinkError
+from torchshrink.digests import combine, model_digest
+from torchshrink.errors import CorruptFileError, DataError, RecipeError, TorchshrinkError
 from torchshrink.inputs import InputSpec
-from torchshrink.io import load_tensors, prepare_output_folder, read_safetensors_metadata, save_tensors
+from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors, write_text_atomic
 from torchshrink.measure import check_model_fits, measure, predict
-from torchshrink.models import build_architecture, check_named_code, load_weights_into, open_model, save_model
+from torchshrink.models import (
+    build_architecture,
+    check_named_code,
+    check_record_fits,
+    load_weights_into,
+    open_model,
+    save_model,
+)
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.parallel import ddp
 from torchshrink.recipe import Recipe, load_recipe, parse_recipe
-from torchshrink.registry import StageEntry, get_stage, stages_on_embeddings
-from torchshrink.report import Report, write_report
+from torchshrink.registry import StageEntry, get_stage, layer_names, replaces_model, stages_on_embeddings
+from torchshrink.report import REPORT_FILES, Report, write_report
+from torchshrink.run_folder import OutputFolder, claim
 from torchshrink.seeding import seed_everything
 from torchshrink.state import ModelState, RunContext
 
@@ -46,6 +55,7 @@ def _checkpoint_path(out_dir: Path, index: int, name: str) -> Path:
 def _save_stage(path: Path, state: ModelState, record: dict[str, Any], fingerprint: str) -> None:
     meta = {
         "fingerprint": fingerprint,
+        "digest": model_digest(state.model, state.architecture),
         "record": json.dumps(record, default=str),
         "architecture": json.dumps(state.architecture),
         "state": json.dumps(
@@ -64,11 +74,19 @@ def _save_stage(path: Path, state: ModelState, record: dict[str, Any], fingerpri
 def _load_stage(path: Path, current: ModelState) -> tuple[ModelState, dict[str, Any]]:
     meta = read_safetensors_metadata(path)
     architecture = json.loads(meta["architecture"])
+    weights = load_tensors(path)
     if architecture:
         check_named_code(architecture, current.architecture, str(path))
+        check_record_fits(path, architecture, weights)
     model = build_architecture(architecture) if architecture else current.model
-    load_weights_into(model, load_tensors(path), str(path))
+    load_weights_into(model, weights, str(path))
     model.eval()
+    if model_digest(model, architecture) != meta.get("digest"):
+        raise CorruptFileError(
+            path,
+            "its weights do not match the digest recorded when it was written (changed since?)",
+            "delete the .checkpoints folder, or run without --resume",
+        )
     saved = json.loads(meta["state"])
     runtime = saved.get("runtime")
     state = ModelState(
@@ -82,15 +100,19 @@ def _load_stage(path: Path, current: ModelState) -> tuple[ModelState, dict[str, 
     return state, json.loads(meta["record"])
 
 
-def _resumable_prefix(recipe: Recipe, out_dir: Path) -> int:
-    """How many leading stages have a checkpoint written by this very recipe prefix."""
+def _resumable_prefix(recipe: Recipe, out_dir: Path, keys: list[str]) -> int:
+    """How many leading stages have a checkpoint written with their very key (recipe prefix, seed,
+    model and data content)."""
     done = 0
     for i, spec in enumerate(recipe.stages):
         path = _checkpoint_path(out_dir, i, spec.name)
         if not path.is_file():
             break
         try:
-            if read_safetensors_metadata(path).get("fingerprint") != recipe.fingerprint(i):
+            if read_safetensors_metadata(path).get("fingerprint") != keys[i]:
+                log.info(
+                    "resume: %s was made from other inputs; stages from %r on are recomputed", path, spec.name
+                )
                 break
         except TorchshrinkError:
             break
@@ -156,16 +178,69 @@ def _fit_labels(
     return data
 
 
+WORK_KEY_FILE = ".key"
+
+
+def _claim_work_dir(work_dir: Path, key: str) -> str:
+    """Keep a stage's work folder (an interrupted training's state, generated pools) only if it was
+    made from the very same inputs (``key``); otherwise empty it. Returns "continued" when files
+    were kept, else "computed"."""
+    key_file = work_dir / WORK_KEY_FILE
+    if work_dir.is_dir():
+        kept = [p for p in work_dir.iterdir() if p.name != WORK_KEY_FILE]
+        if key_file.is_file() and key_file.read_text(encoding="utf-8").strip() == key:
+            if kept:
+                log.info("resume: %s continues from its work files in %s", work_dir.name, work_dir)
+                return "continued"
+        elif kept:
+            log.warning(
+                "resume: the work files in %s were made from another recipe, model or data; discarded, "
+                "the stage starts afresh",
+                work_dir,
+            )
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(key_file, key)
+    return "computed"
+
+
+def _check_layer_names(recipe: Recipe, model: nn.Module) -> None:
+    """Layer names in stage options (prune.ignore, quantize.skip, ...) must name layers of the model,
+    checked before the first stage runs; a stage that replaces the model (a new student) ends the
+    check, as later names refer to that model."""
+    layers = [name for name, _ in model.named_modules() if name]
+    known = set(layers)
+    for i, spec in enumerate(recipe.stages):
+        for option, names in layer_names(spec.config).items():
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                shown = ", ".join(layers[:20]) + (f", ... ({len(layers)} in all)" if len(layers) > 20 else "")
+                raise RecipeError(
+                    f"stages[{i}].{spec.kind}.{option}: no layer named {unknown[0]!r} in the model; its "
+                    f"layers are: {shown}"
+                )
+        if replaces_model(spec.config):
+            return
+
+
+def _owner(recipe: Recipe) -> dict[str, Any]:
+    """What makes an output folder one recipe's: its name and the model it compresses."""
+    return {"recipe": recipe.name, "model": recipe.model.model_dump(mode="json", exclude_defaults=True)}
+
+
 def run(
     recipe: Recipe | dict | str | Path,
     out_dir: str | Path,
     *,
     resume: bool = False,
+    force: bool = False,
 ) -> Report:
     """Run ``recipe`` and write ``out_dir``/{model.safetensors, report.json, report.md, pareto.png}.
 
-    With ``resume``, stages whose checkpoint matches the recipe are loaded instead of re-run, and an
-    interrupted training stage continues from its last training checkpoint.
+    With ``resume``, stages whose checkpoint was made from the same recipe, seed, model and data are
+    loaded instead of re-run, and an interrupted training stage continues from its last training
+    checkpoint. ``out_dir`` is locked while the run writes; one holding another recipe's outputs is
+    refused unless ``force`` (which deletes them first).
     """
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
@@ -173,16 +248,28 @@ def run(
         recipe = parse_recipe(recipe)
     out_dir = Path(out_dir)
     info = ddp.init_from_env()
-    if info.is_main:
-        prepare_output_folder(out_dir)
-        if not resume:
-            for stale in (CHECKPOINT_DIR, WORK_DIR):
-                shutil.rmtree(out_dir / stale, ignore_errors=True)
+    folder = claim(out_dir, _owner(recipe), force=force) if info.is_main else None
+    try:
+        report = _run_in(recipe, out_dir, resume, info, folder)
+        if folder is not None:
+            folder.finish([*report.artefacts.values(), *REPORT_FILES.values()])
+    finally:
+        if folder is not None:
+            folder.release()
     ddp.barrier()
+    return report
+
+
+def _run_in(
+    recipe: Recipe, out_dir: Path, resume: bool, info: ddp.DistInfo, folder: OutputFolder | None
+) -> Report:
+    """The run itself, in a folder already claimed (``folder``: on the main process). Data, model and
+    recipe are checked before anything in the folder changes."""
     started = time.perf_counter()
     seed_everything(recipe.seed)
     data = load_data(recipe.data, cache_dir=out_dir / CACHE_DIR)
     loaded = open_model(recipe.model)
+    _check_layer_names(recipe, loaded.module)
     width = check_model_fits(
         loaded.module,
         data.inputs,
@@ -192,6 +279,15 @@ def run(
     entries = [get_stage(spec.kind) for spec in recipe.stages]
     data = _fit_labels(data, loaded.module, width, recipe, entries, loaded.task)
     state = ModelState(model=loaded.module.eval(), architecture=loaded.architecture)
+    if folder is not None:  # every input checked: from here on the run writes into its folder
+        folder.begin()
+        if not resume:
+            for stale in (CHECKPOINT_DIR, WORK_DIR):
+                shutil.rmtree(out_dir / stale, ignore_errors=True)
+    ddp.barrier()
+    # Every checkpoint is keyed by the recipe up to its stage and the content of the model and data.
+    origin = combine(model_digest(state.model, state.architecture), data.digest())
+    keys = [combine(recipe.fingerprint(i), origin) for i in range(len(recipe.stages))]
 
     onnx_references: dict[int, nn.Module | None] = {}
 
@@ -223,7 +319,7 @@ def run(
     baseline_open = True
     artefacts: dict[str, str] = {}
     records: list[dict[str, Any]] = []
-    skip = _resumable_prefix(recipe, out_dir) if resume else 0
+    skip = _resumable_prefix(recipe, out_dir, keys) if resume else 0
     if skip:
         last = recipe.stages[skip - 1]
         state, _ = _load_stage(_checkpoint_path(out_dir, skip - 1, last.name), state)
@@ -235,6 +331,7 @@ def run(
         if i < skip:
             record = json.loads(read_safetensors_metadata(path)["record"])
             record["resumed"] = True
+            record["resume"] = "reused"
             artefacts.update(record.get("artefacts", {}))
         else:
             ctx = RunContext(
@@ -243,7 +340,7 @@ def run(
                 seed=recipe.seed + i + 1,
                 stage_index=i,
                 stage_name=spec.name,
-                fingerprint=recipe.fingerprint(i),
+                fingerprint=keys[i],
                 dist=info,
                 baseline=None if sets_baseline else baseline_model,
             )
@@ -253,6 +350,12 @@ def run(
             seed_everything(ctx.seed)
             t0 = time.perf_counter()
             given = state.replace(model=copy.deepcopy(state.model)) if spec.branch else state
+            how = "computed"
+            if info.is_main:
+                how = _claim_work_dir(
+                    ctx.work_dir, combine(keys[i], model_digest(given.model, given.architecture))
+                )
+            ddp.barrier()
             result = entry.handler(given, spec.config, ctx)
             seconds = time.perf_counter() - t0
             record = {
@@ -263,13 +366,14 @@ def run(
                 "metrics": measure_state(result, None if sets_baseline else baseline_model),
                 "details": ctx.details,
                 "artefacts": ctx.artefacts,
+                "resume": how,
             }
             # A branch's result is reported and its files kept; the model goes on unchanged.
             if not spec.branch:
                 state = result
             artefacts.update(ctx.artefacts)
             if info.is_main:
-                _save_stage(path, state, record, recipe.fingerprint(i))
+                _save_stage(path, state, record, keys[i])
         records.append(record)
         if sets_baseline:
             baseline = record["metrics"]
@@ -277,6 +381,15 @@ def run(
         elif entry.role == "transform" and not spec.branch:
             baseline_open = False
 
+    if resume:
+        by_kind = {
+            k: [r["name"] for r in records if r.get("resume", "computed") == k]
+            for k in ("reused", "continued", "computed")
+        }
+        log.info(
+            "resume: reused %s; continued from work files %s; computed %s",
+            *(", ".join(names) or "none" for names in by_kind.values()),
+        )
     assert baseline is not None
     final = next((r["metrics"] for r in reversed(records) if not r.get("branch")), baseline)
     if info.is_main:
@@ -289,7 +402,11 @@ def run(
         baseline=baseline,
         stages=[
             {k: r[k] for k in ("name", "kind", "seconds", "metrics", "details")}
-            | {"resumed": r.get("resumed", False), "branch": r.get("branch", False)}
+            | {
+                "resumed": r.get("resumed", False),
+                "resume": r.get("resume", "computed"),
+                "branch": r.get("branch", False),
+            }
             for r in records
         ],
         final=final,
@@ -299,5 +416,4 @@ def run(
     )
     if info.is_main:
         write_report(report, out_dir)
-    ddp.barrier()
     return report

@@ -155,6 +155,8 @@ def _explain(exc: ValidationError, prefix: str, model_cls: type[BaseModel], sour
             shown = repr(value) if not isinstance(value, dict) or len(repr(value)) < 80 else "{...}"
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{where} = {shown}: {message}")
+    if len(lines) == 1:
+        return RecipeError(f"{source}: {lines[0]}")
     return RecipeError(f"{source}: invalid recipe:\n  " + "\n  ".join(lines))
 
 

@@ -73,6 +73,20 @@ def register_stage(
     return decorate
 
 
+def layer_names(config: BaseModel) -> dict[str, list[str]]:
+    """The options of a stage config that name layers of the model (option -> names), from its
+    ``layer_names()`` method when it has one: the pipeline checks them before the first stage runs."""
+    method = getattr(config, "layer_names", None)
+    return dict(method()) if callable(method) else {}
+
+
+def replaces_model(config: BaseModel) -> bool:
+    """Whether a stage continues with another model (a new student, an ensemble), from the config's
+    ``replaces_model()``: layer names in later stages then refer to that model, not the one loaded."""
+    method = getattr(config, "replaces_model", None)
+    return bool(method()) if callable(method) else False
+
+
 ArchitectureBuilder = Callable[[dict[str, Any], Callable[[dict[str, Any]], Any]], Any]
 """(reference, build) -> module: builds a whole module; ``build`` builds a nested reference."""
 ArchitectureLayer = Callable[[Any, Any], Any]

@@ -93,6 +93,8 @@ def format_table(report: Report) -> str:
     rows = [row("**baseline**", "-", base, "-")]
     for stage in report.stages:
         seconds = "resumed" if stage.get("resumed") else f"{stage['seconds']:.1f}"
+        if stage.get("resume") == "continued":
+            seconds += " (continued)"
         name = f"{stage['name']} (branch)" if stage.get("branch") else stage["name"]
         rows.append(row(name, stage["kind"], stage["metrics"], seconds))
     header = [

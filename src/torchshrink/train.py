@@ -96,10 +96,25 @@ class DatasetBatches:
         return self.loader
 
 
+ACCURACY_TERM = "train_accuracy"
+"""A loss function may return this term (top-1 accuracy on the batch): it is logged and watched by
+the chance-level guard, never added to the loss."""
+MONITOR_TERMS = frozenset({ACCURACY_TERM})
+
+
+def batch_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{ACCURACY_TERM: top-1 accuracy}`` for integer labels; nothing for soft targets (mixup)."""
+    if labels.dim() != 1 or labels.is_floating_point():
+        return {}
+    return {ACCURACY_TERM: (logits.detach().argmax(dim=1) == labels).float().mean()}
+
+
 def classification_loss(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-    """Cross-entropy of the model's logits against integer labels (or class distributions, as mixup makes)."""
+    """Cross-entropy of the model's logits against integer labels (or class distributions, as mixup
+    makes), with the batch's top-1 accuracy as a monitored (not optimised) term."""
     x, y = batch[0], batch[1]
-    return {"ce": F.cross_entropy(call(model, x), y)}
+    logits = call(model, x)
+    return {"ce": F.cross_entropy(logits, y), **batch_accuracy(logits, y)}
 
 
 def cosine_distance(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -147,7 +162,10 @@ class TrainConfig:
     """Learning rates for parameters whose names start with a prefix (e.g. ``{"generator.": 1e-3}``);
     the rest train at ``lr``. The schedule scales every group alike."""
     divergence: float | None = 1e3
-    """Stop when the loss exceeds this multiple of its first value (at least 1); None: never."""
+    """Stop when the loss exceeds this multiple of its first value (at least 1), or when the training
+    accuracy falls to chance after an epoch where it started above it; None: neither check."""
+    num_classes: int | None = None
+    """Classes of the task: sets the chance level the accuracy guard compares with (None: no guard)."""
 
 
 @dataclass
@@ -211,8 +229,37 @@ def _check_divergence(
     )
 
 
-def _resume_fields(cfg: TrainConfig) -> dict[str, object]:
-    """The settings a checkpoint must agree with to be resumed."""
+OPENING_SAMPLES = 32
+"""The chance guard's "at the start": the accuracy of the first batch (scored before any update),
+and of the next ones too while they hold fewer than this many samples together."""
+
+
+def chance_floor(num_classes: int) -> tuple[float, float]:
+    """(at chance, clearly above it): accuracy up to 10 % of the way from chance (1/classes) to 1
+    counts as chance; a start counts as above chance from 25 % of the way."""
+    chance = 1.0 / num_classes
+    return chance + 0.1 * (1 - chance), chance + 0.25 * (1 - chance)
+
+
+def _check_chance(
+    cfg: TrainConfig, accuracy: float, opening: float | None, epoch: int, optimizer: torch.optim.Optimizer
+) -> None:
+    """A named error when an epoch's training accuracy is at chance although it started above it."""
+    if cfg.divergence is None or not cfg.num_classes or cfg.num_classes < 2 or opening is None:
+        return
+    at_chance, above = chance_floor(cfg.num_classes)
+    if accuracy <= at_chance and opening >= above:
+        raise TrainingError(
+            f"{cfg.desc}: training diverged: accuracy on the training batches fell to {accuracy:.3f} in "
+            f"epoch {epoch + 1} (chance for {cfg.num_classes} classes: {1 / cfg.num_classes:.3f}) from "
+            f"{opening:.3f} at the start; lower the learning rate (now "
+            f"{optimizer.param_groups[0]['lr']:.3g}), or set divergence: null to let it run"
+        )
+
+
+def _resume_fields(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, object]:
+    """The settings a checkpoint must agree with to be resumed (the batch count per epoch too: another
+    batch size or dataset size would put its step on another sample)."""
     keep = (
         "epochs",
         "lr",
@@ -224,7 +271,7 @@ def _resume_fields(cfg: TrainConfig) -> dict[str, object]:
         "seed",
         "lr_groups",
     )
-    return {k: v for k, v in asdict(cfg).items() if k in keep}
+    return {k: v for k, v in asdict(cfg).items() if k in keep} | {"steps_per_epoch": steps_per_epoch}
 
 
 def fit(
@@ -268,10 +315,10 @@ def fit(
     result = TrainResult()
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["config"] != _resume_fields(cfg):
+        if state["config"] != _resume_fields(cfg, steps_per_epoch):
             raise TrainingError(
                 f"{ckpt_path}: checkpoint was written with settings {state['config']}, which differ from "
-                f"{_resume_fields(cfg)}; delete it to start over or restore the settings"
+                f"{_resume_fields(cfg, steps_per_epoch)}; delete it to start over or restore the settings"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -283,10 +330,12 @@ def fit(
         result.epoch_losses = [dict(e) for e in state["epoch_losses"]]
         result.resumed_from_step = step
         first_loss = state.get("first_loss")
+        opening = [(float(a), int(n)) for a, n in state.get("opening_accuracy", [])]
         log.info("%s: resumed from %s at step %d of %d", cfg.desc, ckpt_path, step, total_steps)
     else:
         torch.manual_seed(cfg.seed)
         first_loss = None
+        opening: list[tuple[float, int]] = []
 
     wrapped: nn.Module = model
     if info.distributed:
@@ -301,11 +350,12 @@ def fit(
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
             "rng": torch.get_rng_state(),
             "step": step,
-            "config": _resume_fields(cfg),
+            "config": _resume_fields(cfg, steps_per_epoch),
             "epoch_losses": result.epoch_losses,
             "epoch_sums": epoch_sums,
             "epoch_count": epoch_count,
             "first_loss": first_loss,
+            "opening_accuracy": opening,
         }
         with atomic_path(ckpt_path) as tmp:
             torch.save(state, tmp)
@@ -335,6 +385,9 @@ def fit(
                     continue
                 batch = tuple(to_device(t, device) for t in batch)
                 terms = _terms(loss_fn(wrapped, batch))
+                monitors = {n: terms.pop(n) for n in MONITOR_TERMS & terms.keys()}
+                if ACCURACY_TERM in monitors and sum(n for _, n in opening) < OPENING_SAMPLES:
+                    opening.append((float(monitors[ACCURACY_TERM]), count_samples(batch[0])))
                 for name, value in terms.items():
                     if not torch.isfinite(value).all():
                         raise TrainingError(
@@ -359,7 +412,7 @@ def fit(
                 step += 1
                 samples += count_samples(batch[0]) * info.world_size
                 count += 1
-                for name, value in terms.items():
+                for name, value in {**terms, **monitors}.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach())
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
@@ -371,6 +424,10 @@ def fit(
             )
             result.epoch_losses.append({n: float(v) for n, v in zip(names, means, strict=True)})
             log.info("%s epoch %d/%d: %s", cfg.desc, epoch + 1, cfg.epochs, result.epoch_losses[-1])
+            if ACCURACY_TERM in result.epoch_losses[-1] and opening:
+                mean = sum(a * n for a, n in opening) / max(sum(n for _, n in opening), 1)
+                start = float(ddp.all_reduce_mean(torch.tensor([mean], dtype=torch.float64))[0])
+                _check_chance(cfg, result.epoch_losses[-1][ACCURACY_TERM], start, epoch, optimizer)
     finally:
         bar.close()
         model.eval()

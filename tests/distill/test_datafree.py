@@ -177,6 +177,7 @@ def test_dafl_teaches_a_student_that_never_sees_a_training_input(digits_teacher,
         "generator_activation",
         "generator_entropy",
         "kd",
+        "train_accuracy",  # monitored: agreement with the teacher's top-1 on the generated batch
     }
     after = digits_teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # batch-norm statistics included

@@ -135,5 +135,9 @@ def test_config_errors_name_the_key() -> None:
 
 
 def test_skipping_an_unknown_layer_names_the_real_ones(tmp_path) -> None:
-    with pytest.raises(QuantizationError, match=r"\['nope'\].*quantizable layers are \['stem.0'"):
+    # no such layer: refused by the pipeline before any stage, with the model's layers
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.quantize\.skip: no layer named 'nope'.*stem\.0"):
         run(recipe({"quantize": {"skip": ["nope"]}}), tmp_path)
+    # a layer that is not conv / linear: refused by the stage, with the quantizable ones
+    with pytest.raises(QuantizationError, match=r"\['stem.1'\].*quantizable layers are \['stem.0'"):
+        run(recipe({"quantize": {"skip": ["stem.1"]}}), tmp_path)

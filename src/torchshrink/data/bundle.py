@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
+from torchshrink.digests import combine, tensors_digest
 from torchshrink.errors import DataError
 from torchshrink.inputs import DEFAULT_NAME, InputSpec, ModelInput, samples, take
 from torchshrink.measure import is_embedding_target
@@ -89,6 +91,18 @@ class DatasetBundle:
         """True when the targets are vectors (see :meth:`embedded_by`), not class labels."""
         return is_embedding_target(self.train.tensors[1])
 
+    def digest(self) -> str:
+        """A hash of every sample, target and setting: keys resumable work to exactly this data."""
+        named: list[tuple[str, torch.Tensor]] = []
+        for split, dataset in (("train", self.train), ("test", self.test)):
+            for i, part in enumerate(dataset.tensors):
+                parts = part if isinstance(part, (tuple, list)) else (part,)
+                named += [(f"{split}.{i}.{j}", t) for j, t in enumerate(parts)]
+        settings = json.dumps(
+            [self.num_classes, self.labelled, list(self.input_names), dict(self.input_ranges)], default=str
+        )
+        return combine(settings, tensors_digest(named))
+
     def calibration(self, n: int = 256, seed: int = 0) -> ModelInput:
         """Up to ``n`` training inputs (no labels) for calibration or importance estimation."""
         return self.subset("train", n, seed).tensors[0]
@@ -104,7 +118,18 @@ def _columns(name: str, x: object, what: str) -> dict[str, np.ndarray]:
     for key, value in named.items():
         arr = np.asarray(value)
         integer = isinstance(x, Mapping) and (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_)
+        if arr.ndim == 0:
+            raise DataError(f"{name}: {what} array {key!r} is a single value; give one row per sample")
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+            raise DataError(f"{name}: {what} array {key!r} must hold numbers, got {arr.dtype} values")
         out[key] = arr.astype(np.int64 if integer else np.float32)
+        if not integer and arr.size:
+            bad = ~np.isfinite(out[key].reshape(len(arr), -1)).all(axis=1)
+            if bad.any():
+                raise DataError(
+                    f"{name}: {what} array {key!r} holds NaN or infinite values (first in sample "
+                    f"{int(np.flatnonzero(bad)[0])}); clean or drop those samples"
+                )
     lengths = {key: len(a) for key, a in out.items()}
     if len(set(lengths.values())) != 1:
         raise DataError(f"{name}: {what} arrays hold different numbers of samples: {lengths}")

@@ -20,6 +20,8 @@ def _to_channels_first(x: np.ndarray, path: Path, key: str) -> np.ndarray:
     (N, D) features stay as they are; (N, H, W) images become (N, 1, H, W) unless axis 1 has 1 or
     3 entries, which is read as (N, C, L) signals; (N, H, W, C) with C in {1, 3} becomes NCHW.
     """
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{path}: key {key!r} must hold numbers, got {x.dtype} values")
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     if x.ndim < 2:
@@ -59,14 +61,31 @@ def load_npz(
         raise MissingFileError(path, "npz data file")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise CorruptFileError(path, f"not a readable .npz archive: {exc}") from exc
+    except (
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        EOFError,
+    ) as exc:  # not npz / npy (pickles are never read)
+        raise CorruptFileError(path, f"not a readable .npz archive: {exc}") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DataError(
             f"{path}: holds a single array, not an .npz archive; save it with np.savez(path, x=x, y=y)"
         )
     with loaded as archive:
-        arrays = {k: archive[k] for k in archive.files}
+        arrays = {}
+        for key in archive.files:
+            try:
+                arrays[key] = archive[key]
+            except ValueError as exc:
+                if "allow_pickle" not in str(exc):
+                    raise CorruptFileError(path, f"array {key!r} cannot be read: {exc}") from None
+                raise DataError(
+                    f"{path}: array {key!r} holds Python objects (pickled, which could run code, so it is "
+                    "not read); save numbers: np.savez(path, x=x.astype(np.float32), y=y.astype(np.int64))"
+                ) from None
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise CorruptFileError(path, f"array {key!r} cannot be read: {exc}") from None
     names = list(inputs) if inputs else ["x"]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -102,22 +121,29 @@ def load_npz(
     else:
         x = _to_channels_first(arrays["x"], path, "x")
         x_test = _to_channels_first(arrays["x_test"], path, "x_test") if "x_test" in arrays else None
-    if "y" not in arrays:
-        if "y_test" in arrays:
-            raise DataError(f"{path}: has 'y_test' but no 'y'; give labels for both splits or for neither")
-        return make_unlabelled_bundle(
-            path.stem, x, x_test, test_fraction=test_fraction, seed=seed, input_ranges=input_ranges
+    if "y" not in arrays and "y_test" in arrays:
+        raise DataError(f"{path}: has 'y_test' but no 'y'; give labels for both splits or for neither")
+    try:
+        if "y" not in arrays:
+            return make_unlabelled_bundle(
+                path.stem, x, x_test, test_fraction=test_fraction, seed=seed, input_ranges=input_ranges
+            )
+        return make_bundle(
+            path.stem,
+            x,
+            arrays["y"],
+            x_test,
+            arrays.get("y_test"),
+            test_fraction=test_fraction,
+            seed=seed,
+            input_ranges=input_ranges,
         )
-    return make_bundle(
-        path.stem,
-        x,
-        arrays["y"],
-        x_test,
-        arrays.get("y_test"),
-        test_fraction=test_fraction,
-        seed=seed,
-        input_ranges=input_ranges,
-    )
+    except DataError as exc:  # the bundle's checks name the dataset: name the file instead
+        message = str(exc)
+        prefix = f"{path.stem}: "
+        raise DataError(
+            f"{path}: {message[len(prefix) :] if message.startswith(prefix) else message}"
+        ) from None
 
 
 def load_image_folder(

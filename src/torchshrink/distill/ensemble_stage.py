@@ -53,6 +53,10 @@ class EnsembleConfig(TrainStageConfig):
             raise ValueError(f"'archs' is only used with vary: arch (vary is {self.vary!r})")
         return self
 
+    def replaces_model(self) -> bool:
+        """The ensemble replaces the pipeline's model."""
+        return True
+
 
 def split_holdout(train: TensorDataset, fraction: float, seed: int) -> tuple[TensorDataset, TensorDataset]:
     """(rest, held-out) random split of a training set."""

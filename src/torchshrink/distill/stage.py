@@ -33,7 +33,7 @@ from torchshrink.registry import register_stage
 from torchshrink.stages.training import TrainStageConfig, check_augment, train_config
 from torchshrink.state import ModelState, RunContext
 from torchshrink.tables import markdown_table
-from torchshrink.train import Batch, DatasetBatches, TrainResult, fit
+from torchshrink.train import Batch, DatasetBatches, TrainResult, batch_accuracy, fit
 from torchshrink.transformer_blocks import attention_blocks, layer_lists
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,10 @@ class DistillConfig(TrainStageConfig):
         default_factory=dict, description="extra terms lambda * R: confidence penalty, L1/L2 on the weights"
     )
     epochs: int = Field(10, ge=1)
+
+    def replaces_model(self) -> bool:
+        """A new student replaces the pipeline's model (its layer names are the student's)."""
+        return self.student != "current"
 
 
 class StudentWithAdapters(nn.Module):
@@ -293,8 +297,9 @@ class Distillation:
         teacher_logits: torch.Tensor,
         token_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The objective's named terms for one step (the taps hold this step's features)."""
-        return self.objective(
+        """The objective's named terms for one step (the taps hold this step's features), with the
+        student's top-1 accuracy on class labels as a monitored term."""
+        return batch_accuracy(student_logits, labels) | self.objective(
             StepOutputs(
                 student_logits=student_logits,
                 labels=labels,

@@ -56,6 +56,7 @@ class EncodeConfig(BaseModel, extra="forbid"):
     finetune_epochs: int = Field(3, ge=0, description="epochs of centroid fine-tuning (0: none)")
     lr: float = Field(1e-4, gt=0, description="fine-tuning learning rate")
     batch_size: int = Field(64, ge=1)
+    checkpoint_every: int = Field(200, ge=0, description="steps between fine-tuning checkpoints (0: none)")
     float_dtype: FloatDtype = Field("float16", description="storage of codebooks, biases and norms")
     ignore: list[str] = Field(default_factory=list, description="conv/linear layers stored unshared")
     file: str = Field("model.tshrink", pattern=r"^[^/\\]+\.tshrink$", description="file in the output folder")
@@ -67,6 +68,10 @@ class EncodeConfig(BaseModel, extra="forbid"):
             if not 1 <= b <= MAX_BITS:
                 raise ValueError(f"{key}: weight sharing takes 1 to {MAX_BITS} bits, got {b}")
         return value
+
+    def layer_names(self) -> dict[str, list[str]]:
+        """Layer names this config refers to (checked against the model before any stage runs)."""
+        return {"ignore": list(self.ignore)}
 
 
 def layer_bits(model: nn.Module, bits: int | dict[str, int], ignore: Sequence[str] = ()) -> dict[str, int]:
@@ -136,7 +141,12 @@ def encode_stage(state: ModelState, cfg: EncodeConfig, ctx: RunContext) -> Model
     if cfg.finetune_epochs:
         # The sharing parametrization keeps pruned weights at zero: no mask keeper needed.
         attachments = {k: v for k, v in state.attachments.items() if k != PRUNED_WEIGHTS}
-        tune = FinetuneStageConfig(epochs=cfg.finetune_epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+        tune = FinetuneStageConfig(
+            epochs=cfg.finetune_epochs,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            checkpoint_every=cfg.checkpoint_every,
+        )
         run_training(state.replace(model=model, attachments=attachments), tune, ctx)
     snap_to_storage(model, cfg.float_dtype)
     path = ctx.out_dir / cfg.file

@@ -1,11 +1,11 @@
 """Task parallelism: many pipeline runs (recipes) side by side in worker processes.
 
 Each task is one recipe with its own output folder. ``jobs`` worker processes (spawned, so no state
-is shared) take tasks in turn; each worker gives torch ``threads`` threads, by default the cores
-divided by the jobs, so two jobs on two cores do not oversubscribe them. A task that fails
-(bad input, an exception) is recorded with its error and does not stop the others; a worker process
-that dies outright (killed, out of memory) breaks the pool, and the tasks not finished by then are
-reported as failed with "worker died". Latencies measured inside parallel tasks
+is shared) run ``jobs`` at a time, one process per task; each gives torch ``threads`` threads, by
+default the cores divided by the jobs, so two jobs on two cores do not oversubscribe them. A task that
+fails (bad input, an exception) is recorded with its error and does not stop the others; a task whose
+process dies outright (killed, out of memory) is reported as failed with "worker died", and the
+other tasks go on. Latencies measured inside parallel tasks
 share the machine with the other tasks: compare models by accuracy and size there, time them alone.
 """
 
@@ -17,8 +17,9 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class Task:
     recipe: str | Path | dict[str, Any]
     out_dir: Path
     resume: bool = False
+    force: bool = False
 
     @property
     def name(self) -> str:
@@ -76,14 +78,14 @@ def _start_worker(threads: int) -> None:
 
 
 Runner = Callable[..., Any]
-"""``runner(recipe, out_dir, resume=...)`` -> a report with ``final`` and ``baseline`` metrics
+"""``runner(recipe, out_dir, resume=..., force=...)`` -> a report with ``final`` and ``baseline`` metrics
 (``torchshrink.pipeline.run``); module-level, so a spawned worker can import it."""
 
 
 def _run_task(task: Task, run: Runner) -> TaskResult:
     started = time.perf_counter()
     try:
-        report = run(task.recipe, task.out_dir, resume=task.resume)
+        report = run(task.recipe, task.out_dir, resume=task.resume, force=task.force)
     except TorchshrinkError as exc:  # bad input: the message says what to fix
         return TaskResult(task.name, str(task.out_dir), False, time.perf_counter() - started, error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one task's crash must not take the others down
@@ -105,11 +107,27 @@ def _run_task(task: Task, run: Runner) -> TaskResult:
     )
 
 
+def _task_process(task: Task, run: Runner, threads: int, conn: Connection) -> None:
+    """A task's own process: set up, run, send the result back."""
+    _start_worker(threads)
+    conn.send(_run_task(task, run))
+    conn.close()
+
+
+def _died(task: Task, process: BaseProcess, seconds: float) -> TaskResult:
+    code = process.exitcode
+    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    return TaskResult(
+        task.name, str(task.out_dir), False, seconds, error=f"worker died ({how}) before reporting a result"
+    )
+
+
 def run_tasks(
     tasks: Sequence[Task], run: Runner, jobs: int = 2, threads: int | None = None
 ) -> list[TaskResult]:
-    """Run each task through ``run`` (the pipeline) in ``jobs`` worker processes; results come back
-    in the order of ``tasks``."""
+    """Run each task through ``run`` (the pipeline), each in a process of its own, ``jobs`` at a time;
+    results come back in the order of ``tasks``. A process that dies (killed, out of memory) fails
+    its own task only."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     names = [t.out_dir.resolve() for t in tasks]
@@ -119,25 +137,38 @@ def run_tasks(
     threads = threads or default_threads(jobs)
     results: list[TaskResult | None] = [None] * len(tasks)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(jobs, len(tasks)) or 1,
-        mp_context=context,
-        initializer=_start_worker,
-        initargs=(threads,),
-    ) as pool:
-        futures = {pool.submit(_run_task, task, run): i for i, task in enumerate(tasks)}
-        for future in tqdm(as_completed(futures), total=len(futures), desc="tasks", leave=False):
-            i = futures[future]
-            try:
-                done = future.result()
-            except Exception as exc:  # noqa: BLE001 - the worker process itself died (e.g. out of memory)
-                done = TaskResult(
-                    tasks[i].name, str(tasks[i].out_dir), False, 0.0, error=f"worker died: {exc!r}"
+    waiting = list(range(len(tasks)))
+    running: dict[int, tuple[BaseProcess, Connection, float]] = {}
+    with tqdm(total=len(tasks), desc="tasks", leave=False) as bar:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                i = waiting.pop(0)
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_task_process, args=(tasks[i], run, threads, send))
+                process.start()
+                send.close()  # the child holds the only sending end: EOF once it is gone
+                running[i] = (process, receive, time.perf_counter())
+            wait([obj for p, c, _ in running.values() for obj in (c, p.sentinel)])
+            for i, (process, receive, started) in list(running.items()):
+                done: TaskResult | None = None
+                if receive.poll():
+                    try:
+                        done = receive.recv()
+                    except (EOFError, OSError):
+                        process.join()
+                        done = _died(tasks[i], process, time.perf_counter() - started)
+                elif process.exitcode is not None:
+                    done = _died(tasks[i], process, time.perf_counter() - started)
+                if done is None:
+                    continue
+                process.join()
+                receive.close()
+                del running[i]
+                results[i] = done
+                bar.update(1)
+                log.info(
+                    "%s: %s in %.0fs", done.name, "done" if done.ok else f"failed: {done.error}", done.seconds
                 )
-            results[i] = done
-            log.info(
-                "%s: %s in %.0fs", done.name, "done" if done.ok else f"failed: {done.error}", done.seconds
-            )
     return [r for r in results if r is not None]
 
 

@@ -178,6 +178,10 @@ class PruneConfig(BaseModel, extra="forbid"):
             raise ValueError("schedule kind 'oneshot' has exactly 1 step; use 'linear' or 'agp' for more")
         return self
 
+    def layer_names(self) -> dict[str, list[str]]:
+        """Layer names this config refers to (checked against the model before any stage runs)."""
+        return {"ignore": list(self.ignore)}
+
 
 def _l1_penalty_params(model: nn.Module, cfg: PruneConfig) -> list[torch.Tensor]:
     if cfg.l1_regularization is not None and cfg.l1_regularization.target == "bn":

@@ -62,6 +62,7 @@ class QuantizeConfig(BaseModel, extra="forbid"):
     batch_size: int = Field(32, ge=1, description="calibration batch size")
     epochs: int = Field(3, ge=1, description="qat: training epochs")
     lr: float = Field(1e-4, gt=0, description="qat: learning rate")
+    checkpoint_every: int = Field(200, ge=0, description="qat: steps between training checkpoints (0: none)")
     learn_scales: bool = Field(True, description="qat: train the scales too (LSQ)")
     skip: list[str] = Field(default_factory=list, description="conv/linear layers that stay float")
     float_stem: bool = Field(
@@ -114,6 +115,10 @@ class QuantizeConfig(BaseModel, extra="forbid"):
                 "smoothing migrates activation ranges: weight_only quantization keeps activations float"
             )
         return self
+
+    def layer_names(self) -> dict[str, list[str]]:
+        """Layer names this config refers to (checked against the model before any stage runs)."""
+        return {"skip": list(self.skip)}
 
 
 def _rename_pruned(names: list[str], model: nn.Module) -> list[str]:
@@ -248,7 +253,11 @@ def _train_aware(model: nn.Module, state: ModelState, cfg: QuantizeConfig, ctx: 
             k: (_rename_pruned(v, model) if k == PRUNED_WEIGHTS else v) for k, v in state.attachments.items()
         },
     )
-    run_training(train_state, FinetuneStageConfig(epochs=cfg.epochs, lr=cfg.lr), ctx)
+    run_training(
+        train_state,
+        FinetuneStageConfig(epochs=cfg.epochs, lr=cfg.lr, checkpoint_every=cfg.checkpoint_every),
+        ctx,
+    )
     if cfg.embeddings:
         snap_embedding_tables(model)  # training moved the tables off their int8 grid
     return model

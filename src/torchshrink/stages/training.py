@@ -99,6 +99,7 @@ def train_config(cfg: TrainStageConfig, ctx: RunContext) -> TrainConfig:
         checkpoint_every=cfg.checkpoint_every,
         seed=ctx.seed,
         desc=ctx.stage_name,
+        num_classes=None if ctx.data.embedding else ctx.data.num_classes,
     )
 
 
