@@ -24,7 +24,7 @@ from torch import nn
 from bench.common import finetune, machine_line, trained, write_section
 from torchshrink import load_model, run
 from torchshrink.data import DatasetBundle, load_data
-from torchshrink.encode.packfile import format_layer_table, read_packed
+from torchshrink.encoding.packfile import format_layer_table, read_packed
 from torchshrink.measure import accuracy
 
 TRAIN_EPOCHS = 30

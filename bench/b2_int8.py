@@ -25,7 +25,7 @@ from torchshrink import load_model, run
 from torchshrink.data import DatasetBundle, load_data
 from torchshrink.measure import accuracy, interleaved_medians
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
-from torchshrink.quantize.onnx_int8 import needs_reduced_range
+from torchshrink.quantization.onnx_int8 import needs_reduced_range
 
 MODELS = ("lenet5", "resnet")
 TRAIN_EPOCHS = 8

@@ -28,7 +28,7 @@ from bench.common import ROOT, machine_line, time_rows, write_section
 from torchshrink import run
 from torchshrink.models import open_model
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
-from torchshrink.quantize.onnx_int8 import int8_kernel_counts
+from torchshrink.quantization.onnx_int8 import int8_kernel_counts
 from torchshrink.report import markdown_table
 
 EXAMPLE = ROOT / "examples" / "efficientnet"

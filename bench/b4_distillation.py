@@ -28,7 +28,7 @@ import torch
 from bench.common import machine_line, trained, write_section
 from torchshrink import run
 from torchshrink.data import load_data
-from torchshrink.distill.ensemble import Ensemble
+from torchshrink.distillation.ensemble import Ensemble
 from torchshrink.measure import accuracy
 from torchshrink.models import open_model
 

@@ -19,10 +19,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from bench.common import machine_line, trained, write_section
+from torchshrink.api import apply_stage
 from torchshrink.data import DatasetBundle, load_data
-from torchshrink.distill.datafree_stage import DataFreeConfig, datafree_stage
 from torchshrink.measure import accuracy
-from torchshrink.state import ModelState, RunContext
 
 TEACHER_EPOCHS = 30
 TEACHER_LR = 0.002
@@ -55,10 +54,18 @@ def _no_training_inputs(data: DatasetBundle) -> DatasetBundle:
 def _student(
     teacher: torch.nn.Module, data: DatasetBundle, options: dict[str, Any], seed: int, work
 ) -> float:
-    cfg = DataFreeConfig(student=STUDENT, **BUDGET, **options)
-    ctx = RunContext(data=data, out_dir=work, seed=seed, stage_index=0, stage_name="datafree")
-    state = datafree_stage(ModelState(model=teacher, architecture=None), cfg, ctx)
-    return accuracy(state.model, data.test)
+    result = apply_stage(
+        "datafree",
+        teacher,
+        data,
+        student=STUDENT,
+        **BUDGET,
+        **options,
+        seed=seed,
+        out_dir=work,
+        latency_repeats=3,
+    )
+    return accuracy(result.model, data.test)
 
 
 def run_seed(seed: int, data: DatasetBundle, work: Path) -> dict[str, float]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from torchshrink.measure import count_macs, predict
 from torchshrink.modes import switched
-from torchshrink.prune.structural import recalibrate_batchnorm
+from torchshrink.pruning.structural import recalibrate_batchnorm
 
 
 def _mixed() -> nn.Sequential:

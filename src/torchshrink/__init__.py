@@ -3,14 +3,27 @@
 Public API::
 
     import torchshrink as ts
-    report = ts.run("examples/recipes/lenet5_basic.yaml", out_dir="out/lenet5")
-    model = ts.load_model("out/lenet5/model.safetensors")
-    print(ts.measure(model, ts.load_data("mnist5k").test))
+    data = ts.load_data("digits")
+    pruned = ts.prune(my_model, data, granularity="structured", macs_reduction=2, finetune_lr=1e-3)
+    int8 = ts.quantize(pruned.model, data, mode="static")     # int8 ONNX file in int8.artefacts
+    print(int8.summary())                                       # quality, size, MACs before -> after
+    report = ts.run("examples/recipes/lenet5_basic.yaml", out_dir="out/lenet5")  # a whole recipe
 """
 
 from __future__ import annotations
 
 from torchshrink._version import __version__
+from torchshrink.api import (  # noqa: E402
+    Result,
+    apply_stage,
+    distill,
+    encode,
+    evaluate,
+    export,
+    finetune,
+    prune,
+    quantize,
+)
 from torchshrink.data import DataSpec, load_data  # noqa: E402
 from torchshrink.measure import measure  # noqa: E402
 from torchshrink.models import ModelSpec, load_model, save_model  # noqa: E402
@@ -20,6 +33,15 @@ from torchshrink.train import DatasetBatches, TrainConfig, fit  # noqa: E402
 
 __all__ = [
     "__version__",
+    "Result",
+    "apply_stage",
+    "distill",
+    "encode",
+    "evaluate",
+    "export",
+    "finetune",
+    "prune",
+    "quantize",
     "DataSpec",
     "ModelSpec",
     "Recipe",

@@ -207,7 +207,7 @@ def _inspect_onnx(path: Path) -> None:
 
 
 def _inspect_packed(path: Path) -> None:
-    from torchshrink.encode.packfile import format_layer_table, read_packed
+    from torchshrink.encoding.packfile import format_layer_table, read_packed
 
     packed = read_packed(path)
     _out(f"architecture: {json.dumps(packed.architecture, sort_keys=True)}")

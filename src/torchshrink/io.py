@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-PACKED_MAGIC = b"TSHRINK\x00"  # first bytes of a packed .tshrink file (torchshrink.encode.packfile)
+PACKED_MAGIC = b"TSHRINK\x00"  # first bytes of a packed .tshrink file (torchshrink.encoding.packfile)
 SPARSE_KEY = "sparse"
 _MASK_SUFFIX = ".__mask__"
 SPARSE_MAX_DENSITY = 0.9  # above this a bitmask plus values is not smaller than the dense tensor
@@ -249,7 +249,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         with path.open("rb") as fh:
             head = fh.read(2)
         pickled = "unsupported global" in text.lower() or (
-            head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"
+            len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
         )
         if not pickled:  # garbage (or damaged), not a pickle of Python objects
             raise CorruptFileError(path, "not a readable torch file (the pickle data is damaged)") from None

@@ -11,7 +11,7 @@ float ("same"-padding convolutions of TensorFlow-born models, e.g. EfficientNet)
   of the ``Conv`` it feeds (ONNX convolutions take asymmetric padding; torch's do not).
 
 :func:`pack_embedding_tables` stores an embedding table that sits on an int8 block grid (see
-:mod:`torchshrink.quantize.embeddings`) as int8 codes read by ``GatherBlockQuantized``.
+:mod:`torchshrink.quantization.embeddings`) as int8 codes read by ``GatherBlockQuantized``.
 
 And :func:`fuse_transformer_blocks`, runs on graphs with LayerNorms: ONNX Runtime's transformer
 optimizer fuses each residual ``Add -> LayerNormalization`` into ``SkipLayerNormalization`` and the

@@ -186,8 +186,11 @@ def _claim_work_dir(work_dir: Path, key: str) -> str:
     made from the very same inputs (``key``); otherwise empty it. Returns "continued" when files
     were kept, else "computed"."""
     key_file = work_dir / WORK_KEY_FILE
-    if work_dir.is_dir():
-        kept = [p for p in work_dir.iterdir() if p.name != WORK_KEY_FILE]
+    # a stage's helpers may work beside it (ensemble members: NN-ensemble-member0, ...): one unit
+    siblings = sorted(work_dir.parent.glob(f"{work_dir.name}-*")) if work_dir.parent.is_dir() else []
+    if work_dir.is_dir() or siblings:
+        kept = [p for p in work_dir.iterdir() if p.name != WORK_KEY_FILE] if work_dir.is_dir() else []
+        kept += siblings
         if key_file.is_file() and key_file.read_text(encoding="utf-8").strip() == key:
             if kept:
                 log.info("resume: %s continues from its work files in %s", work_dir.name, work_dir)
@@ -198,7 +201,8 @@ def _claim_work_dir(work_dir: Path, key: str) -> str:
                 "the stage starts afresh",
                 work_dir,
             )
-        shutil.rmtree(work_dir)
+        for folder in (work_dir, *siblings):
+            shutil.rmtree(folder, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(key_file, key)
     return "computed"
@@ -221,6 +225,13 @@ def _check_layer_names(recipe: Recipe, model: nn.Module) -> None:
                 )
         if replaces_model(spec.config):
             return
+
+
+def _declared_files(recipe: Recipe) -> list[str]:
+    """The files the recipe's stages will write into the output folder (their ``file`` options)."""
+    return [
+        str(spec.config.file) for spec in recipe.stages if isinstance(getattr(spec.config, "file", None), str)
+    ]
 
 
 def _owner(recipe: Recipe) -> dict[str, Any]:
@@ -277,16 +288,17 @@ def _run_in(
         source=f"model {recipe.model.model_dump(exclude_defaults=True)} on data {data.name}",
     )
     entries = [get_stage(spec.kind) for spec in recipe.stages]
+    data_digest = data.digest()  # the data as given: targets made from it follow from the model digest
     data = _fit_labels(data, loaded.module, width, recipe, entries, loaded.task)
     state = ModelState(model=loaded.module.eval(), architecture=loaded.architecture)
     if folder is not None:  # every input checked: from here on the run writes into its folder
-        folder.begin()
+        folder.begin([MODEL_FILE, *REPORT_FILES.values(), *_declared_files(recipe)])
         if not resume:
             for stale in (CHECKPOINT_DIR, WORK_DIR):
                 shutil.rmtree(out_dir / stale, ignore_errors=True)
     ddp.barrier()
     # Every checkpoint is keyed by the recipe up to its stage and the content of the model and data.
-    origin = combine(model_digest(state.model, state.architecture), data.digest())
+    origin = combine(model_digest(state.model, state.architecture), data_digest)
     keys = [combine(recipe.fingerprint(i), origin) for i in range(len(recipe.stages))]
 
     onnx_references: dict[int, nn.Module | None] = {}

@@ -29,7 +29,7 @@ from torchshrink.errors import MissingFileError, RecipeError, UnknownStageError
 from torchshrink.models import ModelSpec
 from torchshrink.registry import get_stage
 
-__all__ = ["Recipe", "StageSpec", "MeasureSettings", "load_recipe", "parse_recipe"]
+__all__ = ["Recipe", "StageSpec", "MeasureSettings", "load_recipe", "parse_recipe", "stage_config"]
 
 
 class MeasureSettings(BaseModel, extra="forbid"):
@@ -181,6 +181,25 @@ def _resolve_spec(spec: ModelSpec, base: Path | None) -> ModelSpec:
     )
 
 
+def stage_config(
+    kind: str, options: dict[str, Any] | BaseModel, where: str = "", source: str = "options"
+) -> BaseModel:
+    """Stage ``kind``'s validated config from ``options`` (a dict, or its config object): the one
+    validation a recipe's stage and the Python API share; errors name ``where`` (the key path)."""
+    entry = get_stage(kind)
+    if isinstance(options, entry.config):
+        return options
+    if isinstance(options, BaseModel):
+        raise RecipeError(
+            f"{source}: {where or kind}: a {type(options).__name__} is not the config of stage {kind!r} "
+            f"({entry.config.__name__})"
+        )
+    try:
+        return entry.config.model_validate(options)
+    except ValidationError as exc:
+        raise _explain(exc, where or kind, entry.config, source) from None
+
+
 def _resolve_stage_specs(config: BaseModel, base: Path | None) -> BaseModel:
     """Model specs inside stage options (distill.student, distill.teachers, ensemble.archs) take
     their relative paths from the recipe's folder too."""
@@ -234,10 +253,7 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
             raise RecipeError(
                 f"{source}: {where}.{kind} = {options!r}: stage options must be a mapping, e.g. {{}}"
             )
-        try:
-            config = entry.config.model_validate(options)
-        except ValidationError as exc:
-            raise _explain(exc, f"{where}.{kind}", entry.config, source) from None
+        config = stage_config(str(kind), options, f"{where}.{kind}", source)
         seen[kind] = seen.get(kind, 0) + 1
         name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
         if branch and entry.role == "reference":

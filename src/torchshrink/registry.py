@@ -26,13 +26,13 @@ StageHandler = Callable[[Any, Any, Any], Any]  # (ModelState, config, RunContext
 BUILTIN_STAGE_MODULES = (
     "torchshrink.stages.training",
     "torchshrink.stages.evaluate",
-    "torchshrink.export",
-    "torchshrink.prune.stage",
-    "torchshrink.quantize.stage",
-    "torchshrink.encode.stage",
-    "torchshrink.distill.stage",
-    "torchshrink.distill.ensemble_stage",
-    "torchshrink.distill.datafree_stage",
+    "torchshrink.export_stage",
+    "torchshrink.pruning.stage",
+    "torchshrink.quantization.stage",
+    "torchshrink.encoding.stage",
+    "torchshrink.distillation.stage",
+    "torchshrink.distillation.ensemble_stage",
+    "torchshrink.distillation.datafree_stage",
 )
 
 

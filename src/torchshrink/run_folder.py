@@ -14,6 +14,7 @@ Rules (``claim``):
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -60,12 +61,14 @@ class OutputFolder:
     """With ``force``: the other run's files, deleted by :meth:`begin`."""
     _lock: int | None = None
 
-    def begin(self) -> None:
-        """The run is about to write: delete a forced-out run's outputs, record this run as running."""
+    def begin(self, will_write: Iterable[str] = ()) -> None:
+        """The run is about to write: delete a forced-out run's outputs, record this run as running
+        with the files it will write (so a crash leaves none of them unaccounted for)."""
         if self.replaced is not None:
             log.warning("--force: deleting the earlier run's outputs from %s", self.path)
             _clear(self.path, self.replaced)
             self.replaced = None
+        self.previous_files = sorted({*self.previous_files, *map(str, will_write)})
         _write_manifest(self.path, self.owner, "running", self.previous_files)
 
     def finish(self, files: Iterable[str]) -> None:
@@ -140,6 +143,12 @@ def _lock(folder: Path) -> int | None:
             "another torchshrink run is writing into it",
             "wait for it to finish, or choose another --out",
         ) from None
+    except OSError as exc:  # a file system without flock (some NFS, FUSE, Lustre mounts)
+        os.close(fd)
+        if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+            log.warning("%s: cannot be locked (%s); a second run into it would not be refused", folder, exc)
+            return None
+        raise OutputPathError(folder, f"cannot be locked ({exc})", "choose another --out") from None
     return fd
 
 
@@ -159,7 +168,12 @@ def claim(path: str | Path, owner: dict[str, Any], *, force: bool = False) -> Ou
     folder = prepare_output_folder(path)
     lock = _lock(folder)
     try:
-        manifest = _read_manifest(folder)
+        try:
+            manifest = _read_manifest(folder)
+        except OutputPathError:
+            if not force:
+                raise
+            manifest = None  # an unreadable manifest: an unknown run, whose outputs --force deletes
         holds_work = any((folder / n).exists() for n in RUN_DIRS[:2])
         what, old_files = "", []
         if manifest is not None and manifest["owner"] != owner:

@@ -412,8 +412,8 @@ def fit(
                 step += 1
                 samples += count_samples(batch[0]) * info.world_size
                 count += 1
-                for name, value in {**terms, **monitors}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                for name, term in {**terms, **monitors}.items():
+                    sums[name] = sums.get(name, 0.0) + float(term.detach())
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:

@@ -15,10 +15,10 @@ from testkit import DIGITS_CNN, digits_recipe
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import torchshrink.distill.datafree_stage as stage_module
+import torchshrink.distillation.datafree_stage as stage_module
 from torchshrink import run
 from torchshrink.data import DatasetBundle
-from torchshrink.distill.datafree import (
+from torchshrink.distillation.datafree import (
     BatchNormStatistics,
     Generator,
     LatentBatches,
@@ -26,9 +26,9 @@ from torchshrink.distill.datafree import (
     reverse_gradient,
     to_range,
 )
-from torchshrink.distill.datafree_stage import DataFreeConfig, DataFreeLearner, datafree_stage
-from torchshrink.distill.losses import logit_mae
-from torchshrink.distill.stage import StudentWithAdapters
+from torchshrink.distillation.datafree_stage import DataFreeConfig, DataFreeLearner, datafree_stage
+from torchshrink.distillation.losses import logit_mae
+from torchshrink.distillation.stage import StudentWithAdapters
 from torchshrink.measure import accuracy
 from torchshrink.models import open_model
 from torchshrink.state import ModelState, RunContext

@@ -11,9 +11,9 @@ import torch
 from testkit import DIGITS_CNN, digits_recipe
 
 from torchshrink import load_model, run
-from torchshrink.distill.ensemble import Ensemble
-from torchshrink.distill.losses import StepOutputs
-from torchshrink.distill.stage import DistillConfig, distill_stage
+from torchshrink.distillation.ensemble import Ensemble
+from torchshrink.distillation.losses import StepOutputs
+from torchshrink.distillation.stage import DistillConfig, distill_stage
 from torchshrink.errors import RecipeError
 from torchshrink.measure import accuracy
 from torchshrink.models import open_model, save_model
@@ -167,7 +167,7 @@ def test_ensemble_varies_by_bootstrap_and_by_architecture_and_fits_weights(tmp_p
 def test_mixup_distillation_teaches_on_the_blended_view_with_blended_labels(
     tmp_path, digits, monkeypatch
 ) -> None:
-    import torchshrink.distill.stage as stage_module
+    import torchshrink.distillation.stage as stage_module
 
     augment = stage_module.augment_batch
     views: list[tuple[torch.Tensor, torch.Tensor]] = []

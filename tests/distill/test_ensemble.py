@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from torchshrink.distill.ensemble import Ensemble, ensemble_architecture, fit_weights
-from torchshrink.distill.ensemble_stage import bootstrap, split_holdout
+from torchshrink.distillation.ensemble import Ensemble, ensemble_architecture, fit_weights
+from torchshrink.distillation.ensemble_stage import bootstrap, split_holdout
 from torchshrink.models import build_architecture, open_model, save_model
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchshrink.distill.losses import (
+from torchshrink.distillation.losses import (
     FeatureAdapter,
     FeatureTap,
     Objective,

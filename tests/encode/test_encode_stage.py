@@ -10,7 +10,7 @@ import torch
 from testkit import DIGITS_CNN, DIGITS_MLP, digits_recipe
 
 from torchshrink import load_model, run
-from torchshrink.encode.packfile import read_packed
+from torchshrink.encoding.packfile import read_packed
 from torchshrink.errors import EncodeError, RecipeError
 from torchshrink.measure import accuracy
 from torchshrink.recipe import parse_recipe

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchshrink.encode.huffman import (
+from torchshrink.encoding.huffman import (
     MAX_CODE_LENGTH,
     canonical_codes,
     code_lengths,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchshrink.encode.kmeans import (
+from torchshrink.encoding.kmeans import (
     codebook_of,
     kmeans_1d,
     plain_state_dict,

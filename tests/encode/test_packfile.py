@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from torchshrink.cli import main as cli_main
-from torchshrink.encode.kmeans import plain_state_dict, share_weights
-from torchshrink.encode.packfile import format_layer_table, read_packed, snap_to_storage, write_packed
+from torchshrink.encoding.kmeans import plain_state_dict, share_weights
+from torchshrink.encoding.packfile import format_layer_table, read_packed, snap_to_storage, write_packed
 from torchshrink.errors import CorruptFileError, ModelLoadError
 from torchshrink.models import open_model
 from torchshrink.zoo import build

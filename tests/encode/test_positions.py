@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchshrink.encode.positions import from_gaps, gap_histogram, to_gaps
+from torchshrink.encoding.positions import from_gaps, gap_histogram, to_gaps
 
 
 def test_hand_example_with_fillers() -> None:

@@ -59,6 +59,15 @@ def test_a_folder_with_outputs_but_no_manifest_is_refused(exported):
         run(EXPORTING, exported)
 
 
+def test_force_replaces_an_unreadable_manifest(exported):
+    (exported / MANIFEST_FILE).write_text("{broken")
+    with pytest.raises(OutputPathError, match="unreadable.*--force"):
+        run(EXPORTING, exported)
+    run(OTHER, exported, force=True)
+    assert json.loads((exported / MANIFEST_FILE).read_text())["owner"]["recipe"] == "other"
+    assert not (exported / "model.onnx").exists()
+
+
 def test_a_hostile_manifest_cannot_delete_files_outside_the_folder(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

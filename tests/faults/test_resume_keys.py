@@ -109,6 +109,19 @@ def test_a_checkpoint_edited_after_writing_is_refused(tmp_path):
         run(recipe, tmp_path, resume=True)
 
 
+def test_stale_work_of_ensemble_members_is_discarded(tmp_path):
+    """Ensemble members train in folders beside the stage's (NN-ensemble-memberK): a planted,
+    unreadable member checkpoint made by other inputs is discarded with the stage's, not resumed."""
+    recipe = digits_recipe({"ensemble": {"members": 2, "epochs": 1}}, model=DIGITS_MLP)
+    run(recipe, tmp_path)
+    member = tmp_path / ".work" / "00-ensemble-member0"
+    member.mkdir(parents=True, exist_ok=True)
+    (member / "train-state.pt").write_bytes(b"left by another run")
+    again = run({**recipe, "seed": 5}, tmp_path, resume=True)
+    assert [s["resume"] for s in again.stages] == ["computed"]
+    assert not (member / "train-state.pt").exists()
+
+
 def test_stale_work_files_of_a_stage_are_discarded(tmp_path):
     """Files left in a stage's work folder by other inputs (here a planted training checkpoint) are
     removed before the stage runs; the result equals a fresh run's."""

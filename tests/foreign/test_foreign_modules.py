@@ -11,9 +11,9 @@ from testkit import randomise_bn
 from torch import nn
 
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
-from torchshrink.quantize.onnx_int8 import export_int8, int8_kernel_counts, needs_reduced_range
-from torchshrink.quantize.prepare import activation_quantizers
-from torchshrink.quantize.ptq import quantize_model, uniform_plan
+from torchshrink.quantization.onnx_int8 import export_int8, int8_kernel_counts, needs_reduced_range
+from torchshrink.quantization.prepare import activation_quantizers
+from torchshrink.quantization.ptq import quantize_model, uniform_plan
 from torchshrink.tracing import torch_layer_type, trace_model
 
 
@@ -134,7 +134,7 @@ def test_batch_norm_folds_only_where_it_is_exact(conv, bn, images) -> None:
 
 
 def weight_quantizers_of(model: nn.Module) -> list:
-    from torchshrink.quantize.prepare import weight_quantizers
+    from torchshrink.quantization.prepare import weight_quantizers
 
     return list(weight_quantizers(model).values())
 
@@ -178,7 +178,7 @@ def test_control_flow_on_shapes_traces_through_and_the_graph_runs_any_batch(imag
     assert {"conv", "head"} <= {n.target for n in gm.graph.nodes if n.op == "call_module"}
     with torch.no_grad():  # shapes stay graph nodes: the traced model serves any batch size
         assert torch.allclose(gm(images), model(images), atol=1e-6)
-    from torchshrink.prune.graph import find_groups
+    from torchshrink.pruning.graph import find_groups
 
     assert [g.name for g in find_groups(model, images[:2])] == ["conv"]  # through the pad
 
@@ -216,7 +216,7 @@ def test_code_that_reads_the_batch_size_is_kept_whole(inner) -> None:
 
 
 def test_an_ensemble_of_members_traces_with_its_varargs_forward() -> None:
-    from torchshrink.distill.ensemble import Ensemble
+    from torchshrink.distillation.ensemble import Ensemble
 
     ensemble = Ensemble([nn.Sequential(nn.Flatten(), nn.Linear(12, 3)) for _ in range(2)]).eval()
     gm = trace_model(ensemble, torch.randn(2, 3, 4))
@@ -236,7 +236,7 @@ class FusedAttention(nn.Module):
 
 
 def test_fused_attention_quantizes_with_its_products_counted_float(tmp_path) -> None:
-    from torchshrink.quantize.stage import _check_int8_coverage, _fused_attention
+    from torchshrink.quantization.stage import _check_int8_coverage, _fused_attention
 
     torch.manual_seed(0)
     model = FusedAttention().eval()

@@ -13,8 +13,8 @@ from torchshrink.measure import mean_cosine
 from torchshrink.models import load_model
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.pipeline import run
-from torchshrink.quantize.prepare import weight_quantizers
-from torchshrink.quantize.smoothing import InputScale
+from torchshrink.quantization.prepare import weight_quantizers
+from torchshrink.quantization.smoothing import InputScale
 
 pytest.importorskip("transformers")
 

@@ -17,10 +17,10 @@ from torchshrink.inputs import spec_of
 from torchshrink.measure import count_macs
 from torchshrink.models import load_model, save_model
 from torchshrink.pipeline import run
-from torchshrink.prune.graph import find_groups
-from torchshrink.prune.importance import make_importance
-from torchshrink.prune.layers import drop_layers
-from torchshrink.prune.structural import mask_channels, rebind, remove_channels, resized_shapes
+from torchshrink.pruning.graph import find_groups
+from torchshrink.pruning.importance import make_importance
+from torchshrink.pruning.layers import drop_layers
+from torchshrink.pruning.structural import mask_channels, rebind, remove_channels, resized_shapes
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,11 +9,11 @@ from torch import nn
 
 from torchshrink.measure import count_macs, count_params
 from torchshrink.models import open_model
-from torchshrink.prune.allocation import masked_loss, sensitivity_plan
-from torchshrink.prune.graph import find_groups
-from torchshrink.prune.latency_model import LatencyModel
-from torchshrink.prune.stage import PruneConfig
-from torchshrink.prune.structural import plan_layer, rebuilt_size
+from torchshrink.pruning.allocation import masked_loss, sensitivity_plan
+from torchshrink.pruning.graph import find_groups
+from torchshrink.pruning.latency_model import LatencyModel
+from torchshrink.pruning.stage import PruneConfig
+from torchshrink.pruning.structural import plan_layer, rebuilt_size
 from torchshrink.train import DatasetBatches, TrainConfig, fit
 
 
@@ -121,7 +121,7 @@ def test_latency_cost_prefers_the_channels_whose_time_their_macs_hide(monkeypatc
     groups = find_groups(model, x[:2])
     weights = {0: 1.0, 1: 0.5}
     monkeypatch.setattr(
-        "torchshrink.prune.allocation.masked_loss",
+        "torchshrink.pruning.allocation.masked_loss",
         lambda model, groups, plan, batches: sum(weights[gi] * len(c) for gi, c in plan.items()),
     )
     base = rebuilt_size(model, groups, {}, (1, 8, 8))

@@ -12,8 +12,8 @@ import torch
 from torchshrink import run
 from torchshrink.measure import count_params
 from torchshrink.models import load_model, save_model
-from torchshrink.prune.graph import find_groups
-from torchshrink.prune.structural import mask_channels, plan_layer, rebind, remove_channels, resized_shapes
+from torchshrink.pruning.graph import find_groups
+from torchshrink.pruning.structural import mask_channels, plan_layer, rebind, remove_channels, resized_shapes
 
 pytest.importorskip("transformers")
 HERE = Path(__file__).parent

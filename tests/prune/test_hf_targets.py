@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from torchshrink import run
-from torchshrink.quantize.onnx_int8 import FLOAT_MATMUL_OPS, FLOAT_WEIGHTED_OPS, INT8_KERNELS
+from torchshrink.quantization.onnx_int8 import FLOAT_MATMUL_OPS, FLOAT_WEIGHTED_OPS, INT8_KERNELS
 
 pytest.importorskip("transformers")
 HERE = Path(__file__).parent

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchshrink import zoo
-from torchshrink.prune.graph import find_groups
-from torchshrink.prune.importance import (
+from torchshrink.pruning.graph import find_groups
+from torchshrink.pruning.importance import (
     ENTROPY_BINS,
     IMPORTANCE,
     EntropyImportance,

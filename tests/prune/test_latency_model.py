@@ -10,11 +10,11 @@ from testkit import DIGITS_CNN, digits_recipe
 from torchshrink import run
 from torchshrink.measure import count_macs
 from torchshrink.models import load_model
-from torchshrink.prune import latency_model, stage
-from torchshrink.prune.graph import find_groups
-from torchshrink.prune.latency_model import LatencyModel, fit_latency_model
-from torchshrink.prune.stage import PruneConfig
-from torchshrink.prune.structural import model_size
+from torchshrink.pruning import latency_model, stage
+from torchshrink.pruning.graph import find_groups
+from torchshrink.pruning.latency_model import LatencyModel, fit_latency_model
+from torchshrink.pruning.stage import PruneConfig
+from torchshrink.pruning.structural import model_size
 from torchshrink.zoo import build
 
 SHAPE = (1, 28, 28)

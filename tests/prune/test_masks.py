@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from torchshrink import zoo
-from torchshrink.prune.masks import (
+from torchshrink.pruning.masks import (
     MaskKeeper,
     apply_masks,
     compute_masks,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from torchshrink.prune.schedule import SCHEDULES, agp, linear, oneshot, sparsity_at
+from torchshrink.pruning.schedule import SCHEDULES, agp, linear, oneshot, sparsity_at
 
 
 def test_registry_holds_the_three_schedules():

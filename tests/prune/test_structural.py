@@ -14,8 +14,8 @@ from torch import nn
 from torchshrink import zoo
 from torchshrink.measure import count_macs, count_params
 from torchshrink.models import load_model, open_model, save_model
-from torchshrink.prune.graph import StructureError, find_groups
-from torchshrink.prune.structural import (
+from torchshrink.pruning.graph import StructureError, find_groups
+from torchshrink.pruning.structural import (
     mask_channels,
     plan_global,
     plan_layer,
@@ -264,7 +264,7 @@ def test_group_macs_are_hand_counts_and_drive_cost_aware_ranking():
 
 
 def test_batchnorm_recalibration_matches_the_calibration_statistics():
-    from torchshrink.prune.structural import recalibrate_batchnorm
+    from torchshrink.pruning.structural import recalibrate_batchnorm
 
     model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).eval()
     batches = [torch.randn(8, 2, 4, 4) * 3 + 1 for _ in range(3)]

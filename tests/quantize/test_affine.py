@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchshrink.quantize.affine import QuantSpec, dequantize, fake_quantize, qparams, quantize
+from torchshrink.quantization.affine import QuantSpec, dequantize, fake_quantize, qparams, quantize
 
 
 def test_ranges_of_each_spec() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from testkit import randomise_bn
 
-from torchshrink.quantize.prepare import weight_quantizers
-from torchshrink.quantize.ptq import correct_bias, quantize_model, uniform_plan
+from torchshrink.quantization.prepare import weight_quantizers
+from torchshrink.quantization.ptq import correct_bias, quantize_model, uniform_plan
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "foreign"))
 from same_padding import same_pad_net  # noqa: E402

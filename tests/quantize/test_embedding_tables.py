@@ -12,7 +12,7 @@ from torch import nn
 from torchshrink.inputs import InputSpec
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.onnx_passes import pack_embedding_tables
-from torchshrink.quantize.embeddings import snap_embedding_tables
+from torchshrink.quantization.embeddings import snap_embedding_tables
 
 
 class Lookup(nn.Module):

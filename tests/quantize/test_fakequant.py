@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchshrink.quantize.affine import QuantSpec, fake_quantize
-from torchshrink.quantize.fakequant import FakeQuantize
+from torchshrink.quantization.affine import QuantSpec, fake_quantize
+from torchshrink.quantization.fakequant import FakeQuantize
 
 SPEC = QuantSpec(4, signed=False, symmetric=False)
 

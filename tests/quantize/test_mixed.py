@@ -11,8 +11,8 @@ from testkit import PostNormBlock
 from torchshrink.data.bundle import DatasetBundle
 from torchshrink.inputs import samples
 from torchshrink.measure import mean_cosine, predict
-from torchshrink.quantize.mixed import OPTION_UNITS, MixedConfig, _float_units, choose_plan, float_gains
-from torchshrink.quantize.ptq import quantize_model, uniform_plan
+from torchshrink.quantization.mixed import OPTION_UNITS, MixedConfig, _float_units, choose_plan, float_gains
+from torchshrink.quantization.ptq import quantize_model, uniform_plan
 
 
 def _block_and_data() -> tuple[PostNormBlock, torch.Tensor]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchshrink.quantize.affine import QuantSpec, qparams, quant_error
-from torchshrink.quantize.observers import make_observer
+from torchshrink.quantization.affine import QuantSpec, qparams, quant_error
+from torchshrink.quantization.observers import make_observer
 
 SPEC = QuantSpec(8, signed=False, symmetric=False)
 

@@ -7,9 +7,9 @@ import torch
 from testkit import ZOO_INPUTS
 
 from torchshrink.onnx_export import OnnxRuntimeModel
-from torchshrink.quantize.onnx_int8 import export_int8, int8_kernel_counts
-from torchshrink.quantize.prepare import activation_quantizers, weight_quantizers
-from torchshrink.quantize.ptq import quantize_model, uniform_plan
+from torchshrink.quantization.onnx_int8 import export_int8, int8_kernel_counts
+from torchshrink.quantization.prepare import activation_quantizers, weight_quantizers
+from torchshrink.quantization.ptq import quantize_model, uniform_plan
 from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit
 from torchshrink.zoo import build
 

@@ -6,14 +6,14 @@ import torch
 from testkit import randomise_bn
 from torch import nn
 
-from torchshrink.quantize.prepare import (
+from torchshrink.quantization.prepare import (
     QuantPlan,
     activation_quantizers,
     prepare,
     quantizable_layers,
     weight_quantizers,
 )
-from torchshrink.quantize.ptq import calibrate, uniform_plan
+from torchshrink.quantization.ptq import calibrate, uniform_plan
 from torchshrink.zoo import build
 
 
@@ -71,7 +71,7 @@ def test_reduce_range_uses_seven_bit_weights() -> None:
 
 
 def test_stem_layer_is_a_first_conv_on_few_channels() -> None:
-    from torchshrink.quantize.ptq import stem_layer
+    from torchshrink.quantization.ptq import stem_layer
 
     assert stem_layer(build("lenet5")) is None  # its conv1 feeds a max-pool: int8 keeps it NHWC
     assert stem_layer(build("cnn1d")) == "0"

@@ -11,10 +11,10 @@ from torch import nn
 
 from torchshrink.measure import mean_cosine
 from torchshrink.onnx_export import OnnxRuntimeModel
-from torchshrink.quantize.onnx_int8 import export_int8, needs_reduced_range
-from torchshrink.quantize.prepare import activation_quantizers, weight_quantizers
-from torchshrink.quantize.ptq import quantize_model, uniform_plan
-from torchshrink.quantize.smoothing import InputScale
+from torchshrink.quantization.onnx_int8 import export_int8, needs_reduced_range
+from torchshrink.quantization.prepare import activation_quantizers, weight_quantizers
+from torchshrink.quantization.ptq import quantize_model, uniform_plan
+from torchshrink.quantization.smoothing import InputScale
 
 
 def _data(n: int = 256) -> torch.Tensor:

@@ -107,6 +107,10 @@ def _run_task(task: Task, run: Runner) -> TaskResult:
     )
 
 
+JOIN_SECONDS = 30.0
+"""How long a task's process may take to exit after sending its result."""
+
+
 def _task_process(task: Task, run: Runner, threads: int, conn: Connection) -> None:
     """A task's own process: set up, run, send the result back."""
     _start_worker(threads)
@@ -155,13 +159,21 @@ def run_tasks(
                     try:
                         done = receive.recv()
                     except (EOFError, OSError):
-                        process.join()
+                        process.join(timeout=JOIN_SECONDS)
                         done = _died(tasks[i], process, time.perf_counter() - started)
+                    except Exception as exc:  # noqa: BLE001 - a result that does not unpickle
+                        done = TaskResult(
+                            tasks[i].name, str(tasks[i].out_dir), False, time.perf_counter() - started,
+                            error=f"its result could not be read: {exc!r}",
+                        )  # fmt: skip
                 elif process.exitcode is not None:
                     done = _died(tasks[i], process, time.perf_counter() - started)
                 if done is None:
                     continue
-                process.join()
+                process.join(timeout=JOIN_SECONDS)
+                if process.is_alive():  # reported, but hangs on exit (a stray thread): do not wait
+                    process.kill()
+                    process.join()
                 receive.close()
                 del running[i]
                 results[i] = done

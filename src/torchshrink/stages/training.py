@@ -18,7 +18,7 @@ from torchshrink.errors import RecipeError
 from torchshrink.io import load_tensors, save_tensors
 from torchshrink.models import load_weights_into
 from torchshrink.parallel import ddp
-from torchshrink.prune.masks import keeper_for
+from torchshrink.pruning.masks import keeper_for
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
 from torchshrink.train import (

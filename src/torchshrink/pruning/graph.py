@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from torchshrink.errors import StructureError
-from torchshrink.prune.groups import Group, Member
-from torchshrink.prune.heads import transformer_groups
+from torchshrink.pruning.groups import Group, Member
+from torchshrink.pruning.heads import transformer_groups
 from torchshrink.tracing import trace_model
 
 log = logging.getLogger(__name__)

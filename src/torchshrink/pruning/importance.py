@@ -24,7 +24,7 @@ from torch import nn
 
 from torchshrink.inputs import ModelInput, call
 from torchshrink.modes import switched
-from torchshrink.prune.graph import Group
+from torchshrink.pruning.graph import Group
 from torchshrink.train import task_loss
 
 Batches = Sequence[tuple[ModelInput, torch.Tensor]]

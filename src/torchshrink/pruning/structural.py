@@ -20,7 +20,7 @@ from torch import nn
 from torchshrink.inputs import InputSpec, ModelInput, call, spec_of
 from torchshrink.measure import count_activations, count_macs, count_params
 from torchshrink.modes import switched
-from torchshrink.prune.groups import Group
+from torchshrink.pruning.groups import Group
 from torchshrink.shapes import is_resizable, module_shape
 from torchshrink.transformer_blocks import sync_head_counts
 

@@ -9,8 +9,8 @@ from pydantic import BaseModel, Field
 from torchshrink.inputs import take
 from torchshrink.onnx_export import export_onnx
 from torchshrink.parallel import ddp
-from torchshrink.quantize.fakequant import FakeQuantize
-from torchshrink.quantize.onnx_int8 import export_int8
+from torchshrink.quantization.fakequant import FakeQuantize
+from torchshrink.quantization.onnx_int8 import export_int8
 from torchshrink.registry import register_stage
 from torchshrink.state import ModelState, RunContext
 

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, model_validator
 from torch.utils.data import TensorDataset
 
-from torchshrink.distill.ensemble import Combine, Ensemble, ensemble_architecture, fit_weights
+from torchshrink.distillation.ensemble import Combine, Ensemble, ensemble_architecture, fit_weights
 from torchshrink.errors import RecipeError
 from torchshrink.inputs import samples, take
 from torchshrink.measure import accuracy, count_params

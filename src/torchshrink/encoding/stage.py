@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchshrink.encode.kmeans import MAX_BITS, InitName, plain_state_dict, share_weights
-from torchshrink.encode.packfile import (
+from torchshrink.encoding.kmeans import MAX_BITS, InitName, plain_state_dict, share_weights
+from torchshrink.encoding.packfile import (
     FloatDtype,
     format_layer_table,
     read_packed,
@@ -28,8 +28,8 @@ from torchshrink.errors import EncodeError
 from torchshrink.inputs import take
 from torchshrink.models import build_architecture, load_weights_into
 from torchshrink.parallel import ddp
-from torchshrink.prune.masks import PRUNED_WEIGHTS, prunable_weights
-from torchshrink.quantize.mixed import MixedConfig, choose_plan
+from torchshrink.pruning.masks import PRUNED_WEIGHTS, prunable_weights
+from torchshrink.quantization.mixed import MixedConfig, choose_plan
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import FinetuneStageConfig, run_training
 from torchshrink.state import ModelState, RunContext

@@ -5,7 +5,7 @@ The student never sees the dataset's training split: its inputs come from a gene
 (``noise``, the floor). The dataset's test split is used only to measure, as in every stage.
 Teachers, student, adapters and the objective are the ``distill`` stage's (one objective, with the
 teacher's argmax as the label of the ``ce`` term); every optimisation runs in the one training loop.
-See :mod:`torchshrink.distill.datafree` for the methods.
+See :mod:`torchshrink.distillation.datafree` for the methods.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from torchshrink.augment import random_shift
-from torchshrink.distill.datafree import (
+from torchshrink.distillation.datafree import (
     VAE,
     BatchNormStatistics,
     Encoder,
@@ -37,8 +37,8 @@ from torchshrink.distill.datafree import (
     to_range,
     vae_terms,
 )
-from torchshrink.distill.ensemble import Ensemble
-from torchshrink.distill.stage import (
+from torchshrink.distillation.ensemble import Ensemble
+from torchshrink.distillation.stage import (
     Distillation,
     DistillConfig,
     StudentWithAdapters,
@@ -347,6 +347,8 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
 
     latent = shape if cfg.generator == "noise" else (cfg.latent_dim,)
     train_cfg = train_config(cfg, ctx)
+    # agreement on generated inputs is pushed down on purpose (adversarial): no chance-level guard
+    train_cfg.num_classes = None
     if learner.trains_generator:
         train_cfg.lr_groups = {"generator.": cfg.generator_lr}
     try:

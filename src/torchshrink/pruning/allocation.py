@@ -24,9 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchshrink.inputs import ModelInput, call, spec_of
-from torchshrink.prune.graph import Group
-from torchshrink.prune.latency_model import LatencyModel
-from torchshrink.prune.structural import Plan, Size, bounds, mask_channels, rebind, rebuilt_size
+from torchshrink.pruning.graph import Group
+from torchshrink.pruning.latency_model import LatencyModel
+from torchshrink.pruning.structural import Plan, Size, bounds, mask_channels, rebind, rebuilt_size
 from torchshrink.train import task_loss
 
 log = logging.getLogger(__name__)

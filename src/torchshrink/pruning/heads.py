@@ -5,7 +5,7 @@ is such a place. The transformer's structure is regular enough to state directly
 (:mod:`torchshrink.transformer_blocks`): a head is ``attention_head_size`` rows of q, k and v
 (weights and biases) plus as many input columns of the output projection; a neuron is a row of
 the FFN's first linear layer plus a column of its second. Removing a group's channels with
-:func:`~torchshrink.prune.structural.remove_channels` then shrinks the layers, and the head counts
+:func:`~torchshrink.pruning.structural.remove_channels` then shrinks the layers, and the head counts
 are brought in line afterwards.
 """
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from torchshrink.inputs import ModelInput, call
-from torchshrink.prune.groups import Group, Member
+from torchshrink.pruning.groups import Group, Member
 from torchshrink.transformer_blocks import attention_blocks, feed_forward_blocks
 
 __all__ = ["transformer_groups"]

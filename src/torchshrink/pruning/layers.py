@@ -19,7 +19,7 @@ from torch import nn
 from torchshrink.errors import StructureError
 from torchshrink.inputs import ModelInput
 from torchshrink.modes import switched
-from torchshrink.prune.allocation import calibration_loss
+from torchshrink.pruning.allocation import calibration_loss
 from torchshrink.transformer_blocks import layer_lists
 
 log = logging.getLogger(__name__)

@@ -29,10 +29,10 @@ from torch.nn.utils import parametrize
 
 from torchshrink.errors import QuantizationError
 from torchshrink.inputs import InputSpec, ModelInput
-from torchshrink.quantize.affine import QuantSpec
-from torchshrink.quantize.embeddings import snap_embedding_tables
-from torchshrink.quantize.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
-from torchshrink.quantize.smoothing import insert_input_scales, smooth, smoothing_groups
+from torchshrink.quantization.affine import QuantSpec
+from torchshrink.quantization.embeddings import snap_embedding_tables
+from torchshrink.quantization.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
+from torchshrink.quantization.smoothing import insert_input_scales, smooth, smoothing_groups
 from torchshrink.registry import register_architecture_layer
 from torchshrink.tracing import bake_parametrizations, torch_layer_type, trace_model
 
@@ -424,7 +424,7 @@ def prepare(
     migrated into the weights before the weights' ranges are fixed (without inputs, as when a saved
     model is rebuilt, the smoothing modules start at factor 1 and its weights file sets them).
     Activation quantizers start in calibration mode (observing, values unchanged) unless the plan
-    is dynamic; call :func:`torchshrink.quantize.ptq.calibrate` next.
+    is dynamic; call :func:`torchshrink.quantization.ptq.calibrate` next.
     """
     model = copy.deepcopy(model).eval()
     bake_parametrizations(model)  # a weight-normed layer quantizes its current weight

@@ -21,14 +21,14 @@ from pydantic import Field
 from torch import nn
 
 from torchshrink.augment import augment_batch
-from torchshrink.distill.ensemble import Combine, Ensemble
-from torchshrink.distill.losses import FeatureAdapter, FeatureTap, Objective, StepOutputs, make_term
+from torchshrink.distillation.ensemble import Combine, Ensemble
+from torchshrink.distillation.losses import FeatureAdapter, FeatureTap, Objective, StepOutputs, make_term
 from torchshrink.errors import RecipeError
 from torchshrink.inputs import MASK_INPUT, ModelInput, call, samples, take
 from torchshrink.measure import accuracy, check_model_fits, count_params, predict
 from torchshrink.models import LoadedModel, ModelSpec, open_model
 from torchshrink.parallel import ddp
-from torchshrink.prune.masks import keeper_for
+from torchshrink.pruning.masks import keeper_for
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import TrainStageConfig, check_augment, train_config
 from torchshrink.state import ModelState, RunContext

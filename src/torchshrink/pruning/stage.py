@@ -17,12 +17,12 @@ from torchshrink.errors import StructureError
 from torchshrink.inputs import InputSpec, ModelInput, spec_of, take
 from torchshrink.measure import count_macs, count_params, latencies_ms
 from torchshrink.models import build_architecture
-from torchshrink.prune.allocation import sensitivity_plan
-from torchshrink.prune.graph import Group, find_groups
-from torchshrink.prune.importance import IMPORTANCE, make_importance
-from torchshrink.prune.latency_model import LatencyModel, fit_latency_model
-from torchshrink.prune.layers import drop_layers
-from torchshrink.prune.masks import (
+from torchshrink.pruning.allocation import sensitivity_plan
+from torchshrink.pruning.graph import Group, find_groups
+from torchshrink.pruning.importance import IMPORTANCE, make_importance
+from torchshrink.pruning.latency_model import LatencyModel, fit_latency_model
+from torchshrink.pruning.layers import drop_layers
+from torchshrink.pruning.masks import (
     PRUNED_WEIGHTS,
     MaskKeeper,
     apply_masks,
@@ -31,8 +31,8 @@ from torchshrink.prune.masks import (
     masks_from_zeros,
     prunable_weights,
 )
-from torchshrink.prune.schedule import SCHEDULES
-from torchshrink.prune.structural import (
+from torchshrink.pruning.schedule import SCHEDULES
+from torchshrink.pruning.structural import (
     Plan,
     Size,
     model_size,

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchshrink.quantize.affine import QuantSpec, dequantize, fake_quantize, qparams, quantize
-from torchshrink.quantize.observers import make_observer
+from torchshrink.quantization.affine import QuantSpec, dequantize, fake_quantize, qparams, quantize
+from torchshrink.quantization.observers import make_observer
 
 __all__ = ["FakeQuantize"]
 

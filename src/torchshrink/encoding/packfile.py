@@ -10,7 +10,7 @@ Layout (all integers little-endian)::
               stream; per other tensor its raw values
 
 Shared layers store their kept weights' centroid indices and their positions (gaps with fillers,
-see :mod:`torchshrink.encode.positions`), each Huffman-coded or fixed-width, whichever the writer
+see :mod:`torchshrink.encoding.positions`), each Huffman-coded or fixed-width, whichever the writer
 was told; the gap width is chosen per layer to make the stream smallest. Reading parses only JSON
 and numbers (nothing can execute), checks every checksum and size, and rebuilds the exact weights:
 ``codebook[index]`` at the kept positions and zero elsewhere.
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchshrink.encode import huffman
-from torchshrink.encode.kmeans import codebook_of, plain_state_dict, shared_layers
-from torchshrink.encode.positions import MAX_WIDTH, from_gaps, gap_histogram, to_gaps
+from torchshrink.encoding import huffman
+from torchshrink.encoding.kmeans import codebook_of, plain_state_dict, shared_layers
+from torchshrink.encoding.positions import MAX_WIDTH, from_gaps, gap_histogram, to_gaps
 from torchshrink.errors import CorruptFileError, MissingFileError
 from torchshrink.inputs import InputSpec, as_spec
 from torchshrink.io import PACKED_MAGIC, atomic_path
@@ -225,7 +225,7 @@ def write_packed(
     use_huffman: bool = True,
     float_dtype: FloatDtype = "float16",
 ) -> PackedModel:
-    """Write ``model`` (its shared layers from :func:`~torchshrink.encode.kmeans.share_weights`) atomically.
+    """Write ``model`` (its shared layers from :func:`~torchshrink.encoding.kmeans.share_weights`) atomically.
 
     Every float must already be exact in ``float_dtype`` (:func:`snap_to_storage`), so that the file
     loads back to this very model. Returns the size breakdown (without decoding the file again).

@@ -14,23 +14,23 @@ from torchshrink.errors import QuantizationError
 from torchshrink.inputs import take
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel import ddp
-from torchshrink.prune.masks import PRUNED_WEIGHTS
-from torchshrink.quantize.embeddings import snap_embedding_tables
-from torchshrink.quantize.mixed import MixedConfig, choose_plan, describe_plan
-from torchshrink.quantize.observers import ObserverName
-from torchshrink.quantize.onnx_int8 import (
+from torchshrink.pruning.masks import PRUNED_WEIGHTS
+from torchshrink.quantization.embeddings import snap_embedding_tables
+from torchshrink.quantization.mixed import MixedConfig, choose_plan, describe_plan
+from torchshrink.quantization.observers import ObserverName
+from torchshrink.quantization.onnx_int8 import (
     FLOAT_MATMUL_OPS,
     FLOAT_WEIGHTED_OPS,
     export_int8,
     needs_reduced_range,
 )
-from torchshrink.quantize.prepare import (
+from torchshrink.quantization.prepare import (
     QuantPlan,
     activation_quantizers,
     quantization_record,
     weight_quantizers,
 )
-from torchshrink.quantize.ptq import quantize_model, stem_layer, uniform_plan
+from torchshrink.quantization.ptq import quantize_model, stem_layer, uniform_plan
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import FinetuneStageConfig, run_training
 from torchshrink.state import ModelState, RunContext

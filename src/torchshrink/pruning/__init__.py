@@ -1,10 +1,10 @@
 """Pruning: importance criteria, unstructured masks, schedules, and structured channel removal."""
 
-from torchshrink.prune.graph import Group, Member, StructureError, find_groups
-from torchshrink.prune.importance import IMPORTANCE, Importance, make_importance
-from torchshrink.prune.masks import MaskKeeper, compute_masks, prunable_weights
-from torchshrink.prune.schedule import SCHEDULES, sparsity_at
-from torchshrink.prune.structural import mask_channels, remove_channels
+from torchshrink.pruning.graph import Group, Member, StructureError, find_groups
+from torchshrink.pruning.importance import IMPORTANCE, Importance, make_importance
+from torchshrink.pruning.masks import MaskKeeper, compute_masks, prunable_weights
+from torchshrink.pruning.schedule import SCHEDULES, sparsity_at
+from torchshrink.pruning.structural import mask_channels, remove_channels
 
 __all__ = [
     "Group",

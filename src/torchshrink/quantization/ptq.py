@@ -1,7 +1,7 @@
 """Post-training quantization: static (ranges calibrated once, "global"), dynamic (activation ranges
 per batch at run time) and weight-only (2-8 bit weights, float activations).
 
-All three start from :func:`torchshrink.quantize.prepare.prepare`; static quantization then runs
+All three start from :func:`torchshrink.quantization.prepare.prepare`; static quantization then runs
 calibration batches through the model so each activation point's observer sees real values.
 """
 
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from torchshrink.errors import QuantizationError
 from torchshrink.inputs import ModelInput, call
-from torchshrink.quantize.prepare import (
+from torchshrink.quantization.prepare import (
     QuantPlan,
     activation_quantizers,
     prepare,

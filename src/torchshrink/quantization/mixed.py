@@ -31,16 +31,16 @@ from tqdm.auto import tqdm
 from torchshrink.data import DatasetBundle
 from torchshrink.inputs import ModelInput
 from torchshrink.measure import accuracy, mean_cosine, predict
-from torchshrink.quantize.embeddings import embedding_tables
-from torchshrink.quantize.fakequant import FakeQuantize
-from torchshrink.quantize.prepare import (
+from torchshrink.quantization.embeddings import embedding_tables
+from torchshrink.quantization.fakequant import FakeQuantize
+from torchshrink.quantization.prepare import (
     MATMUL_FUNCTIONS,
     QuantPlan,
     is_passthrough,
     quantizable_layers,
     weight_quantizers,
 )
-from torchshrink.quantize.ptq import quantize_model
+from torchshrink.quantization.ptq import quantize_model
 from torchshrink.tables import markdown_table
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from torchshrink.quantize.affine import QuantSpec, qparams, quant_error
+from torchshrink.quantization.affine import QuantSpec, qparams, quant_error
 
 __all__ = [
     "Observer",

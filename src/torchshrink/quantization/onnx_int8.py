@@ -1,7 +1,7 @@
 """Real int8 execution: export a fake-quant model as ONNX QDQ and run it on ONNX Runtime's int8 kernels.
 
 The exported file carries torchshrink's own scales and zero points (see
-:mod:`torchshrink.quantize.fakequant`); ONNX Runtime's graph optimiser fuses each
+:mod:`torchshrink.quantization.fakequant`); ONNX Runtime's graph optimiser fuses each
 ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear`` into ``QLinearConv`` / ``QGemm`` and keeps
 max-pool and reshapes in int8; a transformer's residual adds and LayerNorms become
 ``SkipLayerNormalization`` (:func:`torchshrink.onnx_passes.fuse_transformer_blocks`) and embedding
@@ -30,7 +30,7 @@ from torch import nn
 from torchshrink.errors import ExportError
 from torchshrink.inputs import InputSpec, ModelInput, call
 from torchshrink.onnx_export import export_onnx
-from torchshrink.quantize.prepare import activation_quantizers, weight_quantizers
+from torchshrink.quantization.prepare import activation_quantizers, weight_quantizers
 
 log = logging.getLogger(__name__)
 

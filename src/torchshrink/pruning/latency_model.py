@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from torchshrink.inputs import InputSpec
 from torchshrink.measure import latencies_ms
-from torchshrink.prune.graph import Group
-from torchshrink.prune.structural import Size, bounds, model_size, rebuilt
+from torchshrink.pruning.graph import Group
+from torchshrink.pruning.structural import Size, bounds, model_size, rebuilt
 
 log = logging.getLogger(__name__)
 
