@@ -73,7 +73,7 @@ def test_unlabelled_data_is_measured_as_agreement_with_the_original(tmp_path) ->
     assert 0.5 < report.final["accuracy"] <= 1.0
     assert "latency_ms_b4" in report.final and "latency_ms_b32" not in report.final
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "agreement" in md and "latency b4 (ms)" in md
+    assert "agreement" in md and "latency b4 ms (IQR)" in md
 
 
 def test_unlabelled_data_cannot_train(tmp_path) -> None:

@@ -71,3 +71,8 @@ class PostNormBlock(PreNormBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         return h + self.out(F.gelu(self.fc_a(h)) * self.fc_b(h))
+
+
+def untimed(metrics: dict) -> dict:
+    """A run's metrics without its timings (latency, speed-up): what a re-run must reproduce exactly."""
+    return {k: v for k, v in metrics.items() if "latency" not in k and "speedup" not in k}

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
@@ -47,6 +51,10 @@ __all__ = [
     "latency_ms",
     "latencies_ms",
     "interleaved_medians",
+    "interleaved_times",
+    "Latency",
+    "TimingPass",
+    "timing_pass",
     "measure",
     "check_model_fits",
 ]
@@ -193,21 +201,142 @@ def serialized_size(model: nn.Module) -> int:
     return len(safetensors_bytes(state, metadata=metadata or None))
 
 
-def interleaved_medians(
+def interleaved_times(
     variants: Mapping[str, Callable[[], object]], repeats: int = 30, warmup: int = 5
-) -> dict[str, float]:
-    """Median milliseconds of each callable, timed A B C A B C ... so a slow stretch of the machine
-    hits every variant alike and their ratio stays honest."""
+) -> dict[str, list[float]]:
+    """Milliseconds of each callable per round, timed interleaved (A B C, then C A B, ...: every round
+    runs each once, in a new order) so a slow stretch of the machine hits every variant alike."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    shuffle = random.Random(0).shuffle  # a fresh order each round: no variant always follows another
     for _ in range(repeats):
-        for name, fn in variants.items():
+        for name in order:
             start = time.perf_counter()
-            fn()
+            variants[name]()
             times[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: statistics.median(t) for name, t in times.items()}
+        shuffle(order)
+    return times
+
+
+def interleaved_medians(
+    variants: Mapping[str, Callable[[], object]], repeats: int = 30, warmup: int = 5
+) -> dict[str, float]:
+    """Median milliseconds of each callable, timed interleaved (:func:`interleaved_times`)."""
+    return {name: statistics.median(t) for name, t in interleaved_times(variants, repeats, warmup).items()}
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One model on one runtime at one batch size (ms): the median and quartiles of its own times,
+    and ``paired``: the median over rounds of its time over the reference's time in that round,
+    times the reference's median. Paired ratios cancel what a round shares (a busy stretch), so
+    identical models read alike even on a loaded machine."""
+
+    median: float
+    q1: float
+    q3: float
+    paired: float
+
+    @classmethod
+    def of(cls, times: Sequence[float], reference: Sequence[float]) -> Latency:
+        q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+        ratio = statistics.median(t / max(r, 1e-9) for t, r in zip(times, reference, strict=True))
+        return cls(statistics.median(times), q1, q3, ratio * statistics.median(reference))
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+
+def _cpu_jiffies() -> tuple[float, float] | None:
+    """(busy, total) CPU time of the whole machine from /proc/stat (Linux), else None."""
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+@dataclass(frozen=True)
+class TimingPass:
+    """One interleaved timing of every row on every runtime it runs on (per batch size: [paired
+    median, median, q1, q3] ms, paired against the first row's first runtime), and how busy the machine
+    was with other work meanwhile (``other_load``: cores' worth, from /proc/stat minus this process)."""
+
+    rows: dict[str, dict[str, dict[int, Latency]]]
+    rounds: int
+    seconds: float
+    other_load: float | None
+    cores: int
+
+    @property
+    def busy(self) -> bool:
+        """Other processes kept more than a quarter of a core busy on average."""
+        return self.other_load is not None and self.other_load > 0.25
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "seconds": round(self.seconds, 3),
+            "other_load_cores": None if self.other_load is None else round(self.other_load, 3),
+            "cores": self.cores,
+            "busy": self.busy,
+            "rows": {
+                row: {rt: {str(b): [round(v.paired, 4), round(v.median, 4), round(v.q1, 4), round(v.q3, 4)]
+                           for b, v in by.items()}
+                      for rt, by in runtimes.items()}
+                for row, runtimes in self.rows.items()
+            },
+        }  # fmt: skip
+
+
+def timing_pass(
+    rows: Mapping[str, Mapping[str, nn.Module]],
+    inputs: InputSpec | Sequence[int],
+    batch_sizes: Sequence[int] = (1, 32),
+    rounds: int = 30,
+    threads: int = 2,
+    warmup: int = 3,
+) -> TimingPass:
+    """Time every (row, runtime) model in one interleaved pass per batch size, on the same stand-in
+    input: all numbers of a report share the machine's moment, so identical models get the same
+    latency and speed-ups are ratios within one pass."""
+    started, cpu_before, own_before = time.perf_counter(), _cpu_jiffies(), os.times()
+    out: dict[str, dict[str, dict[int, Latency]]] = {row: {rt: {} for rt in rts} for row, rts in rows.items()}
+    models = [m for rts in rows.values() for m in rts.values()]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        with _threads(threads), torch.inference_mode():
+            for batch in batch_sizes:
+                x = as_spec(inputs).example(batch)
+                variants = {
+                    f"{row}\x00{rt}": functools.partial(call, m, x)
+                    for row, rts in rows.items()
+                    for rt, m in rts.items()
+                }
+                measured = interleaved_times(variants, repeats=rounds, warmup=warmup)
+                reference = next(iter(measured.values()))  # the first row's first runtime
+                for key, times in measured.items():
+                    row, rt = key.split("\x00")
+                    out[row][rt][batch] = Latency.of(times, reference)
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+    seconds = time.perf_counter() - started
+    cpu_after, own_after = _cpu_jiffies(), os.times()
+    other = None
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    if cpu_before is not None and cpu_after is not None and seconds > 0:
+        busy = (cpu_after[0] - cpu_before[0]) / ticks
+        own = (own_after.user + own_after.system) - (own_before.user + own_before.system)
+        other = max(busy - own, 0.0) / seconds
+    return TimingPass(out, rounds, seconds, other, os.cpu_count() or 1)
 
 
 def latencies_ms(

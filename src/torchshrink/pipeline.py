@@ -20,7 +20,7 @@ from torchshrink.digests import combine, model_digest
 from torchshrink.errors import CorruptFileError, DataError, RecipeError, TorchshrinkError
 from torchshrink.inputs import InputSpec
 from torchshrink.io import load_tensors, read_safetensors_metadata, save_tensors, write_text_atomic
-from torchshrink.measure import check_model_fits, measure, predict
+from torchshrink.measure import check_model_fits, measure, predict, timing_pass
 from torchshrink.models import (
     build_architecture,
     check_named_code,
@@ -234,6 +234,72 @@ def _declared_files(recipe: Recipe) -> list[str]:
     ]
 
 
+def _runtimes(state: ModelState) -> dict[str, nn.Module]:
+    """What a stage's result runs on: its torch model (a copy: later stages train in place) and the
+    runtime of the file it ships, if any."""
+    out: dict[str, nn.Module] = {"torch": copy.deepcopy(state.model)}
+    if state.runtime is not None:
+        out["onnx"] = state.runtime
+    return out
+
+
+def _time_rows(
+    given: nn.Module,
+    timed: dict[str, dict[str, nn.Module]],
+    records: list[dict[str, Any]],
+    baseline: dict[str, Any],
+    recipe: Recipe,
+    inputs: InputSpec,
+    out_dir: Path,
+    info: ddp.DistInfo,
+) -> dict[str, Any]:
+    """One interleaved timing pass of the model as given and every stage's result, on each runtime
+    it runs on; fills every record's latency (median and IQR of the runtime it ships on) and its
+    speed-ups over the model as given (torch eager; ONNX Runtime fp32 for ONNX files)."""
+    rows: dict[str, dict[str, nn.Module]] = {"(given)": {"torch": given}}
+    if any("onnx" in r for r in timed.values()):
+        onnx_given = _onnx_fp32(given, inputs, out_dir, info)
+        if onnx_given is not None:
+            rows["(given)"]["onnx"] = onnx_given
+    rows.update(timed)
+    sizes = tuple(recipe.measure.batch_sizes)
+    result = timing_pass(
+        rows, inputs, sizes, rounds=recipe.measure.latency_repeats, threads=recipe.measure.threads
+    )
+    if result.busy:
+        log.warning(
+            "the machine was busy while timing (other processes used %.2f of %d cores): latencies are "
+            "paired within this report's timing pass; do not compare them with other runs",
+            result.other_load,
+            result.cores,
+        )
+    base = result.rows["(given)"]
+    metrics_of = {r["name"]: r["metrics"] for r in records}
+    targets = [(name, metrics_of[name]) for name in timed]
+    if not any(m is baseline for _, m in targets):
+        targets.append(("(given)", baseline))
+    for name, metrics in targets:
+        row = result.rows[name]
+        shipped = "onnx" if "onnx" in row else "torch"
+        for b in sizes:
+            metrics[f"latency_ms_b{b}"] = row[shipped][b].paired
+            metrics[f"latency_iqr_ms_b{b}"] = row[shipped][b].iqr
+            if name == "(given)":
+                continue
+            metrics[f"speedup_b{b}"] = base["torch"][b].paired / row[shipped][b].paired
+            if shipped == "onnx" and "torch" in row:
+                metrics[f"torch_latency_ms_b{b}"] = row["torch"][b].paired
+                if "onnx" in base:
+                    metrics[f"speedup_onnx_fp32_b{b}"] = base["onnx"][b].paired / row["onnx"][b].paired
+    previous: dict[str, Any] | None = None  # a stage that only looked at the model: its latency
+    for r in records:
+        if r["name"] in timed:
+            previous = r["metrics"] if not r.get("branch") else previous
+        elif previous is not None:
+            r["metrics"].update({k: v for k, v in previous.items() if "latency" in k or "speedup" in k})
+    return result.to_dict()
+
+
 def _owner(recipe: Recipe) -> dict[str, Any]:
     """What makes an output folder one recipe's: its name and the model it compresses."""
     return {"recipe": recipe.name, "model": recipe.model.model_dump(mode="json", exclude_defaults=True)}
@@ -301,25 +367,15 @@ def _run_in(
     origin = combine(model_digest(state.model, state.architecture), data_digest)
     keys = [combine(recipe.fingerprint(i), origin) for i in range(len(recipe.stages))]
 
-    onnx_references: dict[int, nn.Module | None] = {}
+    # Latency is not timed stage by stage (each at another moment of the machine): every stage's
+    # model is kept, and one interleaved pass at the end times them all (see _time_rows).
+    as_given = copy.deepcopy(state.model)
+    timed: dict[str, dict[str, nn.Module]] = {}
 
     def measure_state(s: ModelState, reference: nn.Module | None) -> dict[str, float | int]:
-        onnx_reference = None
-        if s.runtime is not None and reference is not None:
-            if id(reference) not in onnx_references:
-                onnx_references[id(reference)] = _onnx_fp32(reference, data.inputs, out_dir, info)
-            onnx_reference = onnx_references[id(reference)]
+        del reference  # ratios of speed come from the final timing pass
         return measure(
-            s.model,
-            data.test,
-            runtime=s.runtime,
-            artefact=s.artefact,
-            latency_repeats=recipe.measure.latency_repeats,
-            threads=recipe.measure.threads,
-            reference=reference,
-            onnx_reference=onnx_reference,
-            batch_sizes=recipe.measure.batch_sizes,
-            inputs=data.inputs,
+            s.model, data.test, runtime=s.runtime, artefact=s.artefact, batch_sizes=(), inputs=data.inputs
         )
 
     # The baseline model is kept so that every later stage is timed interleaved with it.
@@ -345,6 +401,12 @@ def _run_in(
             record["resumed"] = True
             record["resume"] = "reused"
             artefacts.update(record.get("artefacts", {}))
+            if entry.role != "observe" and not spec.branch:
+                timed[spec.name] = _runtimes(_load_stage(path, state)[0])
+            elif spec.branch:  # its model is not kept, the ONNX file it shipped is
+                shipped = [f for f in record.get("artefacts", {}).values() if str(f).endswith(".onnx")]
+                if shipped and (out_dir / shipped[0]).is_file():
+                    timed[spec.name] = {"onnx": OnnxRuntimeModel(out_dir / shipped[0])}
         else:
             ctx = RunContext(
                 data=data,
@@ -380,6 +442,8 @@ def _run_in(
                 "artefacts": ctx.artefacts,
                 "resume": how,
             }
+            if entry.role != "observe" or result.runtime is not None:
+                timed[spec.name] = _runtimes(result)
             # A branch's result is reported and its files kept; the model goes on unchanged.
             if not spec.branch:
                 state = result
@@ -403,6 +467,7 @@ def _run_in(
             *(", ".join(names) or "none" for names in by_kind.values()),
         )
     assert baseline is not None
+    timing = _time_rows(as_given, timed, records, baseline, recipe, data.inputs, out_dir, info)
     final = next((r["metrics"] for r in reversed(records) if not r.get("branch")), baseline)
     if info.is_main:
         save_model(out_dir / MODEL_FILE, state.model, state.architecture, data.inputs)
@@ -425,6 +490,7 @@ def _run_in(
         artefacts=artefacts,
         seconds=round(time.perf_counter() - started, 3),
         quality="cosine" if data.embedding else "accuracy" if data.labelled else "agreement",
+        timing=timing,
     )
     if info.is_main:
         write_report(report, out_dir)

@@ -40,6 +40,8 @@ class Report:
     seconds: float = 0.0
     quality: str = "accuracy"  # "agreement": top-1 agreement with the original model (unlabelled data);
     # "cosine": an embedding model's fidelity to the original (mean cosine, nearest-neighbour agreement)
+    timing: dict[str, Any] = field(default_factory=dict)
+    """The final interleaved timing pass: rounds, machine load, per row and runtime [median, q1, q3]."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +63,13 @@ def _speedup(m: Metrics, base: Metrics, key: str) -> str:
     """The speed-up timed side by side with the baseline when there is one, else the plain ratio."""
     batch = key.rsplit("_", 1)[-1]
     return f"{m[f'speedup_{batch}']:.2f}x" if f"speedup_{batch}" in m else _ratio(base[key], m[key])
+
+
+def _latency(m: Metrics, batch: int) -> str:
+    """Median milliseconds, with the interquartile range of the timing pass when there is one."""
+    text = f"{m[f'latency_ms_b{batch}']:.3f}"
+    iqr = m.get(f"latency_iqr_ms_b{batch}")
+    return f"{text} ({iqr:.3f})" if iqr is not None else text
 
 
 def _speedup_onnx(m: Metrics, batch: int) -> str:
@@ -85,8 +94,7 @@ def format_table(report: Report) -> str:
         return [
             name, kind, quality.score(m), quality.delta(m, base), _bytes(m["size_bytes"]),
             _ratio(base["size_bytes"], m["size_bytes"]), f"{m['params']:,}", f"{m['nonzero_params']:,}",
-            f"{m['macs']:,}", _ratio(base["macs"], m["macs"]), f"{m[f'latency_ms_b{small}']:.3f}",
-            f"{m[f'latency_ms_b{large}']:.3f}", _speedup(m, base, f"latency_ms_b{large}"),
+            f"{m['macs']:,}", _ratio(base["macs"], m["macs"]), _latency(m, small), _latency(m, large), _speedup(m, base, f"latency_ms_b{large}"),
             _speedup_onnx(m, large), seconds,
         ]  # fmt: skip
 
@@ -99,7 +107,7 @@ def format_table(report: Report) -> str:
         rows.append(row(name, stage["kind"], stage["metrics"], seconds))
     header = [
         "stage", "kind", quality.label, quality.delta_header, "size", "smaller", "params", "non-zero", "MACs",
-        "fewer MACs", f"latency b{small} (ms)", f"latency b{large} (ms)", f"faster b{large} vs torch",
+        "fewer MACs", f"latency b{small} ms (IQR)", f"latency b{large} ms (IQR)", f"faster b{large} vs given",
         f"faster b{large} vs ORT fp32", "seconds",
     ]  # fmt: skip
     return markdown_table(header, rows)
@@ -153,6 +161,26 @@ _QUALITY = {
 }
 
 
+def _timing_lines(report: Report) -> list[str]:
+    """The timing pass in a sentence, and a warning when other work kept the machine busy."""
+    timing = report.timing or {}
+    if not timing:
+        return []
+    load = timing.get("other_load_cores")
+    line = (
+        f"Timing: one interleaved pass, {timing['rounds']} rounds, {timing['seconds']:.1f} s; other processes "
+        f"used {'an unknown share' if load is None else f'{load:.2f}'} of {timing['cores']} cores meanwhile."
+    )
+    lines = [line, ""]
+    if timing.get("busy"):
+        lines += [
+            "**Warning: the machine was busy while timing.** Latencies compare within this report; "
+            "time again on an idle machine before quoting them elsewhere.",
+            "",
+        ]
+    return lines
+
+
 def _markdown(report: Report) -> str:
     final, base = report.final, report.baseline
     quality = _QUALITY[report.quality]
@@ -169,16 +197,18 @@ def _markdown(report: Report) -> str:
         "",
         f"Final model: {quality.label} {quality.score(final)} ({quality.delta(final, base)}{quality.delta_unit} vs baseline), {_bytes(final['size_bytes'])} ({_ratio(base['size_bytes'], final['size_bytes'])} smaller), "
         f"batch-{large} latency {final[f'latency_ms_b{large}']:.3f} ms ({_speedup(final, base, f'latency_ms_b{large}')} "
-        f"faster than the baseline in PyTorch{onnx_gain}).",
+        f"faster than the model as given, in PyTorch{onnx_gain}).",
         "",
+        *_timing_lines(report),
         format_table(report),
         "",
         quality.note,
         "Baseline: the model as loaded, or the trained model as it enters the first compressing stage.",
-        "Latency: median over repeats after warm-up, fixed thread count; each stage's speed-up is timed",
-        "interleaved with the baseline model in the same run (the ratio survives a noisy machine). An ONNX",
-        "file is also timed against the baseline exported to ONNX Runtime fp32: what quantization buys on",
-        "the same runtime; the PyTorch column adds what the change of runtime buys.",
+        "Latency: after all stages, the model as given and every stage's result are timed in one",
+        "interleaved pass (A B C A B C ...) on the runtime each ships on, so identical models read alike",
+        "and speed-ups (over the model as given, in PyTorch) are ratios within that pass; the figure in",
+        "brackets is the interquartile range. An ONNX file is also timed against the model as given",
+        "exported to ONNX Runtime fp32: what quantization buys on the same runtime.",
         "Size: the file a user would ship.",
         "",
         "## Artefacts",
