@@ -79,7 +79,7 @@ def test_report_files_and_schema(full_run):
     for stage in data["stages"]:  # one timing pass with the model as given
         assert set(stage["metrics"]) == {*METRIC_NAMES, *timing}
         assert stage["metrics"]["speedup_b32"] > 0
-    assert data["timing"]["rounds"] == 3 and set(data["timing"]["rows"]) == {"(given)", "train", "finetune"}
+    assert data["timing"]["rounds"] >= 3 and set(data["timing"]["rows"]) == {"(given)", "train", "finetune"}
     assert data["stages"][2]["metrics"]["latency_ms_b32"] == data["stages"][1]["metrics"]["latency_ms_b32"]
     for metrics in [data["baseline"], data["final"], *(s["metrics"] for s in data["stages"])]:
         assert 0.0 <= metrics["accuracy"] <= 1.0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save_file as _save_safetensors
 
@@ -173,22 +173,16 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """Read only the JSON header's ``__metadata__`` of a safetensors file (no tensor data)."""
+    """The ``__metadata__`` of a safetensors file, read by safetensors itself (header only, no tensor
+    data); a file it cannot parse is a named error."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(path, "safetensors file")
-    with path.open("rb") as fh:
-        raw_len = fh.read(8)
-        if len(raw_len) != 8:
-            raise CorruptFileError(path, "file too short to be safetensors")
-        header_len = int.from_bytes(raw_len, "little")
-        if header_len <= 0 or header_len > 100_000_000 or header_len > path.stat().st_size - 8:
-            raise CorruptFileError(path, f"invalid safetensors header length {header_len}")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptFileError(path, f"safetensors header is not valid JSON: {exc}") from exc
-    return dict(header.get("__metadata__") or {})
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(path, f"not a readable safetensors file: {exc}") from None
 
 
 def folder_listing(directory: str | Path, limit: int = 12) -> str:

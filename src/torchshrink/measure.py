@@ -251,6 +251,10 @@ class Latency:
         return self.q3 - self.q1
 
 
+BUSY_ROUNDS = 100
+"""Rounds of a timing pass when other processes keep the machine busy (fewer are asked for)."""
+
+
 def _cpu_jiffies() -> tuple[float, float] | None:
     """(busy, total) CPU time of the whole machine from /proc/stat (Linux), else None."""
     try:
@@ -272,6 +276,7 @@ class TimingPass:
     seconds: float
     other_load: float | None
     cores: int
+    threads: int
 
     @property
     def busy(self) -> bool:
@@ -284,6 +289,7 @@ class TimingPass:
             "seconds": round(self.seconds, 3),
             "other_load_cores": None if self.other_load is None else round(self.other_load, 3),
             "cores": self.cores,
+            "threads": self.threads,
             "busy": self.busy,
             "rows": {
                 row: {rt: {str(b): [round(v.paired, 4), round(v.median, 4), round(v.q1, 4), round(v.q3, 4)]
@@ -304,7 +310,14 @@ def timing_pass(
 ) -> TimingPass:
     """Time every (row, runtime) model in one interleaved pass per batch size, on the same stand-in
     input: all numbers of a report share the machine's moment, so identical models get the same
-    latency and speed-ups are ratios within one pass."""
+    latency and speed-ups are ratios within one pass. When other processes keep cores busy (sampled
+    just before), the pass uses only the free ones (at least one)."""
+    cores = os.cpu_count() or 1
+    before = _other_load(0.3)
+    if before is not None and before > 0.5:  # others hold cores: time on the free ones (contended
+        # threads make every call's time bimodal, and the median of such times jumps between modes)
+        threads = max(1, min(threads, round(cores - before)))
+        rounds = max(rounds, BUSY_ROUNDS)  # and more rounds: a contended call's time varies more
     started, cpu_before, own_before = time.perf_counter(), _cpu_jiffies(), os.times()
     out: dict[str, dict[str, dict[int, Latency]]] = {row: {rt: {} for rt in rts} for row, rts in rows.items()}
     models = [m for rts in rows.values() for m in rts.values()]
@@ -329,14 +342,28 @@ def timing_pass(
         for m, mode in zip(models, modes, strict=True):
             m.train(mode)
     seconds = time.perf_counter() - started
+    other = _load_between(cpu_before, own_before, seconds)
+    return TimingPass(out, rounds, seconds, other, cores, threads)
+
+
+def _load_between(
+    cpu_before: tuple[float, float] | None, own_before: os.times_result, seconds: float
+) -> float | None:
+    """Cores' worth of CPU time other processes used since ``cpu_before`` / ``own_before``."""
     cpu_after, own_after = _cpu_jiffies(), os.times()
-    other = None
+    if cpu_before is None or cpu_after is None or seconds <= 0:
+        return None
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    if cpu_before is not None and cpu_after is not None and seconds > 0:
-        busy = (cpu_after[0] - cpu_before[0]) / ticks
-        own = (own_after.user + own_after.system) - (own_before.user + own_before.system)
-        other = max(busy - own, 0.0) / seconds
-    return TimingPass(out, rounds, seconds, other, os.cpu_count() or 1)
+    busy = (cpu_after[0] - cpu_before[0]) / ticks
+    own = (own_after.user + own_after.system) - (own_before.user + own_before.system)
+    return max(busy - own, 0.0) / seconds
+
+
+def _other_load(window: float) -> float | None:
+    """Cores' worth of CPU other processes use, sampled over ``window`` seconds (this one idle)."""
+    cpu_before, own_before, started = _cpu_jiffies(), os.times(), time.perf_counter()
+    time.sleep(window)
+    return _load_between(cpu_before, own_before, time.perf_counter() - started)
 
 
 def latencies_ms(

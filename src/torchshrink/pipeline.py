@@ -62,6 +62,7 @@ def _save_stage(path: Path, state: ModelState, record: dict[str, Any], fingerpri
             {
                 "artefact": str(state.artefact) if state.artefact else None,
                 "attachments": state.attachments,
+                "pruned_weights": list(state.pruned_weights),
                 "lineage": list(state.lineage),
                 "runtime": str(state.runtime.path) if isinstance(state.runtime, OnnxRuntimeModel) else None,
             },
@@ -93,7 +94,9 @@ def _load_stage(path: Path, current: ModelState) -> tuple[ModelState, dict[str, 
         model=model,
         architecture=architecture,
         artefact=Path(saved["artefact"]) if saved["artefact"] else None,
-        attachments=saved["attachments"],
+        attachments={k: v for k, v in saved["attachments"].items() if k != "pruned_weights"},
+        # older checkpoints kept the names among the attachments
+        pruned_weights=tuple(saved.get("pruned_weights", saved["attachments"].get("pruned_weights", []))),
         lineage=tuple(saved["lineage"]),
         runtime=OnnxRuntimeModel(runtime) if runtime else None,
     )

@@ -168,7 +168,8 @@ def _timing_lines(report: Report) -> list[str]:
         return []
     load = timing.get("other_load_cores")
     line = (
-        f"Timing: one interleaved pass, {timing['rounds']} rounds, {timing['seconds']:.1f} s; other processes "
+        f"Timing: one interleaved pass, {timing['rounds']} rounds, {timing.get('threads', '?')} thread(s), "
+        f"{timing['seconds']:.1f} s; other processes "
         f"used {'an unknown share' if load is None else f'{load:.2f}'} of {timing['cores']} cores meanwhile."
     )
     lines = [line, ""]

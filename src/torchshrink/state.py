@@ -23,7 +23,8 @@ class ModelState:
     ``artefact`` is the file a user would ship for this state when a stage wrote one (its size is
     what the report counts); ``attachments`` holds JSON-able facts later stages or the report need;
     ``lineage`` lists the stages applied so far; ``runtime``, when set, is what executes the
-    artefact (e.g. ONNX Runtime on an int8 file): accuracy and latency are measured on it.
+    artefact (e.g. ONNX Runtime on an int8 file): accuracy and latency are measured on it;
+    ``pruned_weights`` names the parameters whose zeros training must keep.
     """
 
     model: nn.Module
@@ -32,6 +33,8 @@ class ModelState:
     attachments: dict[str, Any] = field(default_factory=dict)
     lineage: tuple[str, ...] = ()
     runtime: nn.Module | None = None
+    pruned_weights: tuple[str, ...] = ()
+    """Parameters unstructured pruning zeroed: training keeps them at zero (a mask keeper)."""
 
     def replace(self, **changes: Any) -> ModelState:
         """A copy with some fields changed: stages return new states instead of mutating.

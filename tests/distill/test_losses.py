@@ -199,3 +199,19 @@ def test_cosine_match_and_the_task_loss_on_vector_targets() -> None:
     expected = 1 - (1 / math.sqrt(2) + 1) / 2
     assert make_term("cosine")(out).item() == pytest.approx(expected, rel=1e-6)
     assert make_term("ce")(out).item() == pytest.approx(expected, rel=1e-6)  # vector targets: cosine distance
+
+
+def test_the_config_names_only_registered_terms():
+    """The distill config's term names (match, regularizers) are keys of the one term registry."""
+    import typing
+
+    from torchshrink.distillation.losses import TERMS
+    from torchshrink.distillation.stage import DistillConfig
+
+    fields = DistillConfig.model_fields
+    match = {a for a in typing.get_args(fields["match"].annotation) for a in typing.get_args(a)} or set()
+    regularizers = set(typing.get_args(typing.get_args(fields["regularizers"].annotation)[0]))
+    assert match == {"kd", "mae", "cosine"} and match <= set(TERMS)
+    assert regularizers == {"confidence", "l1", "l2"} and regularizers <= set(TERMS)
+    with pytest.raises(ValueError, match="unknown loss term 'nope'; known: ce, kd"):
+        make_term("nope")

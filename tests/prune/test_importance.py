@@ -411,3 +411,15 @@ def test_make_importance_dispatches_every_key(batches):
     )
     with pytest.raises(KeyError):
         make_importance("nope", model, batches)
+
+
+def test_the_config_names_exactly_the_registered_criteria():
+    """One list of criteria: the recipe's `importance` choices are the registry's keys, and a
+    criterion without data (magnitude, random, bn_scale) is the kind that needs none."""
+    import typing
+
+    from torchshrink.pruning.stage import PruneConfig
+
+    allowed = set(typing.get_args(PruneConfig.model_fields["importance"].annotation))
+    assert allowed == set(IMPORTANCE)
+    assert {k for k, c in IMPORTANCE.items() if not c.needs_data} == {"magnitude", "random", "bn_scale"}

@@ -236,78 +236,92 @@ def _needs_teacher(out: StepOutputs) -> torch.Tensor:
     return out.teacher_logits
 
 
-def make_term(name: str, *, temperature: float = 4.0, pairs: Mapping[str, str] | None = None,
-              adapters: Mapping[str, nn.Module] | None = None) -> Term:  # fmt: skip
-    """The registered term ``name`` (see :data:`TERMS`) with its options bound.
+@dataclass(frozen=True)
+class TermOptions:
+    """What a term may be built with: the soft-target temperature, matched layers (student ->
+    teacher) and the feature adapters fitted to them."""
 
-    ``pairs`` maps student layer -> teacher layer (feature, attention); ``adapters`` maps student
-    layer -> :class:`FeatureAdapter` (feature).
-    """
-    if name == "ce":
-        return lambda out: task_loss(out.student_logits, out.labels)
-    if name == "cosine":
-        return lambda out: cosine_distance(out.student_logits, _needs_teacher(out))
-    if name == "kd":
-        return lambda out: soft_target_loss(out.student_logits, _needs_teacher(out), temperature)
-    if name == "mae":
-        return lambda out: logit_mae(out.student_logits, _needs_teacher(out))
-    if name == "confidence":
-        return lambda out: confidence_penalty(out.student_logits)
-    if name in ("l1", "l2"):
-        p = 1 if name == "l1" else 2
+    temperature: float = 4.0
+    pairs: Mapping[str, str] = field(default_factory=dict)
+    adapters: Mapping[str, nn.Module] = field(default_factory=dict)
 
+
+def _weight_term(p: int) -> Callable[[str, TermOptions], Term]:
+    def build(name: str, opts: TermOptions) -> Term:
         def penalty(out: StepOutputs) -> torch.Tensor:
             if out.student is None:
                 raise ValueError(f"the {name!r} term needs the student model")
             return weight_penalty(out.student, p)
 
         return penalty
-    if name in ("hidden", "attention_maps"):
-        if not pairs:
+
+    return build
+
+
+def _matched_term(compare: Callable[..., torch.Tensor]) -> Callable[[str, TermOptions], Term]:
+    """Matched hidden states or attention maps, averaged over the pairs (token-masked)."""
+
+    def build(name: str, opts: TermOptions) -> Term:
+        if not opts.pairs:
             raise ValueError(f"the {name!r} term needs matched layers {{student_layer: teacher_layer}}")
-        compare = hidden_state_loss if name == "hidden" else attention_map_loss
+        pairs = dict(opts.pairs)
+        return lambda out: torch.stack(
+            [
+                compare(out.student_features[s], out.teacher_features[t].detach(), out.token_mask)
+                for s, t in pairs.items()
+            ]
+        ).mean()
 
-        def matched(out: StepOutputs) -> torch.Tensor:
-            return torch.stack(
-                [
-                    compare(out.student_features[s], out.teacher_features[t].detach(), out.token_mask)
-                    for s, t in pairs.items()
-                ]
-            ).mean()
+    return build
 
-        return matched
-    if name in ("feature", "attention"):
-        if not pairs:
+
+def _layer_term(adapt: bool) -> Callable[[str, TermOptions], Term]:
+    """Feature maps (through the fitted adapters, MSE) or attention transfer, averaged over the pairs."""
+
+    def build(name: str, opts: TermOptions) -> Term:
+        if not opts.pairs:
             raise ValueError(f"the {name!r} term needs layer pairs [[student_layer, teacher_layer], ...]")
-        fitted = dict(adapters or {})
+        pairs, fitted = dict(opts.pairs), dict(opts.adapters)
 
-        def layers(out: StepOutputs) -> torch.Tensor:
-            losses = []
-            for s, t in pairs.items():
-                fs, ft = out.student_features[s], out.teacher_features[t].detach()
-                if name == "feature":
-                    losses.append(F.mse_loss(fitted[s](fs) if s in fitted else fs, ft))
-                else:
-                    losses.append(attention_transfer(fs, ft))
-            return torch.stack(losses).mean()
+        def one(s: str, t: str, out: StepOutputs) -> torch.Tensor:
+            fs, ft = out.student_features[s], out.teacher_features[t].detach()
+            if adapt:
+                return F.mse_loss(fitted[s](fs) if s in fitted else fs, ft)
+            return attention_transfer(fs, ft)
 
-        return layers
-    raise ValueError(f"unknown loss term {name!r}; known: {', '.join(TERMS)}")
+        return lambda out: torch.stack([one(s, t, out) for s, t in pairs.items()]).mean()
+
+    return build
 
 
-TERMS = (
-    "ce",
-    "kd",
-    "mae",
-    "cosine",
-    "feature",
-    "attention",
-    "hidden",
-    "attention_maps",
-    "confidence",
-    "l1",
-    "l2",
-)
+TERMS: dict[str, Callable[[str, TermOptions], Term]] = {
+    "ce": lambda name, opts: lambda out: task_loss(out.student_logits, out.labels),
+    "kd": lambda name, opts: (
+        lambda out: soft_target_loss(out.student_logits, _needs_teacher(out), opts.temperature)
+    ),
+    "mae": lambda name, opts: lambda out: logit_mae(out.student_logits, _needs_teacher(out)),
+    "cosine": lambda name, opts: lambda out: cosine_distance(out.student_logits, _needs_teacher(out)),
+    "feature": _layer_term(adapt=True),
+    "attention": _layer_term(adapt=False),
+    "hidden": _matched_term(hidden_state_loss),
+    "attention_maps": _matched_term(attention_map_loss),
+    "confidence": lambda name, opts: lambda out: confidence_penalty(out.student_logits),
+    "l1": _weight_term(1),
+    "l2": _weight_term(2),
+}
+"""The one registry of loss terms: name -> builder(name, options) -> term."""
+
+
+def make_term(name: str, *, temperature: float = 4.0, pairs: Mapping[str, str] | None = None,
+              adapters: Mapping[str, nn.Module] | None = None) -> Term:  # fmt: skip
+    """The registered term ``name`` (see :data:`TERMS`) with its options bound.
+
+    ``pairs`` maps student layer -> teacher layer (feature, attention, hidden, attention_maps);
+    ``adapters`` maps student layer -> :class:`FeatureAdapter` (feature).
+    """
+    if name not in TERMS:
+        raise ValueError(f"unknown loss term {name!r}; known: {', '.join(TERMS)}")
+    return TERMS[name](name, TermOptions(temperature, dict(pairs or {}), dict(adapters or {})))
 
 
 class Objective:

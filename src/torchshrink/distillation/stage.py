@@ -405,7 +405,7 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
             train_config(cfg, ctx),
             checkpoint_dir=ctx.work_dir,
             # a pruned student keeps its pruned weights at zero
-            after_step=keeper_for(setup.student, state.attachments) if cfg.student == "current" else None,
+            after_step=keeper_for(setup.student, state.pruned_weights) if cfg.student == "current" else None,
         )
     finally:
         setup.remove_taps()
@@ -413,4 +413,6 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
         "live, on the student's view" if live else "cached once for the training set"
     )
     new = finish_distillation(state, setup, result, ctx)
-    return new.replace(attachments=dict(state.attachments)) if cfg.student == "current" else new
+    if cfg.student == "current":  # the same model, trained on: its pruned weights stay pruned
+        return new.replace(attachments=dict(state.attachments), pruned_weights=state.pruned_weights)
+    return new

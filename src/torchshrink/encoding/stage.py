@@ -28,7 +28,7 @@ from torchshrink.errors import EncodeError
 from torchshrink.inputs import take
 from torchshrink.models import build_architecture, load_weights_into
 from torchshrink.parallel import ddp
-from torchshrink.pruning.masks import PRUNED_WEIGHTS, prunable_weights
+from torchshrink.pruning.masks import prunable_weights
 from torchshrink.quantization.mixed import MixedConfig, choose_plan
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import FinetuneStageConfig, run_training
@@ -140,14 +140,13 @@ def encode_stage(state: ModelState, cfg: EncodeConfig, ctx: RunContext) -> Model
     share_weights(model, bits, init=cfg.init, seed=ctx.seed)
     if cfg.finetune_epochs:
         # The sharing parametrization keeps pruned weights at zero: no mask keeper needed.
-        attachments = {k: v for k, v in state.attachments.items() if k != PRUNED_WEIGHTS}
         tune = FinetuneStageConfig(
             epochs=cfg.finetune_epochs,
             lr=cfg.lr,
             batch_size=cfg.batch_size,
             checkpoint_every=cfg.checkpoint_every,
         )
-        run_training(state.replace(model=model, attachments=attachments), tune, ctx)
+        run_training(state.replace(model=model, pruned_weights=()), tune, ctx)
     snap_to_storage(model, cfg.float_dtype)
     path = ctx.out_dir / cfg.file
     if ctx.dist.is_main:

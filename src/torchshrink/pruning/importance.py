@@ -18,6 +18,7 @@ then a callable ``group -> scores`` (one score per channel of a structured group
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ Batches = Sequence[tuple[ModelInput, torch.Tensor]]
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 ENTROPY_BINS = 32
 
-__all__ = ["Importance", "IMPORTANCE", "make_importance", "channel_entropy"]
+__all__ = ["Criterion", "Importance", "IMPORTANCE", "make_importance", "channel_entropy"]
 
 
 def _per_position(scores: torch.Tensor, dim: int) -> torch.Tensor:
@@ -182,18 +183,29 @@ class EntropyImportance(Importance):
         return total / max(seen, 1)
 
 
-IMPORTANCE: dict[str, Callable[..., Importance]] = {
-    "magnitude": lambda model, batches, norm="l1", seed=0: magnitude(model, norm),
-    "taylor": lambda model, batches, norm="l1", seed=0: taylor(model, batches),
-    "snip": lambda model, batches, norm="l1", seed=0: snip(model, batches),
-    "entropy": lambda model, batches, norm="l1", seed=0: EntropyImportance(model, batches),
-    "random": lambda model, batches, norm="l1", seed=0: random_scores(model, seed),
-    "bn_scale": lambda model, batches, norm="l1", seed=0: bn_scale(model),
+@dataclass(frozen=True)
+class Criterion:
+    """A registered importance criterion: how to score a model, and whether it needs calibration data."""
+
+    score: Callable[[nn.Module, Batches, str, int], Importance]  # (model, batches, norm, seed)
+    needs_data: bool
+
+
+IMPORTANCE: dict[str, Criterion] = {
+    "magnitude": Criterion(lambda model, batches, norm, seed: magnitude(model, norm), needs_data=False),
+    "taylor": Criterion(lambda model, batches, norm, seed: taylor(model, batches), needs_data=True),
+    "snip": Criterion(lambda model, batches, norm, seed: snip(model, batches), needs_data=True),
+    "entropy": Criterion(
+        lambda model, batches, norm, seed: EntropyImportance(model, batches), needs_data=True
+    ),
+    "random": Criterion(lambda model, batches, norm, seed: random_scores(model, seed), needs_data=False),
+    "bn_scale": Criterion(lambda model, batches, norm, seed: bn_scale(model), needs_data=False),
 }
+"""The one list of criteria: the prune config's ``importance`` names exactly these (a test checks)."""
 
 
 def make_importance(
     kind: str, model: nn.Module, batches: Batches, norm: str = "l1", seed: int = 0
 ) -> Importance:
     """Compute the scores of criterion ``kind`` for ``model`` (``batches``: labelled calibration data)."""
-    return IMPORTANCE[kind](model, batches, norm=norm, seed=seed)
+    return IMPORTANCE[kind].score(model, batches, norm, seed)

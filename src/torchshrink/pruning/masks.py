@@ -8,8 +8,7 @@ saved model carries its masks by construction.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -86,9 +85,6 @@ def masks_from_zeros(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]
     return {n: p.detach() != 0 for n, p in params.items()}
 
 
-PRUNED_WEIGHTS = "pruned_weights"  # attachment: names of masked tensors, so fine-tuning keeps the masks
-
-
 class MaskKeeper:
     """An ``after_step`` hook for the training loop that keeps pruned weights at zero."""
 
@@ -101,10 +97,10 @@ class MaskKeeper:
         apply_masks(self.params, self.masks)
 
 
-def keeper_for(model: nn.Module, attachments: Mapping[str, Any]) -> MaskKeeper | None:
-    """The hook that keeps ``model``'s unstructured-pruned weights at zero while it trains, if the
-    state's attachments name any (None otherwise)."""
-    names = attachments.get(PRUNED_WEIGHTS)
+def keeper_for(model: nn.Module, pruned_weights: Iterable[str]) -> MaskKeeper | None:
+    """The hook that keeps ``model``'s unstructured-pruned weights (``ModelState.pruned_weights``) at
+    zero while it trains (None when there are none)."""
+    names = list(pruned_weights)
     return MaskKeeper(model, names) if names else None
 
 

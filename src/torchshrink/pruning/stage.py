@@ -23,7 +23,6 @@ from torchshrink.pruning.importance import IMPORTANCE, make_importance
 from torchshrink.pruning.latency_model import LatencyModel, fit_latency_model
 from torchshrink.pruning.layers import drop_layers
 from torchshrink.pruning.masks import (
-    PRUNED_WEIGHTS,
     MaskKeeper,
     apply_masks,
     compute_masks,
@@ -465,7 +464,7 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
         ctx.details.update(sparsity_inducing_training(model, cfg, ctx))
     # data-driven criteria score on these batches; structured pruning measures the sensitivity
     # allocation's loss and re-estimates batch-norm statistics on them
-    needs_data = cfg.importance in ("taylor", "snip", "entropy") or cfg.granularity == "structured"
+    needs_data = IMPORTANCE[cfg.importance].needs_data or cfg.granularity == "structured"
     batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size) if needs_data else []
     steps = cfg.schedule.steps
     structured = cfg.granularity == "structured"
@@ -519,7 +518,7 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
         assert cfg.speedup is not None
         ctx.details.update(_check_speedup(unpruned, model, latency, cfg.speedup, base, inputs))
     architecture = state.architecture
-    attachments = dict(state.attachments)
+    pruned_weights = state.pruned_weights
     if structured:
         if architecture is not None:
             original = build_architecture({k: v for k, v in architecture.items() if k != "resized"})
@@ -527,14 +526,14 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
             ctx.details["layers"] = architecture["resized"]
     else:
         params = prunable_weights(model, cfg.ignore)
-        attachments[PRUNED_WEIGHTS] = sorted(set(attachments.get(PRUNED_WEIGHTS, [])) | set(params))
+        pruned_weights = tuple(sorted({*pruned_weights, *params}))
         ctx.details["weight_density"] = round(density(params), 6)
         ctx.details["layers"] = {n: round(density({n: p}), 4) for n, p in params.items()}
     return state.replace(
         model=model,
         architecture=architecture,
         artefact=None,
-        attachments=attachments,
+        pruned_weights=pruned_weights,
         lineage=(*state.lineage, ctx.stage_name),
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +15,6 @@ from torchshrink.errors import QuantizationError
 from torchshrink.inputs import take
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel import ddp
-from torchshrink.pruning.masks import PRUNED_WEIGHTS
 from torchshrink.quantization.embeddings import snap_embedding_tables
 from torchshrink.quantization.mixed import MixedConfig, choose_plan, describe_plan
 from torchshrink.quantization.observers import ObserverName
@@ -121,7 +121,7 @@ class QuantizeConfig(BaseModel, extra="forbid"):
         return {"skip": list(self.skip)}
 
 
-def _rename_pruned(names: list[str], model: nn.Module) -> list[str]:
+def _rename_pruned(names: Iterable[str], model: nn.Module) -> list[str]:
     """Pruned-weight names after quantization (a quantized layer's weight lives under its parametrization)."""
     own = {n for n, _ in model.named_parameters()}
     out = []
@@ -181,16 +181,13 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
         model = _train_aware(model, state, cfg, ctx)
     ctx.details.update(describe_plan(model, plan))
     log.info("quantization plan:\n%s", ctx.details["plan_table"])
-    attachments = dict(state.attachments)
-    if attachments.get(PRUNED_WEIGHTS):
-        attachments[PRUNED_WEIGHTS] = _rename_pruned(attachments[PRUNED_WEIGHTS], model)
     architecture = None
     if state.architecture is not None:
         architecture = {**state.architecture, "quantized": quantization_record(plan, ctx.data.inputs)}
     new = state.replace(
         model=model.eval(),
         architecture=architecture,
-        attachments=attachments,
+        pruned_weights=tuple(_rename_pruned(state.pruned_weights, model)),
         lineage=(*state.lineage, ctx.stage_name),
     )
     if cfg.backend == "torch":
@@ -249,9 +246,7 @@ def _train_aware(model: nn.Module, state: ModelState, cfg: QuantizeConfig, ctx: 
             fq.learn_scale()
     train_state = state.replace(
         model=model,
-        attachments={
-            k: (_rename_pruned(v, model) if k == PRUNED_WEIGHTS else v) for k, v in state.attachments.items()
-        },
+        pruned_weights=tuple(_rename_pruned(state.pruned_weights, model)),
     )
     run_training(
         train_state,

@@ -112,7 +112,7 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
         return state.replace(artefact=None, lineage=(*state.lineage, ctx.stage_name))
     train_cfg = train_config(cfg, ctx)
     batches = DatasetBatches(ctx.data.train, cfg.batch_size, seed=ctx.seed)
-    keeper = keeper_for(state.model, state.attachments)  # unstructured pruning: pruned weights stay zero
+    keeper = keeper_for(state.model, state.pruned_weights)  # unstructured pruning: pruned weights stay zero
     loss_fn = training_loss(cfg.augment, ctx.data.num_classes, ctx.data.embedding, ctx.stage_name)
     result = fit(state.model, batches, loss_fn, train_cfg, checkpoint_dir=ctx.work_dir, after_step=keeper)
     ctx.details.update(
