@@ -375,17 +375,17 @@ def _run_in(
     as_given = copy.deepcopy(state.model)
     timed: dict[str, dict[str, nn.Module]] = {}
 
-    def measure_state(s: ModelState, reference: nn.Module | None) -> dict[str, float | int]:
-        del reference  # ratios of speed come from the final timing pass
+    def measure_state(s: ModelState) -> dict[str, float | int]:
+        """Everything but latency: that comes from the final timing pass."""
         return measure(
             s.model, data.test, runtime=s.runtime, artefact=s.artefact, batch_sizes=(), inputs=data.inputs
         )
 
-    # The baseline model is kept so that every later stage is timed interleaved with it.
+    # The baseline model is what later stages may distil back from (ctx.baseline).
     baseline: dict[str, float | int] | None = None
     baseline_model: nn.Module | None = None
     if entries[0].role != "reference":
-        baseline = measure_state(state, None)
+        baseline = measure_state(state)
         baseline_model = copy.deepcopy(state.model)
     baseline_open = True
     artefacts: dict[str, str] = {}
@@ -440,7 +440,7 @@ def _run_in(
                 "kind": spec.kind,
                 "branch": spec.branch,
                 "seconds": round(seconds, 3),
-                "metrics": measure_state(result, None if sets_baseline else baseline_model),
+                "metrics": measure_state(result),
                 "details": ctx.details,
                 "artefacts": ctx.artefacts,
                 "resume": how,
