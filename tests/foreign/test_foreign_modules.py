@@ -12,7 +12,7 @@ from torch import nn
 
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.quantization.onnx_int8 import export_int8, int8_kernel_counts, needs_reduced_range
-from torchshrink.quantization.prepare import activation_quantizers
+from torchshrink.quantization.prepare import QuantOptions, activation_quantizers
 from torchshrink.quantization.ptq import quantize_model, uniform_plan
 from torchshrink.tracing import torch_layer_type, trace_model
 
@@ -56,7 +56,12 @@ def test_a_nonzero_pad_is_not_merged(tmp_path, images) -> None:
 
 def test_same_padding_model_runs_every_conv_on_int8_kernels(tmp_path, images) -> None:
     model = randomise_bn(same_pad_net())
-    gm = quantize_model(model, images[:2], uniform_plan(model, "static", 8, reduce_range=True), [images[:48]])
+    gm = quantize_model(
+        model,
+        images[:2],
+        uniform_plan(model, "static", 8, options=QuantOptions(reduce_range=True)),
+        [images[:48]],
+    )
     path = tmp_path / "net.int8.onnx"
     info = export_int8(gm, path, (3, 16, 16), check_inputs=images[48:])
     steps = [float(fq.step().max()) for fq in activation_quantizers(gm).values()]
@@ -88,7 +93,7 @@ def weight_normed_net() -> nn.Module:
 def test_parametrized_layers_are_quantized_to_int8_kernels(tmp_path) -> None:
     model = randomise_bn(weight_normed_net())
     images = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    plan = uniform_plan(model, "static", 8, reduce_range=True)
+    plan = uniform_plan(model, "static", 8, options=QuantOptions(reduce_range=True))
     gm = quantize_model(model, images[:2], plan, [images[:48]])
     info = export_int8(gm, tmp_path / "wn.int8.onnx", (1, 8, 8), check_inputs=images[48:])
     kernels = int8_kernel_counts(tmp_path / "wn.int8.onnx")
@@ -242,7 +247,7 @@ def test_fused_attention_quantizes_with_its_products_counted_float(tmp_path) -> 
     model = FusedAttention().eval()
     x = torch.randn(16, 5, 8)
     # 7-bit weights on CPUs without VNNI, as the stage chooses: 8-bit ones saturate there
-    plan = uniform_plan(model, "static", 8, reduce_range=needs_reduced_range())
+    plan = uniform_plan(model, "static", 8, options=QuantOptions(reduce_range=needs_reduced_range()))
     q = quantize_model(model, x[:2], plan, [x[:8], x[8:]])
     info = export_int8(q, tmp_path / "m.onnx", (5, 8), x[:4])
     assert _fused_attention(q) == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from testkit import randomise_bn
 
-from torchshrink.quantization.prepare import weight_quantizers
+from torchshrink.quantization.prepare import QuantOptions, weight_quantizers
 from torchshrink.quantization.ptq import correct_bias, quantize_model, uniform_plan
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "foreign"))
@@ -27,7 +27,9 @@ def test_bias_correction_removes_the_mean_shift_and_brings_outputs_closer() -> N
         torch.rand(64, 3, 16, 16, generator=gen) * 2 - 1,
         torch.rand(64, 3, 16, 16, generator=gen) * 2 - 1,
     )
-    plan = uniform_plan(model, "static", 4, reduce_range=True)  # 4-bit weights: a large, visible shift
+    plan = uniform_plan(
+        model, "static", 4, options=QuantOptions(reduce_range=True)
+    )  # 4-bit weights: a large, visible shift
     plain = quantize_model(model, calibration[:2], plan, [calibration])
     corrected = quantize_model(model, calibration[:2], plan, [calibration], bias_correction=True)
     assert _error(corrected, model, held_out) < 0.8 * _error(plain, model, held_out)

@@ -8,7 +8,7 @@ from testkit import ZOO_INPUTS
 
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.quantization.onnx_int8 import export_int8, int8_kernel_counts
-from torchshrink.quantization.prepare import activation_quantizers, weight_quantizers
+from torchshrink.quantization.prepare import QuantOptions, activation_quantizers, weight_quantizers
 from torchshrink.quantization.ptq import quantize_model, uniform_plan
 from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit
 from torchshrink.zoo import build
@@ -27,7 +27,10 @@ def images():
 def test_static_resnet_runs_int8_kernels_and_matches_fake_quant(tmp_path, images, reduce_range) -> None:
     model = build("resnet", width=8).eval()
     gm = quantize_model(
-        model, images[:2], uniform_plan(model, "static", 8, reduce_range=reduce_range), [images[:64]]
+        model,
+        images[:2],
+        uniform_plan(model, "static", 8, options=QuantOptions(reduce_range=reduce_range)),
+        [images[:64]],
     )
     path = tmp_path / "resnet.int8.onnx"
     if not reduce_range:
@@ -47,7 +50,10 @@ def test_qat_model_exports_and_matches_on_onnx_runtime(tmp_path, mnist_small) ->
     model = build("lenet5").eval()
     x = mnist_small.train.tensors[0]
     gm = quantize_model(
-        model, x[:2], uniform_plan(model, "static", 4, activation_bits=4, reduce_range=True), [x[:128]]
+        model,
+        x[:2],
+        uniform_plan(model, "static", 4, options=QuantOptions(activation_bits=4, reduce_range=True)),
+        [x[:128]],
     )
     for fq in [*activation_quantizers(gm).values(), *weight_quantizers(gm).values()]:
         fq.learn_scale()
@@ -71,7 +77,9 @@ def test_qat_model_exports_and_matches_on_onnx_runtime(tmp_path, mnist_small) ->
 
 def test_dynamic_quantization_covers_convolutions(tmp_path, images) -> None:
     model = build("lenet5").eval()
-    gm = quantize_model(model, images[:2], uniform_plan(model, "dynamic", 8, reduce_range=True))
+    gm = quantize_model(
+        model, images[:2], uniform_plan(model, "dynamic", 8, options=QuantOptions(reduce_range=True))
+    )
     assert all(fq.dynamic for fq in activation_quantizers(gm).values())
     info = export_int8(gm, tmp_path / "dyn.onnx", (1, 28, 28), check_inputs=images[:32])
     assert info["max_abs_diff_vs_fakequant"] < 1e-3
@@ -95,7 +103,9 @@ def test_every_zoo_model_quantizes_to_int8_kernels_that_match(tmp_path, name) ->
     assert set(ZOO) == set(ZOO_INPUTS)  # a new zoo model must be added here
     model = build(name).eval()
     x = torch.rand(64, *ZOO_INPUTS[name], generator=torch.Generator().manual_seed(1))
-    gm = quantize_model(model, x[:2], uniform_plan(model, "static", 8, reduce_range=True), [x[:32]])
+    gm = quantize_model(
+        model, x[:2], uniform_plan(model, "static", 8, options=QuantOptions(reduce_range=True)), [x[:32]]
+    )
     info = export_int8(gm, tmp_path / f"{name}.onnx", ZOO_INPUTS[name], check_inputs=x[32:])
     assert info["int8_kernels"] >= len(weight_quantizers(gm))
     assert info["max_abs_diff_vs_fakequant"] <= _max_step(gm)
@@ -123,7 +133,9 @@ class _ConvIntoLayerNorm(torch.nn.Module):
 def test_a_conv_that_no_int8_kernel_follows_still_runs_qlinearconv(tmp_path) -> None:
     model = _ConvIntoLayerNorm().eval()
     x = torch.rand(64, 8, 6, 6, generator=torch.Generator().manual_seed(0))
-    gm = quantize_model(model, x[:2], uniform_plan(model, "static", 8, reduce_range=True), [x[:32]])
+    gm = quantize_model(
+        model, x[:2], uniform_plan(model, "static", 8, options=QuantOptions(reduce_range=True)), [x[:32]]
+    )
     info = export_int8(gm, tmp_path / "m.onnx", (8, 6, 6), check_inputs=x[32:])
     # inputs of the conv and the fc, and the conv's output; none on the adds' other operands
     assert sorted(activation_quantizers(gm)) == ["quant_conv", "quant_mean", "quant_x"]

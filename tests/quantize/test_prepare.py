@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from testkit import randomise_bn
 from torch import nn
 
+from torchshrink.errors import QuantizationError
 from torchshrink.quantization.prepare import (
+    QuantOptions,
     QuantPlan,
     activation_quantizers,
     prepare,
@@ -66,7 +69,9 @@ def test_weight_codes_stay_on_a_per_channel_grid() -> None:
 
 def test_reduce_range_uses_seven_bit_weights() -> None:
     model = build("lenet300", in_features=64).eval()
-    gm = prepare(model, torch.rand(2, 64), uniform_plan(model, "static", 8, reduce_range=True))
+    gm = prepare(
+        model, torch.rand(2, 64), uniform_plan(model, "static", 8, options=QuantOptions(reduce_range=True))
+    )
     assert {fq.spec.bits for fq in weight_quantizers(gm).values()} == {7}
 
 
@@ -78,3 +83,16 @@ def test_stem_layer_is_a_first_conv_on_few_channels() -> None:
     assert stem_layer(build("resnet", width=4)) == "stem.0"
     assert stem_layer(build("resnet", width=4, in_channels=8)) is None  # wide input: int8 pays off
     assert stem_layer(build("lenet300")) is None  # a linear first layer
+
+
+def test_quant_options_are_checked_and_plans_round_trip_flat():
+    with pytest.raises(QuantizationError, match="activation_bits=9.*observer='max'"):
+        QuantOptions(activation_bits=9, observer="max")
+    with pytest.raises(QuantizationError, match="smoothing=1.5"):
+        QuantPlan(layers={"fc": 8}).with_options(smoothing=1.5)
+    plan = QuantPlan(mode="static", layers={"fc": 4, "out": None}, options=QuantOptions(reduce_range=True))
+    record = plan.to_dict()
+    assert record["reduce_range"] is True and "options" not in record  # the flat format saved models carry
+    assert QuantPlan.from_dict(record) == plan
+    old = {"mode": "static", "layers": {"fc": 8}, "per_channel": True}  # saved before matmuls / embeddings
+    assert QuantPlan.from_dict(old).options == QuantOptions(matmuls=False, embeddings=False)

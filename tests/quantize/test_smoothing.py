@@ -12,7 +12,7 @@ from torch import nn
 from torchshrink.measure import mean_cosine
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.quantization.onnx_int8 import export_int8, needs_reduced_range
-from torchshrink.quantization.prepare import activation_quantizers, weight_quantizers
+from torchshrink.quantization.prepare import QuantOptions, activation_quantizers, weight_quantizers
 from torchshrink.quantization.ptq import quantize_model, uniform_plan
 from torchshrink.quantization.smoothing import InputScale
 
@@ -37,7 +37,7 @@ def _without_quantizers(gm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_smoothing_computes_the_same_in_float(block, scales) -> None:
     torch.manual_seed(0)
     model, x = block(outliers=20.0).eval(), _data()
-    plan = uniform_plan(model, "static", 8, smoothing=0.5)
+    plan = uniform_plan(model, "static", 8, options=QuantOptions(smoothing=0.5))
     gm = quantize_model(model, x[:2], plan, [x[:64]])
     modules = [m for m in gm.modules() if isinstance(m, InputScale)]
     assert len(modules) == scales  # post-LN: one for fc_a/fc_b, one for out; pre-LN: only out's
@@ -56,7 +56,9 @@ def test_smoothing_brings_int8_with_outlier_channels_closer_to_float() -> None:
         expected = model(x[64:]).flatten(1)
     errors = {}
     for alpha in (None, 0.5):
-        gm = quantize_model(model, x[:2], uniform_plan(model, "static", 8, smoothing=alpha), [x[:64]])
+        gm = quantize_model(
+            model, x[:2], uniform_plan(model, "static", 8, options=QuantOptions(smoothing=alpha)), [x[:64]]
+        )
         with torch.no_grad():
             errors[alpha] = float(((gm(x[64:]).flatten(1) - expected) ** 2).mean())
     assert errors[0.5] < 0.5 * errors[None]
@@ -65,7 +67,9 @@ def test_smoothing_brings_int8_with_outlier_channels_closer_to_float() -> None:
 def test_a_smoothed_int8_file_runs_int8_kernels_and_matches(tmp_path) -> None:
     torch.manual_seed(0)
     model, x = PostNormBlock(outliers=30.0).eval(), _data()
-    plan = uniform_plan(model, "static", 8, smoothing=0.5, reduce_range=needs_reduced_range())
+    plan = uniform_plan(
+        model, "static", 8, options=QuantOptions(smoothing=0.5, reduce_range=needs_reduced_range())
+    )
     gm = quantize_model(model, x[:2], plan, [x[:64]])
     info = export_int8(gm, tmp_path / "block.int8.onnx", (16, 32), check_inputs=x[64:96])
     assert info["operators"].get("Mul", 0) >= 2  # the two input scales

@@ -3,7 +3,7 @@
 from torchshrink.quantization.affine import QuantSpec, dequantize, fake_quantize, qparams, quantize
 from torchshrink.quantization.fakequant import FakeQuantize
 from torchshrink.quantization.observers import OBSERVERS, make_observer
-from torchshrink.quantization.prepare import QuantPlan, prepare, quantizable_layers
+from torchshrink.quantization.prepare import QuantOptions, QuantPlan, prepare, quantizable_layers
 from torchshrink.quantization.ptq import calibrate, quantize_model, uniform_plan
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "FakeQuantize",
     "OBSERVERS",
     "make_observer",
+    "QuantOptions",
     "QuantPlan",
     "prepare",
     "quantizable_layers",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -35,6 +36,7 @@ from torchshrink.quantization.embeddings import embedding_tables
 from torchshrink.quantization.fakequant import FakeQuantize
 from torchshrink.quantization.prepare import (
     MATMUL_FUNCTIONS,
+    QuantOptions,
     QuantPlan,
     is_passthrough,
     quantizable_layers,
@@ -108,10 +110,6 @@ def average_bits(plan: QuantPlan, sizes: dict[str, int]) -> float:
     return sum(sizes[n] * (FLOAT_BITS if b is None else b) for n, b in plan.layers.items()) / max(total, 1)
 
 
-def _with_layers(plan: QuantPlan, changes: dict[str, int | None]) -> QuantPlan:
-    return QuantPlan(**{**plan.to_dict(), "layers": {**plan.layers, **changes}})
-
-
 def layer_sensitivity(
     model: nn.Module, example: ModelInput, inputs: ModelInput, candidates: Sequence[int], base: QuantPlan
 ) -> dict[str, dict[int, float]]:
@@ -122,12 +120,8 @@ def layer_sensitivity(
     for name in layers:
         out[name] = {}
         for bits in candidates:
-            plan = QuantPlan(
-                **{
-                    **base.to_dict(),
-                    "mode": "weight_only",
-                    "layers": {n: (bits if n == name else None) for n in layers},
-                }
+            plan = replace(
+                base, mode="weight_only", layers={n: (bits if n == name else None) for n in layers}
             )
             quantized = quantize_model(model, example, plan)
             out[name][bits] = _mse(predict(quantized, inputs), reference)
@@ -209,19 +203,15 @@ def float_gains(
                 fq.enabled = on
     for unit, option in OPTION_UNITS.items():
         if _option_applies(model, plan, option):
-            floating = quantize_model(model, example, _with_options(plan, {option: False}), calibration)
+            floating = quantize_model(model, example, plan.with_options(**{option: False}), calibration)
             gains.append(([unit], base - _mse(predict(floating, inputs), reference)))
     return sorted(gains, key=lambda unit: -unit[1])
 
 
 def _option_applies(model: nn.Module, plan: QuantPlan, option: str) -> bool:
     if option == "embeddings":
-        return plan.embeddings and bool(embedding_tables(model))
-    return plan.matmuls and plan.mode == "static"
-
-
-def _with_options(plan: QuantPlan, options: dict[str, bool]) -> QuantPlan:
-    return QuantPlan(**{**plan.to_dict(), **options})
+        return plan.options.embeddings and bool(embedding_tables(model))
+    return plan.options.matmuls and plan.mode == "static"
 
 
 def choose_plan(
@@ -235,7 +225,7 @@ def choose_plan(
     bits: int,
     skip: Sequence[str] = (),
     seed: int = 0,
-    **options: Any,
+    options: QuantOptions | None = None,
 ) -> QuantPlan:
     """The per-layer plan meeting ``cfg``'s budget (see the module docstring)."""
     split = data.subset(cfg.split, cfg.samples, seed=seed)
@@ -243,7 +233,9 @@ def choose_plan(
     layers = [n for n in quantizable_layers(model) if n not in skip]
     candidates = sorted({b for b in cfg.candidates if b <= bits} | {bits}, reverse=True)
     base = QuantPlan(
-        mode=mode, layers={n: (None if n in skip else bits) for n in quantizable_layers(model)}, **options
+        mode=mode,  # type: ignore[arg-type]
+        layers={n: (None if n in skip else bits) for n in quantizable_layers(model)},
+        options=options or QuantOptions(),
     )
     sizes = _sizes(model)
     sens: dict[str, dict[int, float]] = {}
@@ -269,7 +261,7 @@ def choose_plan(
                 log.warning("mixed: avg_bits %.2f not reachable with candidates %s", cfg.avg_bits, candidates)
                 break
             _, name, nxt = moves[0]
-            plan = _with_layers(plan, {name: nxt})
+            plan = plan.with_layers({name: nxt})
         return plan
 
     score, what = _budget(model, split, cfg)
@@ -287,7 +279,7 @@ def choose_plan(
     frozen: set[str] = set()
     while moves := lower_moves(plan, frozen):
         _, name, nxt = moves[0]
-        trial = _with_layers(plan, {name: nxt})
+        trial = plan.with_layers({name: nxt})
         over = excess(trial)
         if over <= 0:
             plan, current = trial, over
@@ -327,8 +319,8 @@ def _fewest_float(
 
     def floated(k: int) -> QuantPlan:
         names = {n for unit in units[:k] for n in unit}
-        changed = _with_layers(plan, {n: None for n in names - set(OPTION_UNITS)})
-        return _with_options(changed, {OPTION_UNITS[n]: False for n in names & set(OPTION_UNITS)})
+        changed = plan.with_layers({n: None for n in names - set(OPTION_UNITS)})
+        return changed.with_options(**{OPTION_UNITS[n]: False for n in names & set(OPTION_UNITS)})
 
     low, high = 0, len(units)  # low misses the budget; every unit in float is the float model
     best, best_excess = floated(high), None
@@ -355,6 +347,6 @@ def describe_plan(model: nn.Module, plan: QuantPlan) -> dict[str, Any]:
         "mode": plan.mode,
         "plan": {n: ("float" if b is None else b) for n, b in plan.layers.items()},
         "average_weight_bits": round(average_bits(plan, sizes), 3),
-        "reduce_range": plan.reduce_range,
+        "reduce_range": plan.options.reduce_range,
         "plan_table": markdown_table(["layer", "weights", "weight count"], rows),
     }

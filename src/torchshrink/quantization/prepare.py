@@ -19,7 +19,7 @@ import copy
 import logging
 import operator
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -32,6 +32,7 @@ from torchshrink.inputs import InputSpec, ModelInput
 from torchshrink.quantization.affine import QuantSpec
 from torchshrink.quantization.embeddings import snap_embedding_tables
 from torchshrink.quantization.fakequant import _ONNX_INT32, FakeQuantize, export_constant_dq, untraced
+from torchshrink.quantization.observers import OBSERVERS
 from torchshrink.quantization.smoothing import insert_input_scales, smooth, smoothing_groups
 from torchshrink.registry import register_architecture_layer
 from torchshrink.tracing import bake_parametrizations, torch_layer_type, trace_model
@@ -39,6 +40,7 @@ from torchshrink.tracing import bake_parametrizations, torch_layer_type, trace_m
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "QuantOptions",
     "QuantPlan",
     "prepare",
     "restore",
@@ -74,11 +76,10 @@ MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 
 
 @dataclass(frozen=True)
-class QuantPlan:
-    """What gets quantized how. ``layers`` maps a conv/linear name to its weight bits (None = float)."""
+class QuantOptions:
+    """How every quantized layer of a plan quantizes; checked when made, so a wrong value never
+    reaches the tracer."""
 
-    mode: Mode = "static"
-    layers: dict[str, int | None] = field(default_factory=dict)
     activation_bits: int = 8
     per_channel: bool = True
     observer: str = "minmax"
@@ -88,13 +89,47 @@ class QuantPlan:
     smoothing: float | None = None  # SmoothQuant's alpha for the linears' inputs (None: off)
     embeddings: bool = True  # large embedding tables on an int8 block grid (int8 in the ONNX file)
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not 2 <= self.activation_bits <= 8:
+            problems.append(f"activation_bits={self.activation_bits} (2..8)")
+        for key in ("observer", "weight_observer"):
+            if getattr(self, key) not in OBSERVERS:
+                problems.append(f"{key}={getattr(self, key)!r} (one of {', '.join(OBSERVERS)})")
+        if self.smoothing is not None and not 0 <= self.smoothing <= 1:
+            problems.append(f"smoothing={self.smoothing} (0..1 or None)")
+        if problems:
+            raise QuantizationError("quantization options out of range: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """What gets quantized how. ``layers`` maps a conv/linear name to its weight bits (None = float);
+    ``options`` says how (the same for every layer)."""
+
+    mode: Mode = "static"
+    layers: dict[str, int | None] = field(default_factory=dict)
+    options: QuantOptions = field(default_factory=QuantOptions)
+
+    def with_layers(self, changes: dict[str, int | None]) -> QuantPlan:
+        """This plan with some layers' bits changed."""
+        return replace(self, layers={**self.layers, **changes})
+
+    def with_options(self, **changes: Any) -> QuantPlan:
+        """This plan with some options changed (checked again)."""
+        return replace(self, options=replace(self.options, **changes))
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Flat JSON record (the format saved models carry)."""
+        return {"mode": self.mode, "layers": dict(self.layers), **asdict(self.options)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
         # plans saved before activation matmuls / embedding tables were quantized did not quantize them
-        return cls(**{"matmuls": False, "embeddings": False, **data})
+        data = {"matmuls": False, "embeddings": False, **data}
+        option_keys = {f.name for f in fields(QuantOptions)}
+        options = QuantOptions(**{k: v for k, v in data.items() if k in option_keys})
+        return cls(mode=data.get("mode", "static"), layers=dict(data.get("layers", {})), options=options)
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -135,9 +170,9 @@ class _BiasQuant(nn.Module):
 
 
 def _weight_spec(bits: int, plan: QuantPlan) -> QuantSpec:
-    if plan.reduce_range and bits == 8:
+    if plan.options.reduce_range and bits == 8:
         bits = 7
-    return QuantSpec(bits, signed=True, symmetric=True, per_channel=plan.per_channel, axis=0)
+    return QuantSpec(bits, signed=True, symmetric=True, per_channel=plan.options.per_channel, axis=0)
 
 
 def _activation_spec(bits: int) -> QuantSpec:
@@ -354,7 +389,9 @@ def _kernel_inputs(node: fx.Node, modules: dict[str, nn.Module], plan: QuantPlan
     is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and node.target in ("matmul", "bmm")
     )
-    if is_matmul and plan.matmuls:  # activation operands; a parameter operand (x @ self.w) stays as it is
+    if (
+        is_matmul and plan.options.matmuls
+    ):  # activation operands; a parameter operand (x @ self.w) stays as it is
         return [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
     return []
 
@@ -364,7 +401,7 @@ def _make_activation_quantizer(plan: QuantPlan) -> FakeQuantize:
         fq = FakeQuantize(_activation_spec(8), "minmax")
         fq.set_dynamic()
         return fq
-    return FakeQuantize(_activation_spec(plan.activation_bits), plan.observer)
+    return FakeQuantize(_activation_spec(plan.options.activation_bits), plan.options.observer)
 
 
 def _insert_activation_points(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, str]:
@@ -420,7 +457,7 @@ def prepare(
 ) -> fx.GraphModule:
     """A fake-quant copy of ``model`` (BN folded, inputs smoothed, quantizers placed, weights' ranges fixed).
 
-    With ``plan.smoothing``, the linears' inputs are measured on ``smoothing_inputs`` and their range
+    With ``plan.options.smoothing``, the linears' inputs are measured on ``smoothing_inputs`` and their range
     migrated into the weights before the weights' ranges are fixed (without inputs, as when a saved
     model is rebuilt, the smoothing modules start at factor 1 and its weights file sets them).
     Activation quantizers start in calibration mode (observing, values unchanged) unless the plan
@@ -428,7 +465,7 @@ def prepare(
     """
     model = copy.deepcopy(model).eval()
     bake_parametrizations(model)  # a weight-normed layer quantizes its current weight
-    if plan.embeddings:
+    if plan.options.embeddings:
         snap_embedding_tables(model)
     unknown = sorted(set(plan.layers) - set(quantizable_layers(model)))
     if unknown:
@@ -440,18 +477,18 @@ def prepare(
     folded = _fold_batchnorm(gm)
     if folded:
         log.info("folded %d batch-norm layer(s) into convolutions", len(folded))
-    if plan.smoothing is not None and plan.mode != "weight_only":
+    if plan.options.smoothing is not None and plan.mode != "weight_only":
         groups = smoothing_groups(gm, [n for n, bits in plan.layers.items() if bits is not None])
         insert_input_scales(gm, groups)
         if smoothing_inputs is not None:
-            smooth(gm, groups, smoothing_inputs, plan.smoothing)
+            smooth(gm, groups, smoothing_inputs, plan.options.smoothing)
     feeding = _insert_activation_points(gm, plan) if plan.mode != "weight_only" else {}
     for name, bits in plan.layers.items():
         if bits is None:
             continue
         layer = gm.get_submodule(name)
         quantizer = FakeQuantize(
-            _weight_spec(bits, plan), plan.weight_observer, channels=layer.weight.shape[0]
+            _weight_spec(bits, plan), plan.options.weight_observer, channels=layer.weight.shape[0]
         )
         quantizer.calibrate()
         quantizer(layer.weight.detach())

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from torchshrink.errors import QuantizationError
 from torchshrink.inputs import ModelInput, call
 from torchshrink.quantization.prepare import (
+    QuantOptions,
     QuantPlan,
     activation_quantizers,
     prepare,
@@ -36,9 +37,15 @@ __all__ = ["uniform_plan", "stem_layer", "calibrate", "correct_bias", "quantize_
 STEM_MAX_CHANNELS = 4
 
 
-def uniform_plan(model: nn.Module, mode: str = "static", bits: int = 8, **options) -> QuantPlan:
-    """Every conv/linear at ``bits`` (``skip`` layers stay float)."""
-    skip = set(options.pop("skip", ()))
+def uniform_plan(
+    model: nn.Module,
+    mode: str = "static",
+    bits: int = 8,
+    skip: Sequence[str] = (),
+    options: QuantOptions | None = None,
+) -> QuantPlan:
+    """Every conv/linear at ``bits`` (``skip`` layers stay float), quantized as ``options`` say."""
+    skip = set(skip)
     unknown = sorted(skip - set(quantizable_layers(model)))
     if unknown:
         raise QuantizationError(
@@ -46,7 +53,7 @@ def uniform_plan(model: nn.Module, mode: str = "static", bits: int = 8, **option
             f"its quantizable layers are {quantizable_layers(model)[:12]}"
         )
     layers = {name: (None if name in skip else bits) for name in quantizable_layers(model)}
-    return QuantPlan(mode=mode, layers=layers, **options)  # type: ignore[arg-type]
+    return QuantPlan(mode=mode, layers=layers, options=options or QuantOptions())  # type: ignore[arg-type]
 
 
 def stem_layer(model: nn.Module) -> str | None:
@@ -166,15 +173,17 @@ def quantize_model(
 ) -> fx.GraphModule:
     """A fake-quant copy of ``model`` following ``plan``, calibrated when the plan needs it; with
     ``bias_correction`` (static / qat) the biases then absorb the mean error of weight rounding.
-    Smoothing (``plan.smoothing``) measures its inputs on the calibration batches too."""
+    Smoothing (``plan.options.smoothing``) measures its inputs on the calibration batches too."""
     batches = list(calibration)
     needs_batches = plan.mode in ("static", "qat") or (
-        plan.smoothing is not None and plan.mode != "weight_only"
+        plan.options.smoothing is not None and plan.mode != "weight_only"
     )
     if needs_batches and not batches:
         raise ValueError(f"{plan.mode} quantization with these options needs calibration batches")
     inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
-    gm = prepare(model, example, plan, smoothing_inputs=inputs if plan.smoothing is not None else None)
+    gm = prepare(
+        model, example, plan, smoothing_inputs=inputs if plan.options.smoothing is not None else None
+    )
     if plan.mode in ("static", "qat"):
         calibrate(gm, batches)
         if bias_correction:

@@ -25,6 +25,7 @@ from torchshrink.quantization.onnx_int8 import (
     needs_reduced_range,
 )
 from torchshrink.quantization.prepare import (
+    QuantOptions,
     QuantPlan,
     activation_quantizers,
     quantization_record,
@@ -116,6 +117,19 @@ class QuantizeConfig(BaseModel, extra="forbid"):
             )
         return self
 
+    def options(self, reduce_range: bool) -> QuantOptions:
+        """The options every quantized layer shares (``reduce_range`` resolved from "auto" by the caller)."""
+        return QuantOptions(
+            activation_bits=self.activation_bits,
+            per_channel=self.per_channel,
+            observer=self.observer,
+            weight_observer=self.weight_observer,
+            reduce_range=reduce_range,
+            matmuls=self.matmuls,
+            smoothing=self.smoothing,
+            embeddings=self.embeddings,
+        )
+
     def layer_names(self) -> dict[str, list[str]]:
         """Layer names this config refers to (checked against the model before any stage runs)."""
         return {"skip": list(self.skip)}
@@ -145,16 +159,7 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
     reduce_range = needs_reduced_range() if cfg.reduce_range == "auto" else cfg.reduce_range
     calibration = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)
     example = take(calibration[0][0], slice(0, 2))
-    options = dict(
-        activation_bits=cfg.activation_bits,
-        per_channel=cfg.per_channel,
-        observer=cfg.observer,
-        weight_observer=cfg.weight_observer,
-        reduce_range=reduce_range,
-        matmuls=cfg.matmuls,
-        smoothing=cfg.smoothing,
-        embeddings=cfg.embeddings,
-    )
+    options = cfg.options(reduce_range)
     mode = "static" if cfg.mode == "qat" else cfg.mode
     skip = list(cfg.skip)
     stem = stem_layer(state.model) if cfg.float_stem and mode == "static" else None
@@ -172,10 +177,10 @@ def quantize_stage(state: ModelState, cfg: QuantizeConfig, ctx: RunContext) -> M
             bits=cfg.bits,
             skip=skip,
             seed=ctx.seed,
-            **options,
+            options=options,
         )
     else:
-        plan = uniform_plan(state.model, mode, cfg.bits, skip=skip, **options)
+        plan = uniform_plan(state.model, mode, cfg.bits, skip=skip, options=options)
     model = quantize_model(state.model, example, plan, calibration, bias_correction=cfg.bias_correction)
     if cfg.mode == "qat":
         model = _train_aware(model, state, cfg, ctx)
@@ -222,9 +227,9 @@ def _check_int8_coverage(
     ``matmuls`` is off) must run on an int8 kernel: a float ``Conv`` / ``Gemm`` / ``MatMul`` left in
     the optimised graph beyond the planned float layers means the file is int8 in name only."""
     planned_float = sum(bits is None for bits in plan.layers.values())
-    float_ops = FLOAT_WEIGHTED_OPS + (FLOAT_MATMUL_OPS if plan.matmuls else ())
+    float_ops = FLOAT_WEIGHTED_OPS + (FLOAT_MATMUL_OPS if plan.options.matmuls else ())
     left_float = sum(operators.get(op, 0) for op in float_ops)
-    if plan.matmuls:
+    if plan.options.matmuls:
         planned_float += 2 * fused_attention
     if left_float <= planned_float:
         return
