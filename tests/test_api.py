@@ -15,6 +15,9 @@ import torchshrink as ts
 from torchshrink.api import apply_stage
 from torchshrink.errors import RecipeError
 from torchshrink.models import open_model, save_model
+from torchshrink.pruning.config import StructuredPruneConfig
+from torchshrink.quantization.stage import QuantizeConfig
+from torchshrink.recipe import stage_config
 
 
 class TwoTower(nn.Module):
@@ -87,6 +90,17 @@ def test_options_are_validated_like_a_recipe(trained, digits):
         ts.prune(trained, digits, sparsty=0.5)
     with pytest.raises(RecipeError, match=r"ts\.quantize: quantize\.bits"):
         ts.quantize(trained, digits, bits=12)
+    with pytest.raises(RecipeError, match="macs_reduction applies to granularity: structured"):
+        ts.prune(trained, digits, macs_reduction=2)
+    with pytest.raises(RecipeError, match=r"a QuantizeConfig is not the config of stage 'prune'"):
+        ts.prune(trained, digits, config=QuantizeConfig())
+
+
+def test_a_config_part_object_is_accepted_as_the_stage_config():
+    cfg = stage_config("prune", StructuredPruneConfig(macs_reduction=2))
+    assert isinstance(cfg.root, StructuredPruneConfig) and cfg.root.macs_reduction == 2
+    merged = stage_config("prune", {**cfg.model_dump(), "scope": "layer"})
+    assert merged.root.scope == "layer" and merged.root.macs_reduction == 2
 
 
 def test_an_api_call_is_the_recipe_stage(tmp_path, digits):

@@ -165,3 +165,41 @@ def test_model_specs_inside_stages_take_paths_from_the_recipe_folder(tmp_path):
         path.parent / "teachers" / "t0.safetensors",
         Path("/abs/t1.safetensors"),
     ]
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        (
+            {"sparsity": 0.5, "macs_reduction": 2},
+            r"stages\[1\]\.prune = \{.*\}: macs_reduction applies to granularity: structured "
+            r"\(this stage is unstructured\)",
+        ),
+        (
+            {"granularity": "structured", "macs_reduction": 2, "min_density": 0.1},
+            r"min_density applies to granularity: unstructured",
+        ),
+        (
+            {"granularity": "channels"},
+            r"stages\[1\]\.prune: 'channels' is not one of 'unstructured', 'structured'",
+        ),
+        (
+            {"granularity": "structured", "macs_reduction": 2, "bogus": 1},
+            r"stages\[1\]\.prune\.bogus: unknown key; allowed keys here: scope, .*, allow_partial$",
+        ),
+    ],
+)
+def test_prune_options_are_checked_by_the_part_their_granularity_names(options, expected):
+    with pytest.raises(RecipeError, match=expected):
+        parse_recipe({**GOOD, "stages": [{"train": {}}, {"prune": options}]})
+
+
+def test_prune_config_parts_are_what_the_stage_and_the_recipe_carry():
+    from torchshrink.pruning.config import StructuredPruneConfig, UnstructuredPruneConfig
+
+    recipe = parse_recipe({**GOOD, "stages": [{"prune": {"granularity": "structured", "macs_reduction": 2}}]})
+    assert isinstance(recipe.stages[0].config.root, StructuredPruneConfig)
+    assert recipe.to_dict()["stages"][0]["prune"]["macs_reduction"] == 2  # still written flat
+    assert "min_density" not in recipe.to_dict()["stages"][0]["prune"]
+    unstructured = parse_recipe({**GOOD, "stages": [{"prune": {"sparsity": 0.5}}]}).stages[0].config.root
+    assert isinstance(unstructured, UnstructuredPruneConfig) and unstructured.min_density == 0.02

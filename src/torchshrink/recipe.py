@@ -141,11 +141,17 @@ def _model_at(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseMode
 
 def _explain(exc: ValidationError, prefix: str, model_cls: type[BaseModel], source: str) -> RecipeError:
     lines = []
+    members = model_cls.members() if hasattr(model_cls, "members") else {}  # a config picked by a tag
     for err in exc.errors():
-        loc = tuple(err["loc"])
+        loc, owner_cls = tuple(err["loc"]), model_cls
+        if members and loc and loc[0] in members:
+            owner_cls, loc = members[loc[0]], loc[1:]
         where = _join(prefix, loc)
-        if err["type"] == "extra_forbidden":
-            owner = _model_at(model_cls, loc[:-1])
+        if err["type"] == "union_tag_invalid":
+            tag, expected = err["ctx"]["tag"], err["ctx"]["expected_tags"]
+            lines.append(f"{where}: {tag!r} is not one of {expected}")
+        elif err["type"] == "extra_forbidden":
+            owner = _model_at(owner_cls, loc[:-1])
             allowed = ", ".join(owner.model_fields) if owner else "see the docs"
             lines.append(f"{where}: unknown key; allowed keys here: {allowed}")
         elif err["type"] == "missing":
@@ -189,7 +195,7 @@ def stage_config(
     entry = get_stage(kind)
     if isinstance(options, entry.config):
         return options
-    if isinstance(options, BaseModel):
+    if isinstance(options, BaseModel) and not _is_member(entry.config, options):
         raise RecipeError(
             f"{source}: {where or kind}: a {type(options).__name__} is not the config of stage {kind!r} "
             f"({entry.config.__name__})"
@@ -198,6 +204,12 @@ def stage_config(
         return entry.config.model_validate(options)
     except ValidationError as exc:
         raise _explain(exc, where or kind, entry.config, source) from None
+
+
+def _is_member(config: type[BaseModel], options: BaseModel) -> bool:
+    """Whether ``options`` is one of the parts a tag-picked config (``members()``) validates."""
+    members = config.members().values() if hasattr(config, "members") else ()
+    return any(isinstance(options, m) for m in members)
 
 
 def _resolve_stage_specs(config: BaseModel, base: Path | None) -> BaseModel:

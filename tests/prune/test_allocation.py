@@ -10,9 +10,9 @@ from torch import nn
 from torchshrink.measure import count_macs, count_params
 from torchshrink.models import open_model
 from torchshrink.pruning.allocation import masked_loss, sensitivity_plan
+from torchshrink.pruning.config import PruneConfig
 from torchshrink.pruning.graph import find_groups
 from torchshrink.pruning.latency_model import LatencyModel
-from torchshrink.pruning.stage import PruneConfig
 from torchshrink.pruning.structural import plan_layer, rebuilt_size
 from torchshrink.train import DatasetBatches, TrainConfig, fit
 
@@ -94,15 +94,21 @@ def test_sensitivity_loses_less_than_a_uniform_plan_at_the_same_macs(digits):
 
 
 @pytest.mark.parametrize(
-    "options",
+    "options,expected",
     [
-        {"granularity": "unstructured", "sparsity": 0.5, "allocation": "sensitivity"},
-        {"granularity": "structured", "scope": "layer", "macs_reduction": 2, "allocation": "ranking"},
+        (
+            {"granularity": "unstructured", "sparsity": 0.5, "allocation": "sensitivity"},
+            r"allocation applies to granularity: structured \(this stage is unstructured\)",
+        ),
+        (
+            {"granularity": "structured", "scope": "layer", "macs_reduction": 2, "allocation": "ranking"},
+            "'allocation' applies to structured pruning with scope: global",
+        ),
     ],
 )
-def test_allocation_is_refused_where_it_does_not_apply(options):
-    with pytest.raises(ValueError, match="'allocation' applies to structured pruning with scope: global"):
-        PruneConfig(**options)
+def test_allocation_is_refused_where_it_does_not_apply(options, expected):
+    with pytest.raises(ValueError, match=expected):
+        PruneConfig.model_validate(options)
 
 
 def test_latency_cost_prefers_the_channels_whose_time_their_macs_hide(monkeypatch):

@@ -418,8 +418,8 @@ def test_the_config_names_exactly_the_registered_criteria():
     criterion without data (magnitude, random, bn_scale) is the kind that needs none."""
     import typing
 
-    from torchshrink.pruning.stage import PruneConfig
+    from torchshrink.pruning.config import PruneOptions
 
-    allowed = set(typing.get_args(PruneConfig.model_fields["importance"].annotation))
+    allowed = set(typing.get_args(PruneOptions.model_fields["importance"].annotation))
     assert allowed == set(IMPORTANCE)
     assert {k for k, c in IMPORTANCE.items() if not c.needs_data} == {"magnitude", "random", "bn_scale"}

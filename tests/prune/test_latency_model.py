@@ -10,10 +10,10 @@ from testkit import DIGITS_CNN, digits_recipe
 from torchshrink import run
 from torchshrink.measure import count_macs
 from torchshrink.models import load_model
-from torchshrink.pruning import latency_model, stage
+from torchshrink.pruning import latency_model, speedup, stage
+from torchshrink.pruning.config import PruneConfig
 from torchshrink.pruning.graph import find_groups
 from torchshrink.pruning.latency_model import LatencyModel, fit_latency_model
-from torchshrink.pruning.stage import PruneConfig
 from torchshrink.pruning.structural import model_size
 from torchshrink.zoo import build
 
@@ -69,7 +69,7 @@ def test_speedup_target_is_re_planned_until_the_measured_speedup_holds(tmp_path,
     # the first plan measures about 1.04x, so the stage re-plans for 1.3 * 1.3 / 1.04 = 1.62x predicted.
     monkeypatch.setattr(stage, "fit_latency_model", lambda *a, **k: TRUE)
     monkeypatch.setattr(
-        stage,
+        speedup,
         "measured_speedup",
         lambda original, pruned, input_shape: 0.8 * _predicted_ms(original) / _predicted_ms(pruned),
     )
@@ -97,7 +97,7 @@ def test_speedup_target_is_re_planned_until_the_measured_speedup_holds(tmp_path,
 def test_speedup_target_met_at_once_needs_one_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "fit_latency_model", lambda *a, **k: TRUE)
     monkeypatch.setattr(
-        stage,
+        speedup,
         "measured_speedup",
         lambda original, pruned, input_shape: _predicted_ms(original) / _predicted_ms(pruned),
     )
@@ -111,7 +111,7 @@ def test_speedup_target_met_at_once_needs_one_plan(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "options,expected",
     [
-        ({"speedup": 2.0}, "unstructured pruning takes a 'sparsity' target"),
+        ({"speedup": 2.0}, "speedup applies to granularity: structured"),
         ({"granularity": "structured", "speedup": 2.0, "macs_reduction": 2.0}, "exactly one of"),
         (
             {
@@ -126,4 +126,4 @@ def test_speedup_target_met_at_once_needs_one_plan(tmp_path, monkeypatch):
 )
 def test_speedup_and_allocation_cost_errors(options, expected):
     with pytest.raises(ValueError, match=expected):
-        PruneConfig(**options)
+        PruneConfig.model_validate(options)

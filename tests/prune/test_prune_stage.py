@@ -135,15 +135,19 @@ def test_l1_training_shrinks_the_penalised_tensors(tmp_path, target):
 @pytest.mark.parametrize(
     "prune,expected",
     [
-        ({}, "exactly one of sparsity, macs_reduction, params_reduction"),
-        ({"sparsity": 0.5, "macs_reduction": 2}, "exactly one of"),
-        ({"macs_reduction": 2}, "unstructured pruning takes a 'sparsity' target"),
+        ({}, "unstructured pruning takes a 'sparsity' target"),
+        ({"granularity": "structured"}, "exactly one of sparsity, macs_reduction, params_reduction"),
+        ({"granularity": "structured", "sparsity": 0.5, "macs_reduction": 2}, "exactly one of"),
+        ({"macs_reduction": 2}, "macs_reduction applies to granularity: structured"),
         ({"sparsity": 1.5}, r"stages\[0\].prune.sparsity = 1.5"),
         (
             {"sparsity": 0.5, "importance": "hessian"},
             r"'magnitude', 'taylor', 'snip', 'entropy', 'random' or 'bn_scale'",
         ),
-        ({"sparsity": 0.5, "schedule": {"kind": "oneshot", "steps": 3}}, "oneshot' has exactly 1 step"),
+        (
+            {"sparsity": 0.5, "schedule": {"kind": "oneshot", "steps": 3}},
+            r"prune.schedule = .*oneshot' has exactly 1 step",
+        ),
     ],
 )
 def test_prune_config_errors(prune, expected):

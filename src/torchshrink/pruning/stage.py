@@ -7,17 +7,24 @@ import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from torchshrink.errors import StructureError
-from torchshrink.inputs import InputSpec, ModelInput, spec_of, take
-from torchshrink.measure import count_macs, count_params, latencies_ms
+from torchshrink.inputs import ModelInput, spec_of, take
+from torchshrink.measure import count_macs, count_params
 from torchshrink.models import build_architecture
 from torchshrink.pruning.allocation import sensitivity_plan
+from torchshrink.pruning.config import (
+    L1Config,
+    PruneConfig,
+    PruneOptions,
+    ScheduleConfig,
+    StructuredPruneConfig,
+    UnstructuredPruneConfig,
+)
 from torchshrink.pruning.graph import Group, find_groups
 from torchshrink.pruning.importance import IMPORTANCE, make_importance
 from torchshrink.pruning.latency_model import LatencyModel, fit_latency_model
@@ -31,12 +38,11 @@ from torchshrink.pruning.masks import (
     prunable_weights,
 )
 from torchshrink.pruning.schedule import SCHEDULES
+from torchshrink.pruning.speedup import LATENCY_BATCH, check_speedup, replan_until_measured
 from torchshrink.pruning.structural import (
     Plan,
     Size,
     model_size,
-    rebuilt,
-    rebuilt_size,
     recalibrate_batchnorm,
     remove_channels,
     resized_shapes,
@@ -49,140 +55,8 @@ from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit, supervise
 
 log = logging.getLogger(__name__)
 
-LATENCY_BATCH = 32  # the batch of the report's latency_ms_b32: what speed-up targets are about
-SPEEDUP_ROUNDS = 3  # a speed-up target: the plan, then at most two re-plans from its measured speed-up
-SPEEDUP_TOLERANCE = 0.98  # a plan measured within 2% of the target (timing noise) is accepted
 
-
-class ScheduleConfig(BaseModel, extra="forbid"):
-    """How the target is approached: at once, in equal steps, or on the AGP cubic curve."""
-
-    kind: Literal["oneshot", "linear", "agp"] = "oneshot"
-    steps: int = Field(1, ge=1)
-    epochs_between: int = Field(1, ge=0, description="fine-tuning epochs after every step but the last")
-
-
-class L1Config(BaseModel, extra="forbid"):
-    """Sparsity-inducing training before pruning: loss + weight * sum|W| (or sum|gamma| of batch-norms)."""
-
-    weight: float = Field(..., gt=0)
-    epochs: int = Field(..., ge=1)
-    target: Literal["weights", "bn"] = "weights"
-    lr: float = Field(1e-3, gt=0)
-
-
-class PruneConfig(BaseModel, extra="forbid"):
-    """Options of the ``prune`` stage. Give exactly one target."""
-
-    granularity: Literal["unstructured", "structured"] = "unstructured"
-    scope: Literal["global", "layer"] = "global"
-    importance: Literal["magnitude", "taylor", "snip", "entropy", "random", "bn_scale"] = "magnitude"
-    norm: Literal["l1", "l2"] = "l1"
-    sparsity: float | None = Field(
-        None, gt=0, lt=1, description="fraction of weights (unstructured) or parameters (structured) removed"
-    )
-    macs_reduction: float | None = Field(None, gt=1, description="structured: MACs before / after")
-    speedup: float | None = Field(
-        None,
-        gt=1,
-        description="structured: batch-32 latency before / after, as predicted by a latency model fitted "
-        "by timing shrunken copies on this machine (the stage then times the result and reports both)",
-    )
-    params_reduction: float | None = Field(None, gt=1, description="structured: parameters before / after")
-    min_density: float = Field(
-        0.02, ge=0, lt=1, description="unstructured: every layer keeps at least this fraction"
-    )
-    max_channel_ratio: float = Field(
-        0.9, gt=0, lt=1, description="structured: at most this fraction of a group goes"
-    )
-    max_channel_ratio_residual: float = Field(
-        0.5,
-        gt=0,
-        lt=1,
-        description="structured, models with residual adds: at most this fraction of any group goes",
-    )
-    allocation: Literal["sensitivity", "ranking"] | None = Field(
-        None,
-        description="structured, global scope: how many channels each group loses; 'sensitivity' (the "
-        "default) measures the calibration loss of each candidate removal, 'ranking' compares "
-        "normalised scores across groups",
-    )
-    allocation_cost: Literal["macs", "params", "latency"] | None = Field(
-        None,
-        description="structured, sensitivity allocation: what a removal's loss rise is divided by; "
-        "default MACs for a macs_reduction target, parameters otherwise; 'latency' fits a latency model "
-        "of this network on this machine (batch 32) and prefers the channels that cost more time than "
-        "their MACs show",
-    )
-    cost_aware: bool = Field(
-        True, description="structured, allocation 'ranking': rank channels by importance per MAC they cost"
-    )
-    drop_layers: int = Field(
-        0,
-        ge=0,
-        description="structured, transformers: remove this many encoder layers first, the least harmful "
-        "by measured loss; with a target, channels, heads and neurons then go until it holds",
-    )
-    ignore: list[str] = Field(default_factory=list, description="layer names never pruned")
-    allow_partial: bool = Field(
-        False,
-        description="structured: accept a model short of the target (or unchanged, when nothing is "
-        "prunable) instead of stopping with an error",
-    )
-    calibration_batches: int = Field(8, ge=1, description="batches for taylor / snip / entropy scores")
-    batch_size: int = Field(64, ge=1)
-    schedule: ScheduleConfig = ScheduleConfig()
-    finetune_lr: float = Field(3e-4, gt=0, description="learning rate of the fine-tuning between steps")
-    l1_regularization: L1Config | None = None
-
-    @property
-    def targets(self) -> list[str]:
-        """The size / speed targets given (drop_layers aside)."""
-        return [
-            k
-            for k in ("sparsity", "macs_reduction", "params_reduction", "speedup")
-            if getattr(self, k) is not None
-        ]
-
-    @model_validator(mode="after")
-    def _one_target(self) -> PruneConfig:
-        targets = self.targets
-        if self.drop_layers and self.granularity != "structured":
-            raise ValueError("drop_layers removes whole layers: use granularity: structured")
-        if len(targets) > 1 or (not targets and not self.drop_layers):
-            raise ValueError(
-                "give exactly one of sparsity, macs_reduction, params_reduction, speedup (structured: "
-                f"or drop_layers alone); got {targets or 'none'}"
-            )
-        if self.granularity == "unstructured" and self.importance == "bn_scale":
-            raise ValueError(
-                "importance 'bn_scale' scores channels (batch-norm scales): use granularity: structured"
-            )
-        if self.granularity == "unstructured" and self.sparsity is None:
-            raise ValueError(
-                "unstructured pruning takes a 'sparsity' target (macs/params reductions and speedup need "
-                "structured)"
-            )
-        if self.allocation is not None and (self.granularity != "structured" or self.scope != "global"):
-            raise ValueError("'allocation' applies to structured pruning with scope: global")
-        sensitivity = (
-            self.granularity == "structured" and self.scope == "global" and self.allocation != "ranking"
-        )
-        if self.allocation_cost is not None and not sensitivity:
-            raise ValueError(
-                "'allocation_cost' applies to the sensitivity allocation (structured, scope: global, "
-                "allocation: sensitivity)"
-            )
-        if self.schedule.kind == "oneshot" and self.schedule.steps != 1:
-            raise ValueError("schedule kind 'oneshot' has exactly 1 step; use 'linear' or 'agp' for more")
-        return self
-
-    def layer_names(self) -> dict[str, list[str]]:
-        """Layer names this config refers to (checked against the model before any stage runs)."""
-        return {"ignore": list(self.ignore)}
-
-
-def _l1_penalty_params(model: nn.Module, cfg: PruneConfig) -> list[torch.Tensor]:
+def _l1_penalty_params(model: nn.Module, cfg: PruneOptions) -> list[torch.Tensor]:
     if cfg.l1_regularization is not None and cfg.l1_regularization.target == "bn":
         return [
             m.weight
@@ -192,7 +66,7 @@ def _l1_penalty_params(model: nn.Module, cfg: PruneConfig) -> list[torch.Tensor]
     return list(prunable_weights(model, cfg.ignore).values())
 
 
-def sparsity_inducing_training(model: nn.Module, cfg: PruneConfig, ctx: RunContext) -> dict[str, Any]:
+def sparsity_inducing_training(model: nn.Module, cfg: PruneOptions, ctx: RunContext) -> dict[str, Any]:
     """Train with an L1 penalty so that unimportant weights (or channels) are driven towards zero."""
     l1 = cfg.l1_regularization
     assert l1 is not None
@@ -223,7 +97,7 @@ def sparsity_inducing_training(model: nn.Module, cfg: PruneConfig, ctx: RunConte
 
 
 def _finetune(
-    model: nn.Module, cfg: PruneConfig, ctx: RunContext, step: int, keeper: MaskKeeper | None
+    model: nn.Module, cfg: PruneOptions, ctx: RunContext, step: int, keeper: MaskKeeper | None
 ) -> None:
     fit(
         model,
@@ -241,7 +115,7 @@ def _finetune(
 
 
 def _prune_unstructured_step(
-    model: nn.Module, cfg: PruneConfig, target: float, batches: list, seed: int
+    model: nn.Module, cfg: UnstructuredPruneConfig, target: float, batches: list, seed: int
 ) -> None:
     params = prunable_weights(model, cfg.ignore)
     importance = make_importance(cfg.importance, model, batches, norm=cfg.norm, seed=seed)
@@ -254,7 +128,11 @@ def _prune_unstructured_step(
 
 
 def _target_reached(
-    cfg: PruneConfig, fraction: float, base: Size, latency: LatencyModel | None, correction: float = 1.0
+    cfg: StructuredPruneConfig,
+    fraction: float,
+    base: Size,
+    latency: LatencyModel | None,
+    correction: float = 1.0,
 ) -> Callable[[Size], bool]:
     """``size -> bool``: has this step's share of the structured target been reached?
 
@@ -275,7 +153,7 @@ def _target_reached(
     return lambda size: size.params <= params_goal
 
 
-def _channel_cap(cfg: PruneConfig, groups: Sequence[Group]) -> float:
+def _channel_cap(cfg: StructuredPruneConfig, groups: Sequence[Group]) -> float:
     """The largest share of any group that may go.
 
     In a residual network a group stripped to a few channels starves its whole stage (B3: ResNet
@@ -285,50 +163,11 @@ def _channel_cap(cfg: PruneConfig, groups: Sequence[Group]) -> float:
     return min(cfg.max_channel_ratio, cfg.max_channel_ratio_residual) if residual else cfg.max_channel_ratio
 
 
-def _allocation_cost(cfg: PruneConfig) -> Literal["macs", "params", "latency"]:
-    """What the sensitivity allocation divides a loss rise by (the option, or the target's unit)."""
-    if cfg.allocation_cost is not None:
-        return cfg.allocation_cost
-    if cfg.speedup is not None:
-        return "latency"
-    return "macs" if cfg.macs_reduction is not None else "params"
-
-
-def measured_speedup(original: nn.Module, pruned: nn.Module, inputs: InputSpec | Sequence[int]) -> float:
-    """Batch-32 latency of ``original`` over ``pruned``, timed interleaved on this machine."""
-    timed = latencies_ms({"original": original, "pruned": pruned}, inputs, batch_size=LATENCY_BATCH)
-    return timed["original"] / timed["pruned"]
-
-
-def _check_speedup(
-    original: nn.Module,
-    pruned: nn.Module,
-    latency: LatencyModel,
-    target: float,
-    base: Size,
-    inputs: InputSpec | Sequence[int],
-) -> dict[str, float]:
-    """Time the pruned network against the original (batch 32, interleaved) next to the predicted
-    speed-up, so a latency model that misjudged this machine shows in the report and the log."""
-    measured = measured_speedup(original, pruned, inputs)
-    predicted = latency.speedup(base, model_size(pruned, inputs))
-    log.info("speed-up at batch %d: predicted %.2fx, measured %.2fx", LATENCY_BATCH, predicted, measured)
-    if measured < 0.9 * target:
-        log.warning(
-            "measured speed-up %.2fx is below the target %.2fx (predicted %.2fx): the machine was busy "
-            "while timing, or the latency model does not fit this network; raise 'speedup'",
-            measured,
-            target,
-            predicted,
-        )
-    return {"speedup_predicted": round(predicted, 3), "speedup_measured": round(measured, 3)}
-
-
 TARGET_TOLERANCE = 0.98  # a plan this close to a MACs / parameter target counts as reaching it
 
 
 def _check_target_reached(
-    cfg: PruneConfig, base: Size, after: Size, latency: LatencyModel | None = None
+    cfg: StructuredPruneConfig, base: Size, after: Size, latency: LatencyModel | None = None
 ) -> None:
     """Stop with an error when the structured target was not reached (unless ``allow_partial``).
 
@@ -360,7 +199,7 @@ def _check_target_reached(
 
 def _prune_structured_step(
     model: nn.Module,
-    cfg: PruneConfig,
+    cfg: StructuredPruneConfig,
     fraction: float,
     batches: list,
     seed: int,
@@ -386,27 +225,18 @@ def _prune_structured_step(
         return []
     importance = make_importance(cfg.importance, model, batches, norm=cfg.norm, seed=seed)
     scores = [importance(g) for g in groups]
-    inputs = spec_of(example)
-    rounds: list[dict[str, float]] = []
-    correction = 1.0
-    for _ in range(SPEEDUP_ROUNDS):
+
+    def make_plan(correction: float) -> Plan:
         reached = _target_reached(cfg, fraction, base, latency, correction)
-        plan = _plan(model, cfg, groups, scores, batches, example, reached, latency)
-        if cfg.speedup is None or original is None or fraction < 1.0:
-            break
-        assert latency is not None
-        predicted = latency.speedup(base, rebuilt_size(model, groups, plan, inputs))
-        measured = measured_speedup(original, rebuilt(model, groups, plan), inputs)
-        rounds.append({"predicted": round(predicted, 3), "measured": round(measured, 3)})
-        if measured >= SPEEDUP_TOLERANCE * cfg.speedup:
-            break
-        correction *= cfg.speedup / measured
-        log.info(
-            "plan measured %.2fx for a %.2fx target: re-planning for %.2fx predicted",
-            measured,
-            cfg.speedup,
-            cfg.speedup * correction,
+        return _plan(model, cfg, groups, scores, batches, example, reached, latency)
+
+    rounds: list[dict[str, float]] = []
+    if cfg.speedup is not None and original is not None and latency is not None and fraction >= 1.0:
+        plan, rounds = replan_until_measured(
+            make_plan, model, original, groups, latency, base, cfg.speedup, spec_of(example)
         )
+    else:
+        plan = make_plan(1.0)
     remove_channels(model, groups, plan)
     recalibrate_batchnorm(model, [x for x, _ in batches])
     return rounds
@@ -414,7 +244,7 @@ def _prune_structured_step(
 
 def _plan(
     model: nn.Module,
-    cfg: PruneConfig,
+    cfg: StructuredPruneConfig,
     groups: Sequence[Group],
     scores: Sequence[torch.Tensor],
     batches: list,
@@ -433,7 +263,7 @@ def _plan(
             batches,
             max_ratio=cap,
             reached=reached,
-            saves=_allocation_cost(cfg),
+            saves=cfg.cost,
             latency=latency,
         )
     return search_plan(
@@ -451,27 +281,84 @@ def _plan(
 @register_stage("prune", PruneConfig, role="transform", embeddings=True)
 def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelState:
     """Prune ``state.model`` in place to the target; structured pruning returns a smaller architecture."""
+    options = cfg.root
+    if isinstance(options, StructuredPruneConfig):
+        return _prune_structured(state, options, ctx)
+    return _prune_unstructured(state, options, ctx)
+
+
+def _prepare(model: nn.Module, cfg: PruneOptions, ctx: RunContext, structured: bool) -> list:
+    """L1 training when asked, then the calibration batches the criteria and the structured
+    allocation need (data-driven criteria score on them; structured pruning measures the
+    sensitivity allocation's loss and re-estimates batch-norm statistics on them)."""
+    if cfg.l1_regularization is not None:
+        ctx.details.update(sparsity_inducing_training(model, cfg, ctx))
+    needs_data = IMPORTANCE[cfg.importance].needs_data or structured
+    return ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size) if needs_data else []
+
+
+def _scheduled(
+    model: nn.Module,
+    cfg: PruneOptions,
+    ctx: RunContext,
+    batches: list,
+    prune_step: Callable[[int, float, list], None],
+    keep_masks: bool,
+) -> list[dict[str, int]]:
+    """The schedule: ``prune_step(step, fraction, batches)`` per step, the size after each, and
+    fine-tuning between steps (masked weights held at zero when ``keep_masks``)."""
+    trajectory = []
+    steps = cfg.schedule.steps
+    for step in range(1, steps + 1):
+        prune_step(step, SCHEDULES[cfg.schedule.kind](step, steps), batches)
+        params, nonzero = count_params(model)
+        macs = count_macs(model, ctx.data.inputs)
+        trajectory.append({"step": step, "params": params, "nonzero_params": nonzero, "macs": macs})
+        if step < steps and cfg.schedule.epochs_between > 0:
+            names = list(prunable_weights(model, cfg.ignore)) if keep_masks else []
+            _finetune(model, cfg, ctx, step, MaskKeeper(model, names) if names else None)
+            if batches:
+                batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)
+    return trajectory
+
+
+def _prune_unstructured(state: ModelState, cfg: UnstructuredPruneConfig, ctx: RunContext) -> ModelState:
+    """Masks on single weights to the sparsity target; the architecture stays as it is."""
     model = state.model
-    if cfg.granularity == "structured":
-        bake_parametrizations(model)  # channels are removed from plain weights
+    base = model_size(model, ctx.data.inputs)
+    batches = _prepare(model, cfg, ctx, structured=False)
+    sparsity = cfg.sparsity
+    assert sparsity is not None
+
+    def step(index: int, fraction: float, batches: list) -> None:
+        _prune_unstructured_step(model, cfg, sparsity * fraction, batches, ctx.seed + index)
+
+    ctx.details["steps"] = _scheduled(model, cfg, ctx, batches, step, keep_masks=True)
+    ctx.details["params_before"], ctx.details["macs_before"] = base.params, base.macs
+    params = prunable_weights(model, cfg.ignore)
+    ctx.details["weight_density"] = round(density(params), 6)
+    ctx.details["layers"] = {n: round(density({n: p}), 4) for n, p in params.items()}
+    return state.replace(
+        model=model,
+        artefact=None,
+        pruned_weights=tuple(sorted({*state.pruned_weights, *params})),
+        lineage=(*state.lineage, ctx.stage_name),
+    )
+
+
+def _prune_structured(state: ModelState, cfg: StructuredPruneConfig, ctx: RunContext) -> ModelState:
+    """Layers, then channels / neurons / heads removed to the target: a smaller architecture."""
+    model = state.model
+    bake_parametrizations(model)  # channels are removed from plain weights
     example = take(ctx.data.train.tensors[0], slice(0, 2))
     inputs = ctx.data.inputs
     base = model_size(model, inputs)
-    unpruned = (
-        copy.deepcopy(model).eval() if cfg.speedup is not None else None
-    )  # what speed-ups are timed against
-    if cfg.l1_regularization is not None:
-        ctx.details.update(sparsity_inducing_training(model, cfg, ctx))
-    # data-driven criteria score on these batches; structured pruning measures the sensitivity
-    # allocation's loss and re-estimates batch-norm statistics on them
-    needs_data = IMPORTANCE[cfg.importance].needs_data or cfg.granularity == "structured"
-    batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size) if needs_data else []
-    steps = cfg.schedule.steps
-    structured = cfg.granularity == "structured"
-    trajectory = []
+    unpruned = copy.deepcopy(model).eval() if cfg.speedup is not None else None  # speed-ups' reference
+    batches = _prepare(model, cfg, ctx, structured=True)
     latency = None
-    needs_latency = structured and (cfg.speedup is not None or _allocation_cost(cfg) == "latency")
-    groups = find_groups(model, example, cfg.ignore) if needs_latency else []
+    groups = (
+        find_groups(model, example, cfg.ignore) if cfg.speedup is not None or cfg.cost == "latency" else []
+    )
     if groups:
         # fitted once on the full network: the timed copies span the sizes every step reaches
         latency = fit_latency_model(
@@ -485,57 +372,37 @@ def prune_stage(state: ModelState, cfg: PruneConfig, ctx: RunContext) -> ModelSt
         ctx.details["latency_model"] = asdict(latency)
     if cfg.drop_layers:
         ctx.details["dropped_layers"] = drop_layers(model, cfg.drop_layers, batches)
-    for step in range(1, steps + 1 if cfg.targets else 1):  # drop_layers alone: no channel steps
-        fraction = SCHEDULES[cfg.schedule.kind](step, steps)
-        if structured:
-            rounds = _prune_structured_step(
-                model, cfg, fraction, batches, ctx.seed + step, example, base, latency, unpruned
-            )
-            if rounds:
-                ctx.details["speedup_rounds"] = rounds
-        else:
-            assert cfg.sparsity is not None
-            _prune_unstructured_step(model, cfg, cfg.sparsity * fraction, batches, ctx.seed + step)
-        params, nonzero = count_params(model)
-        trajectory.append(
-            {
-                "step": step,
-                "params": params,
-                "nonzero_params": nonzero,
-                "macs": count_macs(model, inputs),
-            }
+
+    def step(index: int, fraction: float, batches: list) -> None:
+        rounds = _prune_structured_step(
+            model, cfg, fraction, batches, ctx.seed + index, example, base, latency, unpruned
         )
-        if step < steps and cfg.schedule.epochs_between > 0:
-            names = list(prunable_weights(model, cfg.ignore)) if not structured else []
-            _finetune(model, cfg, ctx, step, MaskKeeper(model, names) if names else None)
-            if batches:
-                batches = ctx.calibration_batches(cfg.calibration_batches, cfg.batch_size)
-    ctx.details["steps"] = trajectory
+        if rounds:
+            ctx.details["speedup_rounds"] = rounds
+
+    # drop_layers alone: no channel steps
+    ctx.details["steps"] = _scheduled(model, cfg, ctx, batches, step, keep_masks=False) if cfg.targets else []
     ctx.details["params_before"], ctx.details["macs_before"] = base.params, base.macs
-    if structured:
-        _check_target_reached(cfg, base, model_size(model, inputs), latency)
+    _check_target_reached(cfg, base, model_size(model, inputs), latency)
     if unpruned is not None and latency is not None:
         assert cfg.speedup is not None
-        ctx.details.update(_check_speedup(unpruned, model, latency, cfg.speedup, base, inputs))
+        ctx.details.update(check_speedup(unpruned, model, latency, cfg.speedup, base, inputs))
     architecture = state.architecture
-    pruned_weights = state.pruned_weights
-    if structured:
-        if architecture is not None:
-            original = build_architecture({k: v for k, v in architecture.items() if k != "resized"})
-            architecture = dict(architecture, resized=resized_shapes(model, original))
-            ctx.details["layers"] = architecture["resized"]
-    else:
-        params = prunable_weights(model, cfg.ignore)
-        pruned_weights = tuple(sorted({*pruned_weights, *params}))
-        ctx.details["weight_density"] = round(density(params), 6)
-        ctx.details["layers"] = {n: round(density({n: p}), 4) for n, p in params.items()}
+    if architecture is not None:
+        original = build_architecture({k: v for k, v in architecture.items() if k != "resized"})
+        architecture = dict(architecture, resized=resized_shapes(model, original))
+        ctx.details["layers"] = architecture["resized"]
     return state.replace(
-        model=model,
-        architecture=architecture,
-        artefact=None,
-        pruned_weights=pruned_weights,
-        lineage=(*state.lineage, ctx.stage_name),
+        model=model, architecture=architecture, artefact=None, lineage=(*state.lineage, ctx.stage_name)
     )
 
 
-__all__ = ["PruneConfig", "ScheduleConfig", "L1Config", "prune_stage", "IMPORTANCE"]
+__all__ = [
+    "PruneConfig",
+    "UnstructuredPruneConfig",
+    "StructuredPruneConfig",
+    "ScheduleConfig",
+    "L1Config",
+    "prune_stage",
+    "IMPORTANCE",
+]
