@@ -11,10 +11,11 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from torchshrink import zoo
+from torchshrink.checkpoint import CHECKPOINT_NAME
 from torchshrink.errors import TrainingError
 from torchshrink.io import load_tensors, read_safetensors_metadata
 from torchshrink.measure import accuracy
-from torchshrink.train import CHECKPOINT_NAME, DatasetBatches, TrainConfig, classification_loss, fit
+from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
 

@@ -5,8 +5,9 @@ the loss function and the batch source they pass in.
   so a NaN error can name the term that went bad.
 * A batch source yields the batches of one epoch; :class:`DatasetBatches` covers datasets and shards
   them over ranks with a ``DistributedSampler``, so the loop runs unchanged under ``torchrun``.
-* Checkpoints hold model, optimizer, scheduler, position and RNG state: a resumed run ends with
-  bit-identical weights to an uninterrupted one.
+* Checkpoints (:mod:`torchshrink.checkpoint`, safetensors + JSON) hold model, optimizer,
+  scheduler, position and RNG state: a resumed run ends with bit-identical weights to an
+  uninterrupted one.
 * Divergence stops the run with the step, term and learning rate: a non-finite loss term, or a loss
   grown past ``divergence`` times its first value (at least 1), as an exploding learning rate makes it.
 * The progress bar shows on the main process unless ``TORCHSHRINK_PROGRESS=0`` (parallel task
@@ -31,10 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from torchshrink.checkpoint import LoopState, TrainCheckpoint
 from torchshrink.errors import TrainingError
 from torchshrink.inputs import call, to_device
 from torchshrink.inputs import count as count_samples
-from torchshrink.io import atomic_path
 from torchshrink.measure import is_embedding_target
 from torchshrink.parallel import ddp
 
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 Batch = tuple["torch.Tensor | tuple[torch.Tensor, ...]", ...]
 """A batch: the model input first (a tensor, or a tuple for a model that takes several), then targets."""
 LossFn = Callable[[nn.Module, Batch], "torch.Tensor | Mapping[str, torch.Tensor]"]
-CHECKPOINT_NAME = "train-state.pt"
 
 __all__ = [
     "TrainConfig",
@@ -308,57 +308,21 @@ def fit(
         else None
     )
 
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    step = 0
-    resumed_sums: dict[str, float] = {}
-    resumed_count = 0
+    checkpoint = TrainCheckpoint(checkpoint_dir, _resume_fields(cfg, steps_per_epoch), writer=info.is_main)
     result = TrainResult()
-    if ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["config"] != _resume_fields(cfg, steps_per_epoch):
-            raise TrainingError(
-                f"{ckpt_path}: checkpoint was written with settings {state['config']}, which differ from "
-                f"{_resume_fields(cfg, steps_per_epoch)}; delete it to start over or restore the settings"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"].cpu())
-        step = int(state["step"])
-        resumed_sums, resumed_count = dict(state["epoch_sums"]), int(state["epoch_count"])
-        result.epoch_losses = [dict(e) for e in state["epoch_losses"]]
-        result.resumed_from_step = step
-        first_loss = state.get("first_loss")
-        opening = [(float(a), int(n)) for a, n in state.get("opening_accuracy", [])]
-        log.info("%s: resumed from %s at step %d of %d", cfg.desc, ckpt_path, step, total_steps)
+    loop = checkpoint.load(model, optimizer, scheduler)
+    if loop is not None:
+        result.epoch_losses = loop.epoch_losses
+        result.resumed_from_step = loop.step
+        log.info("%s: resumed from %s at step %d of %d", cfg.desc, checkpoint.path, loop.step, total_steps)
     else:
         torch.manual_seed(cfg.seed)
-        first_loss = None
-        opening: list[tuple[float, int]] = []
+        loop = LoopState()
+    step, opening = loop.step, loop.opening
 
     wrapped: nn.Module = model
     if info.distributed:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def save_checkpoint(epoch_sums: dict[str, float], epoch_count: int) -> None:
-        if ckpt_path is None or not info.is_main:
-            return
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else {},
-            "rng": torch.get_rng_state(),
-            "step": step,
-            "config": _resume_fields(cfg, steps_per_epoch),
-            "epoch_losses": result.epoch_losses,
-            "epoch_sums": epoch_sums,
-            "epoch_count": epoch_count,
-            "first_loss": first_loss,
-            "opening_accuracy": opening,
-        }
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state, tmp)
 
     start_time = time.perf_counter()
     start_step = step
@@ -379,7 +343,7 @@ def fit(
             sums: dict[str, float] = {}
             count = 0
             if skip and result.resumed_from_step == step:  # finish the epoch the checkpoint interrupted
-                sums, count = resumed_sums, resumed_count
+                sums, count = dict(loop.epoch_sums), loop.epoch_count
             for index, batch in enumerate(batches.epoch(epoch)):
                 if index < skip:
                     continue
@@ -397,9 +361,9 @@ def fit(
                         )
                 loss = sum(terms.values())
                 value = float(loss.detach())
-                if first_loss is None:
-                    first_loss = value
-                _check_divergence(cfg, terms, value, first_loss, step, epoch, index, optimizer)
+                if loop.first_loss is None:
+                    loop.first_loss = value
+                _check_divergence(cfg, terms, value, loop.first_loss, step, epoch, index, optimizer)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -417,7 +381,9 @@ def fit(
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    save_checkpoint(sums, count)
+                    loop.step, loop.epoch_sums, loop.epoch_count = step, sums, count
+                    loop.epoch_losses = result.epoch_losses
+                    checkpoint.save(model, optimizer, scheduler, loop)
             names = sorted(sums)
             means = ddp.all_reduce_mean(
                 torch.tensor([sums[n] / max(count, 1) for n in names], dtype=torch.float64)
@@ -434,8 +400,7 @@ def fit(
     result.steps = step
     result.seconds = time.perf_counter() - start_time
     result.samples_per_second = samples / result.seconds if result.seconds > 0 else math.nan
-    if ckpt_path is not None and info.is_main and ckpt_path.exists():
-        ckpt_path.unlink()
+    checkpoint.discard()
     ddp.barrier()
     log.debug("%s: %d steps (%d new) in %.1fs", cfg.desc, step, step - start_step, result.seconds)
     return result

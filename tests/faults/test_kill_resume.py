@@ -11,6 +11,7 @@ from killing import cli, kill_when, write_recipe
 from testkit import DIGITS_MLP, digits_recipe
 
 from torchshrink import load_model, run
+from torchshrink.checkpoint import CHECKPOINT_NAME
 
 STUDENT = DIGITS_MLP
 TEACHER = {"train": {"epochs": 2, "lr": 0.003}}
@@ -76,7 +77,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(kind, tmp_path):
     kill_when(
         cli("run", str(path), "--out", str(out)),
         out / ".work" / f"{stage_index:02d}-{stage_name}",
-        "train-state.pt",
+        CHECKPOINT_NAME,
     )
     assert not (out / "report.json").exists()
     resumed = run(recipe, out, resume=True)

@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from testkit import DIGITS_MLP, digits_recipe
 
 from torchshrink import load_model, run
+from torchshrink.checkpoint import CHECKPOINT_NAME
 from torchshrink.errors import CorruptFileError
-from torchshrink.io import read_safetensors_metadata
+from torchshrink.io import read_safetensors_metadata, save_tensors
 from torchshrink.models import open_model, save_model
 
 
@@ -42,7 +43,7 @@ def test_a_recipe_change_discards_the_interrupted_training_of_a_later_stage(tmp_
     (it used to continue the old half-trained state 'at step 60 of 126')."""
     out = tmp_path / "out"
     kill_when(cli("run", str(write_recipe(tmp_path / "r.yaml", _pruned(0.5))), "--out", str(out)),
-              out / ".work" / "02-finetune", "train-state.pt")  # fmt: skip
+              out / ".work" / "02-finetune", CHECKPOINT_NAME)  # fmt: skip
     resumed = run(_pruned(0.8), out, resume=True)
     assert [s["resume"] for s in resumed.stages] == ["reused", "computed", "computed"]
     fresh = run(_pruned(0.8), tmp_path / "fresh")
@@ -116,10 +117,10 @@ def test_stale_work_of_ensemble_members_is_discarded(tmp_path):
     run(recipe, tmp_path)
     member = tmp_path / ".work" / "00-ensemble-member0"
     member.mkdir(parents=True, exist_ok=True)
-    (member / "train-state.pt").write_bytes(b"left by another run")
+    (member / CHECKPOINT_NAME).write_bytes(b"left by another run")
     again = run({**recipe, "seed": 5}, tmp_path, resume=True)
     assert [s["resume"] for s in again.stages] == ["computed"]
-    assert not (member / "train-state.pt").exists()
+    assert not (member / CHECKPOINT_NAME).exists()
 
 
 def test_stale_work_files_of_a_stage_are_discarded(tmp_path):
@@ -129,7 +130,9 @@ def test_stale_work_files_of_a_stage_are_discarded(tmp_path):
     run(recipe, tmp_path / "a")
     work = tmp_path / "a" / ".work" / "01-finetune"
     (tmp_path / "a" / ".checkpoints" / "stage-01-finetune.safetensors").unlink()
-    torch.save({"config": {}, "step": 3}, work / "train-state.pt")
+    save_tensors(
+        work / CHECKPOINT_NAME, {"w": torch.zeros(3)}, {"format": "torchshrink-train-state", "state": "{}"}
+    )
     (work / ".key").write_text("someone-else")
     resumed = run(recipe, tmp_path / "a", resume=True)
     assert [s["resume"] for s in resumed.stages] == ["reused", "computed"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,133 +24,23 @@ from torch import fx, nn
 from torchshrink.errors import StructureError
 from torchshrink.pruning.groups import Group, Member
 from torchshrink.pruning.heads import transformer_groups
+from torchshrink.pruning.operators import (
+    BN,
+    CHANNEL_NORMS,
+    CONV,
+    ELEMENTWISE,
+    ELEMENTWISE_METHODS,
+    PASS_FUNCTIONS,
+    PASS_METHODS,
+    PASS_MODULES,
+    REDUCE_FUNCTIONS,
+    REDUCE_METHODS,
+)
 from torchshrink.tracing import trace_model
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Member", "Group", "StructureError", "trace_model", "find_groups"]
-
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CHANNEL_NORMS = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.LocalResponseNorm,
-)
-_PASS_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Softplus,
-    nn.PReLU,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Upsample,
-    nn.ZeroPad1d,
-    nn.ZeroPad2d,
-    nn.ZeroPad3d,
-    nn.ConstantPad1d,
-    nn.ConstantPad2d,
-)
-_PASS_FUNCTIONS = {
-    F.relu,
-    F.relu6,
-    F.leaky_relu,
-    F.elu,
-    F.selu,
-    F.gelu,
-    F.silu,
-    F.mish,
-    F.hardswish,
-    F.hardsigmoid,
-    F.hardtanh,
-    F.softplus,
-    torch.relu,
-    torch.sigmoid,
-    torch.tanh,
-    F.sigmoid,
-    F.tanh,
-    F.dropout,
-    F.dropout1d,
-    F.dropout2d,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.avg_pool3d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d,
-    F.adaptive_max_pool2d,
-    F.interpolate,
-    operator.neg,
-    torch.neg,
-    torch.abs,
-}
-_PASS_METHODS = {
-    "relu",
-    "relu_",
-    "sigmoid",
-    "tanh",
-    "contiguous",
-    "clone",
-    "detach",
-    "float",
-    "to",
-    "abs",
-    "neg",
-    "sigmoid_",
-    "tanh_",
-    "gelu",
-}
-_ELEMENTWISE = {
-    operator.add,
-    operator.sub,
-    operator.mul,
-    operator.truediv,
-    operator.iadd,
-    operator.imul,
-    torch.add,
-    torch.sub,
-    torch.mul,
-    torch.div,
-    torch.maximum,
-    torch.minimum,
-}
-_ELEMENTWISE_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "sub_"}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 
 
 # --- channel spaces -------------------------------------------------------------------------------
@@ -297,10 +186,10 @@ class _Analysis:
         m = self.modules[name]
         inp = self.arg_layout(node)
         out_shape = _shape(node)
-        if isinstance(m, (*_CONV, nn.Linear)) and out_shape is not None:
-            positions = math.prod(out_shape[2:]) if isinstance(m, _CONV) else math.prod(out_shape[1:-1])
+        if isinstance(m, (*CONV, nn.Linear)) and out_shape is not None:
+            positions = math.prod(out_shape[2:]) if isinstance(m, CONV) else math.prod(out_shape[1:-1])
             self.positions[name] = self.positions.get(name, 0) + positions
-        if isinstance(m, _CONV):
+        if isinstance(m, CONV):
             if m.groups == 1:
                 self.consumer(name, inp, 1)
                 return self.producer(name, m, 1, ("weight", "bias"), m.out_channels)
@@ -317,7 +206,7 @@ class _Analysis:
             ndim = len(out_shape) if out_shape else 2
             self.consumer(name, inp, ndim - 1)
             return self.producer(name, m, ndim - 1, ("weight", "bias"), m.out_features)
-        if isinstance(m, _BN):
+        if isinstance(m, BN):
             if inp is None:
                 return None
             if inp.dim != 1:
@@ -327,7 +216,7 @@ class _Analysis:
                 if getattr(m, attr, None) is not None:
                     self.members.append((name, attr, 0, _Layout(0, inp.segs), "pass"))
             return inp
-        if isinstance(m, _CHANNEL_NORMS):
+        if isinstance(m, CHANNEL_NORMS):
             if inp is not None and out_shape is not None:
                 normalized = len(getattr(m, "normalized_shape", ())) or len(out_shape) - 1
                 if inp.dim >= len(out_shape) - normalized or isinstance(m, nn.GroupNorm):
@@ -339,7 +228,7 @@ class _Analysis:
             if inp is not None and out_shape is not None and inp.dim == (m.dim % len(out_shape)):
                 self.pin_layout(inp)
             return inp
-        if isinstance(m, _PASS_MODULES):
+        if isinstance(m, PASS_MODULES):
             return inp
         self.pin_inputs(node)
         return None
@@ -361,9 +250,9 @@ class _Analysis:
 
     def visit_function(self, node: fx.Node, fn: object) -> _Layout | None:
         inp = self.arg_layout(node)
-        if fn in _PASS_FUNCTIONS:
+        if fn in PASS_FUNCTIONS:
             return inp
-        if fn in _ELEMENTWISE:
+        if fn in ELEMENTWISE:
             return self.elementwise(node)
         if fn in (torch.cat, torch.concat):
             return self.cat(node)
@@ -371,7 +260,7 @@ class _Analysis:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self.flatten(node, inp, start, end)
-        if fn in _REDUCE_FUNCTIONS:
+        if fn in REDUCE_FUNCTIONS:
             return self.reduce(node, inp)
         if fn in (F.pad, torch._C._nn.pad):
             return self.pad(node, inp)
@@ -383,9 +272,9 @@ class _Analysis:
     def visit_method(self, node: fx.Node) -> _Layout | None:
         method = str(node.target)
         inp = self.arg_layout(node)
-        if method in _PASS_METHODS:
+        if method in PASS_METHODS:
             return inp
-        if method in _ELEMENTWISE_METHODS:
+        if method in ELEMENTWISE_METHODS:
             return self.elementwise(node)
         if method == "size" or method == "dim":
             return None
@@ -395,7 +284,7 @@ class _Analysis:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self.flatten(node, inp, start, end)
-        if method in _REDUCE_METHODS:
+        if method in REDUCE_METHODS:
             return self.reduce(node, inp)
         self.pin_inputs(node)
         return None
