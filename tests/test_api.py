@@ -111,7 +111,7 @@ def test_an_api_call_is_the_recipe_stage(tmp_path, digits):
         "seed": 0,
         "model": {"path": str(weights)},
         "data": {"name": "digits"},
-        "measure": {"latency_repeats": 3},
+        "measure": {"latency_repeats": 3, "onnx_fp32": False},
         "stages": [{"prune": {"sparsity": 0.6, "importance": "taylor"}}],
     }
     report = ts.run(recipe, tmp_path / "run")

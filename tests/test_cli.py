@@ -173,7 +173,7 @@ def test_run_recipe_file(tmp_path, capsys):
             {
                 "model": {"zoo": "lenet300", "kwargs": {"in_features": 64}},
                 "data": {"name": "digits"},
-                "measure": {"latency_repeats": 3},
+                "measure": {"latency_repeats": 3, "onnx_fp32": False},
                 "stages": [{"train": {"epochs": 1}}],
             }
         )

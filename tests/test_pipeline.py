@@ -21,7 +21,7 @@ from torchshrink.models import open_model, save_model
 from torchshrink.registry import register_stage
 from torchshrink.report import read_report
 
-FAST = {"latency_repeats": 3}
+FAST = {"latency_repeats": 3, "onnx_fp32": False}
 
 
 def recipe(*stages, model=DIGITS_MLP, **extra):
@@ -254,7 +254,8 @@ def test_identical_models_time_alike_beside_a_cpu_hog(tmp_path):
     try:
         for attempt in ("a", "b"):
             report = run(
-                recipe(*stages, model=DIGITS_CNN, measure={"latency_repeats": 30}), tmp_path / attempt
+                recipe(*stages, model=DIGITS_CNN, measure={"latency_repeats": 30, "onnx_fp32": False}),
+                tmp_path / attempt,
             )
             for batch in (1, 32):
                 times = [s["metrics"][f"latency_ms_b{batch}"] for s in report.stages]
@@ -264,3 +265,24 @@ def test_identical_models_time_alike_beside_a_cpu_hog(tmp_path):
     finally:
         hog.kill()
         hog.wait()
+
+
+def test_every_float_model_is_also_timed_on_onnx_runtime(tmp_path):
+    """With ``measure.onnx_fp32`` (the default) the model as given and every stage's float result are
+    exported once and timed on ONNX Runtime in the same pass: their own columns beside PyTorch's."""
+    stages = ({"train": {"epochs": 1}}, {"prune": {"granularity": "structured", "macs_reduction": 2}})
+    report = run(recipe(*stages, measure={**FAST, "onnx_fp32": True}), tmp_path)
+    for metrics in (report.baseline, *(s["metrics"] for s in report.stages)):
+        for batch in (1, 32):
+            assert metrics[f"onnx_latency_ms_b{batch}"] > 0 and metrics[f"onnx_latency_iqr_ms_b{batch}"] >= 0
+            assert "torch_latency_ms_b{batch}" not in metrics  # PyTorch is what these rows ship on
+    pruned = report.stages[1]["metrics"]
+    assert pruned["speedup_onnx_fp32_b32"] > 0 and pruned["latency_ms_b32"] != pruned["onnx_latency_ms_b32"]
+    assert set(report.timing["rows"]["prune"]) == {"torch", "onnx"}
+    assert sorted(p.name for p in (tmp_path / ".work" / "timing").iterdir()) == [
+        "given.onnx",
+        "prune.onnx",
+        "train.onnx",
+    ]
+    md = (tmp_path / "report.md").read_text()
+    assert "ONNX Runtime b32 ms (IQR)" in md and "faster b32 on ONNX Runtime vs given fp32" in md

@@ -15,7 +15,6 @@ spec dict, a zoo name, a file); data is a ``DatasetBundle`` (``ts.load_data``) o
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import tempfile
@@ -103,11 +102,9 @@ def _options(kind: str, config: BaseModel | dict[str, Any] | None, options: dict
 def _judged(data: DatasetBundle, model: nn.Module, width: int, task: str | None, kind: str) -> DatasetBundle:
     """Targets as a run sets them: an embedding model's own vectors, an unlabelled set's labels from
     the model as given, a model wider than the data's classes keeping its width."""
-    if task == "embedding" or not data.labelled:
-        if get_stage(kind).role == "reference" and task != "embedding":
-            raise RecipeError(f"ts.{kind}: data {data.name} has no labels to train on; give labels ('y')")
-        return data.judged_by(lambda x: predict(model, x, batch_size=64), task == "embedding", width)
-    return dataclasses.replace(data, num_classes=width) if width > data.num_classes else data
+    if task != "embedding" and not data.labelled and get_stage(kind).role == "reference":
+        raise RecipeError(f"ts.{kind}: data {data.name} has no labels to train on; give labels ('y')")
+    return data.targets_for(lambda x: predict(model, x, batch_size=64), task == "embedding", width)
 
 
 def apply_stage(

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import shutil
@@ -123,9 +122,12 @@ def _resumable_prefix(recipe: Recipe, out_dir: Path, keys: list[str]) -> int:
     return done
 
 
-def _onnx_fp32(model: nn.Module, inputs: InputSpec, out_dir: Path, info: ddp.DistInfo) -> nn.Module | None:
-    """The baseline model on ONNX Runtime in fp32, the fair reference for an ONNX artefact's speed."""
-    path = out_dir / WORK_DIR / "baseline.fp32.onnx"
+def _on_onnx_runtime(
+    model: nn.Module, name: str, inputs: InputSpec, out_dir: Path, info: ddp.DistInfo
+) -> nn.Module | None:
+    """``model`` exported to ONNX and run by ONNX Runtime (the timing pass's second runtime); None,
+    with a warning, when it does not export."""
+    path = out_dir / WORK_DIR / "timing" / f"{name.strip('()')}.onnx"
     try:
         if info.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,7 @@ def _onnx_fp32(model: nn.Module, inputs: InputSpec, out_dir: Path, info: ddp.Dis
         ddp.barrier()
         return OnnxRuntimeModel(path)
     except TorchshrinkError as exc:
-        log.warning("the baseline model does not export to ONNX (%s): no speed-up vs ONNX Runtime fp32", exc)
+        log.warning("%s does not export to ONNX (%s): not timed on ONNX Runtime", name, exc)
         return None
 
 
@@ -163,8 +165,7 @@ def _fit_labels(
         log.info(
             "embedding model: quality is fidelity to the model as given (mean cosine, neighbour agreement)"
         )
-        return data.judged_by(lambda x: predict(model, x, batch_size=64), embedding=True, num_classes=width)
-    if not data.labelled:
+    elif not data.labelled:
         training = [spec.kind for spec, role in zip(recipe.stages, roles, strict=True) if role == "reference"]
         if training:
             raise DataError(
@@ -172,13 +173,11 @@ def _fit_labels(
                 "give labels ('y') or start from a trained model"
             )
         log.info("data %s has no labels: quality is top-1 agreement with the model as given", data.name)
-        return data.judged_by(lambda x: predict(model, x, batch_size=64), embedding=False, num_classes=width)
-    if width > data.num_classes:
+    elif width > data.num_classes:
         log.info(
             "model %s outputs %d classes; the data uses %d of them", recipe.model, width, data.num_classes
         )
-        return dataclasses.replace(data, num_classes=width)
-    return data
+    return data.targets_for(lambda x: predict(model, x, batch_size=64), task == "embedding", width)
 
 
 WORK_KEY_FILE = ".key"
@@ -257,14 +256,18 @@ def _time_rows(
     info: ddp.DistInfo,
 ) -> dict[str, Any]:
     """One interleaved timing pass of the model as given and every stage's result, on each runtime
-    it runs on; fills every record's latency (median and IQR of the runtime it ships on) and its
-    speed-ups over the model as given (torch eager; ONNX Runtime fp32 for ONNX files)."""
-    rows: dict[str, dict[str, nn.Module]] = {"(given)": {"torch": given}}
-    if any("onnx" in r for r in timed.values()):
-        onnx_given = _onnx_fp32(given, inputs, out_dir, info)
-        if onnx_given is not None:
-            rows["(given)"]["onnx"] = onnx_given
-    rows.update(timed)
+    it runs on (PyTorch eager; ONNX Runtime: the file a stage ships, else the float model exported
+    for timing when ``measure.onnx_fp32``); fills every record's latency (median and IQR of the
+    runtime it ships on), its ONNX Runtime latency, and its speed-ups over the model as given
+    (in PyTorch, and on ONNX Runtime against the given model's fp32 export)."""
+    rows: dict[str, dict[str, nn.Module]] = {"(given)": {"torch": given}, **timed}
+    ships_onnx = {name for name, row in timed.items() if "onnx" in row}  # a file the stage wrote
+    for name, row in rows.items():
+        wanted = recipe.measure.onnx_fp32 or (name == "(given)" and bool(ships_onnx))
+        if wanted and "onnx" not in row and "torch" in row:
+            onnx = _on_onnx_runtime(row["torch"], name, inputs, out_dir, info)
+            if onnx is not None:
+                row["onnx"] = onnx
     sizes = tuple(recipe.measure.batch_sizes)
     result = timing_pass(
         rows, inputs, sizes, rounds=recipe.measure.latency_repeats, threads=recipe.measure.threads
@@ -283,17 +286,20 @@ def _time_rows(
         targets.append(("(given)", baseline))
     for name, metrics in targets:
         row = result.rows[name]
-        shipped = "onnx" if "onnx" in row else "torch"
+        shipped = "onnx" if name in ships_onnx else "torch"
         for b in sizes:
             metrics[f"latency_ms_b{b}"] = row[shipped][b].paired
             metrics[f"latency_iqr_ms_b{b}"] = row[shipped][b].iqr
+            if "onnx" in row:
+                metrics[f"onnx_latency_ms_b{b}"] = row["onnx"][b].paired
+                metrics[f"onnx_latency_iqr_ms_b{b}"] = row["onnx"][b].iqr
             if name == "(given)":
                 continue
             metrics[f"speedup_b{b}"] = base["torch"][b].paired / row[shipped][b].paired
             if shipped == "onnx" and "torch" in row:
                 metrics[f"torch_latency_ms_b{b}"] = row["torch"][b].paired
-                if "onnx" in base:
-                    metrics[f"speedup_onnx_fp32_b{b}"] = base["onnx"][b].paired / row["onnx"][b].paired
+            if "onnx" in row and "onnx" in base:
+                metrics[f"speedup_onnx_fp32_b{b}"] = base["onnx"][b].paired / row["onnx"][b].paired
     previous: dict[str, Any] | None = None  # a stage that only looked at the model: its latency
     for r in records:
         if r["name"] in timed:
@@ -435,6 +441,14 @@ def _run_in(
             ddp.barrier()
             result = entry.handler(given, spec.config, ctx)
             seconds = time.perf_counter() - t0
+            log.info(
+                "stage %d/%d: %s done in %.1f s (%.1f s since the run started)",
+                i + 1,
+                len(recipe.stages),
+                spec.name,
+                seconds,
+                time.perf_counter() - started,
+            )
             record = {
                 "name": spec.name,
                 "kind": spec.kind,

@@ -37,6 +37,12 @@ class MeasureSettings(BaseModel, extra="forbid"):
 
     latency_repeats: int = Field(30, ge=3, description="timed forward passes per latency number (median)")
     threads: int = Field(2, ge=1, description="torch threads while timing")
+    onnx_fp32: bool = Field(
+        True,
+        description="also time the model as given and every stage's float result on ONNX Runtime (each "
+        "exported once into .work/timing/), beside PyTorch; files a stage ships (int8 ONNX) are timed on "
+        "ONNX Runtime either way",
+    )
     batch_sizes: tuple[int, int] = Field(
         (1, 32),
         description="the small and the large batch latency is timed at (e.g. [1, 8] for 224x224 images)",

@@ -65,11 +65,14 @@ def _speedup(m: Metrics, base: Metrics, key: str) -> str:
     return f"{m[f'speedup_{batch}']:.2f}x" if f"speedup_{batch}" in m else _ratio(base[key], m[key])
 
 
-def _latency(m: Metrics, batch: int) -> str:
-    """Median milliseconds, with the interquartile range of the timing pass when there is one."""
-    text = f"{m[f'latency_ms_b{batch}']:.3f}"
-    iqr = m.get(f"latency_iqr_ms_b{batch}")
-    return f"{text} ({iqr:.3f})" if iqr is not None else text
+def _latency(m: Metrics, batch: int, runtime: str = "") -> str:
+    """Median milliseconds (``runtime`` "onnx_": on ONNX Runtime), with the interquartile range of the
+    timing pass when there is one; "-" when that runtime was not timed."""
+    value = m.get(f"{runtime}latency_ms_b{batch}")
+    if value is None:
+        return "-"
+    iqr = m.get(f"{runtime}latency_iqr_ms_b{batch}")
+    return f"{value:.3f} ({iqr:.3f})" if iqr is not None else f"{value:.3f}"
 
 
 def _speedup_onnx(m: Metrics, batch: int) -> str:
@@ -95,7 +98,7 @@ def format_table(report: Report) -> str:
             name, kind, quality.score(m), quality.delta(m, base), _bytes(m["size_bytes"]),
             _ratio(base["size_bytes"], m["size_bytes"]), f"{m['params']:,}", f"{m['nonzero_params']:,}",
             f"{m['macs']:,}", _ratio(base["macs"], m["macs"]), _latency(m, small), _latency(m, large), _speedup(m, base, f"latency_ms_b{large}"),
-            _speedup_onnx(m, large), seconds,
+            _latency(m, large, "onnx_"), _speedup_onnx(m, large), seconds,
         ]  # fmt: skip
 
     rows = [row("**baseline**", "-", base, "-")]
@@ -108,7 +111,7 @@ def format_table(report: Report) -> str:
     header = [
         "stage", "kind", quality.label, quality.delta_header, "size", "smaller", "params", "non-zero", "MACs",
         "fewer MACs", f"latency b{small} ms (IQR)", f"latency b{large} ms (IQR)", f"faster b{large} vs given",
-        f"faster b{large} vs ORT fp32", "seconds",
+        f"ONNX Runtime b{large} ms (IQR)", f"faster b{large} on ONNX Runtime vs given fp32", "seconds",
     ]  # fmt: skip
     return markdown_table(header, rows)
 
@@ -208,8 +211,9 @@ def _markdown(report: Report) -> str:
         "Latency: after all stages, the model as given and every stage's result are timed in one",
         "interleaved pass (A B C A B C ...) on the runtime each ships on, so identical models read alike",
         "and speed-ups (over the model as given, in PyTorch) are ratios within that pass; the figure in",
-        "brackets is the interquartile range. An ONNX file is also timed against the model as given",
-        "exported to ONNX Runtime fp32: what quantization buys on the same runtime.",
+        "brackets is the interquartile range. The ONNX Runtime columns time each model on ONNX Runtime",
+        "too (the file a stage ships, else its float model exported for timing) against the model as",
+        "given exported to ONNX Runtime fp32: what a step buys on the runtime most deployments use.",
         "Size: the file a user would ship.",
         "",
         "## Artefacts",

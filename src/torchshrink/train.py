@@ -257,6 +257,15 @@ def _check_chance(
         )
 
 
+def _time_left(seconds: float, steps_done: int, steps_left: int) -> str:
+    """ " (12.3 s, about 40 s left)": the time so far and the estimate for the rest of this training,
+    at the rate of the steps this call ran."""
+    if steps_done <= 0:
+        return ""
+    left = seconds / steps_done * steps_left
+    return f" ({seconds:.1f} s, about {left:.0f} s left)" if steps_left else f" ({seconds:.1f} s)"
+
+
 def _resume_fields(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, object]:
     """The settings a checkpoint must agree with to be resumed (the batch count per epoch too: another
     batch size or dataset size would put its step on another sample)."""
@@ -389,7 +398,14 @@ def fit(
                 torch.tensor([sums[n] / max(count, 1) for n in names], dtype=torch.float64)
             )
             result.epoch_losses.append({n: float(v) for n, v in zip(names, means, strict=True)})
-            log.info("%s epoch %d/%d: %s", cfg.desc, epoch + 1, cfg.epochs, result.epoch_losses[-1])
+            log.info(
+                "%s epoch %d/%d%s: %s",
+                cfg.desc,
+                epoch + 1,
+                cfg.epochs,
+                _time_left(time.perf_counter() - start_time, step - start_step, total_steps - step),
+                {k: round(v, 4) for k, v in result.epoch_losses[-1].items()},
+            )
             if ACCURACY_TERM in result.epoch_losses[-1] and opening:
                 mean = sum(a * n for a, n in opening) / max(sum(n for _, n in opening), 1)
                 start = float(ddp.all_reduce_mean(torch.tensor([mean], dtype=torch.float64))[0])

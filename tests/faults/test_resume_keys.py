@@ -67,7 +67,7 @@ def test_changed_data_content_recomputes_every_stage(tmp_path, digits):
         "seed": 0,
         "model": DIGITS_MLP,
         "data": {"npz": _npz(data, x, y)},
-        "measure": {"latency_repeats": 3},
+        "measure": {"latency_repeats": 3, "onnx_fp32": False},
         "stages": [{"train": {"epochs": 1}}, {"evaluate": {}}],
     }
     run(recipe, tmp_path / "out")

@@ -52,6 +52,6 @@ def tiny_recipe(model_dir: Path, corpus: Path, *stages: dict, **data: object) ->
         "seed": 0,
         "model": {"hf": str(model_dir), "task": "embedding"},
         "data": {"text": str(corpus), "tokenizer": str(model_dir), "max_length": MAX_LENGTH, **data},
-        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8]},
+        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8], "onnx_fp32": False},
         "stages": list(stages),
     }

@@ -23,7 +23,7 @@ def test_minilm_int8_keeps_its_embeddings(tmp_path) -> None:
         "seed": 0,
         "model": {"hf": str(gt.MODEL_DIR), "task": "embedding"},
         "data": {"text": str(corpus), "tokenizer": str(gt.MODEL_DIR), "max_length": 48},
-        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8]},
+        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8], "onnx_fp32": False},
         "stages": [
             {"quantize": {"mode": "dynamic"}, "branch": True},
             {"quantize": {"mode": "static", "calibration_batches": 4, "batch_size": 16}},
@@ -47,7 +47,7 @@ def test_minilm_prune_distill_int8_recipe(tmp_path, capsys) -> None:
         "seed": 0,
         "model": {"hf": str(gt.MODEL_DIR), "task": "embedding"},
         "data": data,
-        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8]},
+        "measure": {"latency_repeats": 3, "batch_sizes": [1, 8], "onnx_fp32": False},
         "stages": [
             {
                 "prune": {

@@ -16,7 +16,7 @@ def test_run_under_torchrun_writes_once(tmp_path, launch):
             {
                 "model": {"zoo": "lenet300", "kwargs": {"in_features": 64}},
                 "data": {"name": "digits"},
-                "measure": {"latency_repeats": 3},
+                "measure": {"latency_repeats": 3, "onnx_fp32": False},
                 "stages": [{"train": {"epochs": 2, "batch_size": 64}}, {"export": {}}],
             }
         )
@@ -43,7 +43,7 @@ def test_datafree_distillation_under_torchrun(tmp_path, launch):
             {
                 "model": {"zoo": "resnet", "kwargs": {"width": 8}},
                 "data": {"name": "digits"},
-                "measure": {"latency_repeats": 3},
+                "measure": {"latency_repeats": 3, "onnx_fp32": False},
                 "stages": [{"train": {"epochs": 6, "lr": 0.003}}, {"datafree": datafree}],
             }
         )

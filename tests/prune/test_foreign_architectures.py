@@ -70,7 +70,7 @@ def test_foreign_model_through_the_pipeline(tmp_path):
             "seed": 0,
             "model": {"factory": "foreign_models:hf_mobilenet_v2"},
             "data": {"name": "mnist5k", "train_limit": 256, "test_limit": 128},
-            "measure": {"latency_repeats": 3},
+            "measure": {"latency_repeats": 3, "onnx_fp32": False},
             "stages": [
                 {"prune": {"granularity": "structured", "macs_reduction": 1.5}},
                 {"finetune": {"epochs": 1}},

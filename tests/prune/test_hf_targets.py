@@ -31,7 +31,7 @@ def test_hf_model_reaches_its_macs_target_and_runs_int8_everywhere(name, tmp_pat
             "seed": 0,
             "model": {"factory": f"foreign_models:{name}", "import_path": str(HERE)},
             "data": {"name": "mnist5k", "train_limit": 256, "test_limit": 64},
-            "measure": {"latency_repeats": 3},
+            "measure": {"latency_repeats": 3, "onnx_fp32": False},
             "stages": [
                 {"prune": {"granularity": "structured", "macs_reduction": target, "calibration_batches": 2}},
                 {"quantize": {"mode": "static", "calibration_batches": 4}},

@@ -86,6 +86,16 @@ class DatasetBundle:
         """Targets from a reference model: its output vectors (``embedding``) or its top-1 classes."""
         return self.embedded_by(predict) if embedding else self.labelled_by(predict, num_classes)
 
+    def targets_for(
+        self, predict: Callable[[ModelInput], torch.Tensor], embedding: bool, width: int
+    ) -> DatasetBundle:
+        """Targets as a run sets them for a model as given (``predict``, output ``width``): an
+        embedding model's own output vectors; unlabelled inputs labelled by the model (quality is
+        then agreement with it); labelled data keeps its labels, with the model's width when wider."""
+        if embedding or not self.labelled:
+            return self.judged_by(predict, embedding, width)
+        return dataclasses.replace(self, num_classes=width) if width > self.num_classes else self
+
     @property
     def embedding(self) -> bool:
         """True when the targets are vectors (see :meth:`embedded_by`), not class labels."""
