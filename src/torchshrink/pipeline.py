@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torchshrink.models import (
 )
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.parallel import ddp
-from torchshrink.recipe import Recipe, load_recipe, parse_recipe
+from torchshrink.recipe import Recipe, StageSpec, load_recipe, parse_recipe
 from torchshrink.registry import StageEntry, get_stage, layer_names, replaces_model, stages_on_embeddings
 from torchshrink.report import REPORT_FILES, Report, write_report
 from torchshrink.run_folder import OutputFolder, claim
@@ -406,16 +407,10 @@ def _run_in(
         path = _checkpoint_path(out_dir, i, spec.name)
         sets_baseline = entry.role == "reference" and baseline_open
         if i < skip:
-            record = json.loads(read_safetensors_metadata(path)["record"])
-            record["resumed"] = True
-            record["resume"] = "reused"
+            record, runtimes = _reused(path, spec, entry, state, out_dir)
             artefacts.update(record.get("artefacts", {}))
-            if entry.role != "observe" and not spec.branch:
-                timed[spec.name] = _runtimes(_load_stage(path, state)[0])
-            elif spec.branch:  # its model is not kept, the ONNX file it shipped is
-                shipped = [f for f in record.get("artefacts", {}).values() if str(f).endswith(".onnx")]
-                if shipped and (out_dir / shipped[0]).is_file():
-                    timed[spec.name] = {"onnx": OnnxRuntimeModel(out_dir / shipped[0])}
+            if runtimes:
+                timed[spec.name] = runtimes
         else:
             ctx = RunContext(
                 data=data,
@@ -427,38 +422,7 @@ def _run_in(
                 dist=info,
                 baseline=None if sets_baseline else baseline_model,
             )
-            log.info(
-                "stage %d/%d: %s%s", i + 1, len(recipe.stages), spec.name, " (branch)" if spec.branch else ""
-            )
-            seed_everything(ctx.seed)
-            t0 = time.perf_counter()
-            given = state.replace(model=copy.deepcopy(state.model)) if spec.branch else state
-            how = "computed"
-            if info.is_main:
-                how = _claim_work_dir(
-                    ctx.work_dir, combine(keys[i], model_digest(given.model, given.architecture))
-                )
-            ddp.barrier()
-            result = entry.handler(given, spec.config, ctx)
-            seconds = time.perf_counter() - t0
-            log.info(
-                "stage %d/%d: %s done in %.1f s (%.1f s since the run started)",
-                i + 1,
-                len(recipe.stages),
-                spec.name,
-                seconds,
-                time.perf_counter() - started,
-            )
-            record = {
-                "name": spec.name,
-                "kind": spec.kind,
-                "branch": spec.branch,
-                "seconds": round(seconds, 3),
-                "metrics": measure_state(result),
-                "details": ctx.details,
-                "artefacts": ctx.artefacts,
-                "resume": how,
-            }
+            result, record = _computed(spec, entry, state, ctx, len(recipe.stages), started, measure_state)
             if entry.role != "observe" or result.runtime is not None:
                 timed[spec.name] = _runtimes(result)
             # A branch's result is reported and its files kept; the model goes on unchanged.
@@ -475,21 +439,100 @@ def _run_in(
             baseline_open = False
 
     if resume:
-        by_kind = {
-            k: [r["name"] for r in records if r.get("resume", "computed") == k]
-            for k in ("reused", "continued", "computed")
-        }
-        log.info(
-            "resume: reused %s; continued from work files %s; computed %s",
-            *(", ".join(names) or "none" for names in by_kind.values()),
-        )
+        _log_resume(records)
     assert baseline is not None
     timing = _time_rows(as_given, timed, records, baseline, recipe, data.inputs, out_dir, info)
-    final = next((r["metrics"] for r in reversed(records) if not r.get("branch")), baseline)
     if info.is_main:
         save_model(out_dir / MODEL_FILE, state.model, state.architecture, data.inputs)
-    artefacts = {"model": MODEL_FILE, **artefacts}
-    report = Report(
+    report = _report(recipe, data, baseline, records, {"model": MODEL_FILE, **artefacts}, timing, started)
+    if info.is_main:
+        write_report(report, out_dir)
+    return report
+
+
+def _reused(
+    path: Path, spec: StageSpec, entry: StageEntry, state: ModelState, out_dir: Path
+) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+    """A finished stage's record from its checkpoint, and what its result runs on for the timing
+    pass (a branch's model is not kept, the ONNX file it shipped is)."""
+    record = json.loads(read_safetensors_metadata(path)["record"])
+    record["resumed"] = True
+    record["resume"] = "reused"
+    if entry.role != "observe" and not spec.branch:
+        return record, _runtimes(_load_stage(path, state)[0])
+    if spec.branch:
+        shipped = [f for f in record.get("artefacts", {}).values() if str(f).endswith(".onnx")]
+        if shipped and (out_dir / shipped[0]).is_file():
+            return record, {"onnx": OnnxRuntimeModel(out_dir / shipped[0])}
+    return record, {}
+
+
+def _computed(
+    spec: StageSpec,
+    entry: StageEntry,
+    state: ModelState,
+    ctx: RunContext,
+    stages: int,
+    started: float,
+    measure_state: Callable[[ModelState], dict[str, float | int]],
+) -> tuple[ModelState, dict[str, Any]]:
+    """Run one stage (on a copy when it is a branch) in its claimed work folder; its result and record."""
+    log.info("stage %d/%d: %s%s", ctx.stage_index + 1, stages, spec.name, " (branch)" if spec.branch else "")
+    seed_everything(ctx.seed)
+    t0 = time.perf_counter()
+    given = state.replace(model=copy.deepcopy(state.model)) if spec.branch else state
+    how = "computed"
+    if ctx.dist.is_main:
+        how = _claim_work_dir(
+            ctx.work_dir, combine(ctx.fingerprint, model_digest(given.model, given.architecture))
+        )
+    ddp.barrier()
+    result = entry.handler(given, spec.config, ctx)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "stage %d/%d: %s done in %.1f s (%.1f s since the run started)",
+        ctx.stage_index + 1,
+        stages,
+        spec.name,
+        seconds,
+        time.perf_counter() - started,
+    )
+    record = {
+        "name": spec.name,
+        "kind": spec.kind,
+        "branch": spec.branch,
+        "seconds": round(seconds, 3),
+        "metrics": measure_state(result),
+        "details": ctx.details,
+        "artefacts": ctx.artefacts,
+        "resume": how,
+    }
+    return result, record
+
+
+def _log_resume(records: list[dict[str, Any]]) -> None:
+    by_kind = {
+        k: [r["name"] for r in records if r.get("resume", "computed") == k]
+        for k in ("reused", "continued", "computed")
+    }
+    log.info(
+        "resume: reused %s; continued from work files %s; computed %s",
+        *(", ".join(names) or "none" for names in by_kind.values()),
+    )
+
+
+def _report(
+    recipe: Recipe,
+    data: DatasetBundle,
+    baseline: dict[str, Any],
+    records: list[dict[str, Any]],
+    artefacts: dict[str, str],
+    timing: dict[str, Any],
+    started: float,
+) -> Report:
+    """The run's report: baseline, one entry per stage, the final (last non-branch) stage's metrics."""
+    final = next((r["metrics"] for r in reversed(records) if not r.get("branch")), baseline)
+    return Report(
         torchshrink_version=__version__,
         recipe=recipe.to_dict(),
         seed=recipe.seed,
@@ -509,6 +552,3 @@ def _run_in(
         quality="cosine" if data.embedding else "accuracy" if data.labelled else "agreement",
         timing=timing,
     )
-    if info.is_main:
-        write_report(report, out_dir)
-    return report
