@@ -10,18 +10,21 @@ training set is kept from the members and used to fit the combination weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from torchshrink.distillation.ensemble import Combine, Ensemble, ensemble_architecture, fit_weights
-from torchshrink.errors import RecipeError
+from torchshrink.errors import RecipeError, TrainingError
 from torchshrink.inputs import samples, take
 from torchshrink.measure import accuracy, count_params
 from torchshrink.models import ModelSpec, build_architecture, open_model
+from torchshrink.parallel.tasks import default_threads, run_in_processes
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import TrainStageConfig, run_training
 from torchshrink.state import ModelState, RunContext
@@ -41,6 +44,12 @@ class EnsembleConfig(TrainStageConfig):
     combine: Combine = "mean_logits"
     holdout: float = Field(
         0.1, gt=0, lt=0.5, description="weighted: training fraction kept out to fit weights"
+    )
+    parallel: int = Field(
+        1,
+        ge=1,
+        description="members trained at once, each in a process of its own with the cores shared out "
+        "(1: one after another); the members are those trained one after another with as many threads",
     )
 
     @model_validator(mode="after")
@@ -92,31 +101,26 @@ def ensemble_stage(state: ModelState, cfg: EnsembleConfig, ctx: RunContext) -> M
     train, held_out = ctx.data.train, None
     if cfg.combine == "weighted":
         train, held_out = split_holdout(train, cfg.holdout, ctx.seed)
-    members, rows = [], []
-    for i, architecture in enumerate(architectures):
-        seed = ctx.seed * 1000 + i
-        torch.manual_seed(seed)
-        model = build_architecture(architecture)
-        data = bootstrap(train, seed) if cfg.vary == "bootstrap" else train
-        member_ctx = dataclasses.replace(
-            ctx,
-            stage_name=f"{ctx.stage_name}-member{i}",
-            seed=seed,
-            data=dataclasses.replace(ctx.data, train=data),
-            fingerprint=f"{ctx.fingerprint}-m{i}",
-            details={},
+    contexts = [_member_context(ctx, cfg, train, i) for i in range(len(architectures))]
+    jobs = min(cfg.parallel, len(architectures))
+    if jobs > 1 and ctx.dist.distributed:
+        log.warning(
+            "ensemble: parallel members under torchrun: trained one after another, each across the ranks"
         )
-        log.info("ensemble member %d/%d (%s)", i + 1, len(architectures), architecture.get("zoo", "model"))
-        run_training(ModelState(model=model, architecture=architecture), cfg, member_ctx)
-        members.append(model.eval())
-        rows.append(
-            {
-                "member": i,
-                "model": architecture.get("zoo") or architecture.get("factory"),
-                "params": count_params(model)[0],
-                "accuracy": accuracy(model, ctx.data.test),
-            }
-        )
+        jobs = 1
+    if jobs > 1:
+        members = _train_in_processes(architectures, cfg, contexts, jobs)
+    else:
+        members = [_train_member(a, cfg, c) for a, c in zip(architectures, contexts, strict=True)]
+    rows = [
+        {
+            "member": i,
+            "model": architecture.get("zoo") or architecture.get("factory"),
+            "params": count_params(model)[0],
+            "accuracy": accuracy(model, ctx.data.test),
+        }
+        for i, (architecture, model) in enumerate(zip(architectures, members, strict=True))
+    ]
     ensemble = Ensemble(members, cfg.combine).eval()
     if held_out is not None:
         fit_weights(ensemble, *held_out.tensors)
@@ -131,6 +135,62 @@ def ensemble_stage(state: ModelState, cfg: EnsembleConfig, ctx: RunContext) -> M
         architecture=ensemble_architecture(architectures, cfg.combine),
         lineage=(*state.lineage, ctx.stage_name),
     )
+
+
+def _member_context(ctx: RunContext, cfg: EnsembleConfig, train: TensorDataset, index: int) -> RunContext:
+    """Member ``index``'s own seed, training data (a bootstrap resample with vary: bootstrap) and
+    work folder beside the stage's (``NN-ensemble-memberK``)."""
+    seed = ctx.seed * 1000 + index
+    data = bootstrap(train, seed) if cfg.vary == "bootstrap" else train
+    return dataclasses.replace(
+        ctx,
+        stage_name=f"{ctx.stage_name}-member{index}",
+        seed=seed,
+        data=dataclasses.replace(ctx.data, train=data),
+        fingerprint=f"{ctx.fingerprint}-m{index}",
+        details={},
+        baseline=None,
+    )
+
+
+def _train_member(architecture: dict[str, Any], cfg: EnsembleConfig, ctx: RunContext) -> nn.Module:
+    """A fresh member from its seed, trained by the one training loop."""
+    torch.manual_seed(ctx.seed)
+    model = build_architecture(architecture)
+    log.info("%s (%s)", ctx.stage_name, architecture.get("zoo", "model"))
+    run_training(ModelState(model=model, architecture=architecture), cfg, ctx)
+    return model.eval()
+
+
+def _member_weights(
+    architecture: dict[str, Any], cfg: EnsembleConfig, ctx: RunContext
+) -> dict[str, torch.Tensor]:
+    """:func:`_train_member` in a worker process: the weights travel back."""
+    return _train_member(architecture, cfg, ctx).state_dict()
+
+
+def _train_in_processes(
+    architectures: list[dict[str, Any]], cfg: EnsembleConfig, contexts: list[RunContext], jobs: int
+) -> list[nn.Module]:
+    """Members trained ``jobs`` at a time in processes of their own (the cores shared out)."""
+    log.info(
+        "ensemble: %d members, %d at a time, %d thread(s) each",
+        len(architectures),
+        jobs,
+        default_threads(jobs),
+    )
+    calls = [
+        functools.partial(_member_weights, a, cfg, c) for a, c in zip(architectures, contexts, strict=True)
+    ]
+    outcomes = run_in_processes(calls, jobs, names=[c.stage_name for c in contexts], desc="ensemble members")
+    members = []
+    for architecture, context, outcome in zip(architectures, contexts, outcomes, strict=True):
+        if not outcome.ok:
+            raise TrainingError(f"{context.stage_name}: {outcome.error}")
+        model = build_architecture(architecture)
+        model.load_state_dict(outcome.value)
+        members.append(model.eval())
+    return members
 
 
 def _table(rows: list[dict[str, Any]], ensemble_accuracy: float) -> str:

@@ -1,4 +1,5 @@
-"""Task parallelism: many pipeline runs (recipes) side by side in worker processes.
+"""Task parallelism: many calls side by side in worker processes (pipeline runs of a sweep,
+ensemble members).
 
 Each task is one recipe with its own output folder. ``jobs`` worker processes (spawned, so no state
 is shared) run ``jobs`` at a time, one process per task; each gives torch ``threads`` threads, by
@@ -11,9 +12,11 @@ share the machine with the other tasks: compare models by accuracy and size ther
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
+import pickle
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -29,7 +32,15 @@ from torchshrink.errors import TorchshrinkError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Task", "TaskResult", "run_tasks", "default_threads", "summary_table"]
+__all__ = [
+    "Task",
+    "TaskResult",
+    "Outcome",
+    "run_tasks",
+    "run_in_processes",
+    "default_threads",
+    "summary_table",
+]
 
 
 @dataclass(frozen=True)
@@ -108,66 +119,89 @@ def _run_task(task: Task, run: Runner) -> TaskResult:
 
 
 JOIN_SECONDS = 30.0
-"""How long a task's process may take to exit after sending its result."""
+"""How long a worker process may take to exit after sending its result."""
 
 
-def _task_process(task: Task, run: Runner, threads: int, conn: Connection) -> None:
-    """A task's own process: set up, run, send the result back."""
+@dataclass
+class Outcome:
+    """How one call in a worker process ended: its value, or the error (type and message) that
+    stopped it, or how the process died."""
+
+    ok: bool
+    seconds: float
+    value: Any = None
+    error: str | None = None
+
+
+def _call_in_process(call: Callable[[], Any], threads: int, conn: Connection) -> None:
+    """A worker's own process: set up, call, send the outcome back."""
     _start_worker(threads)
-    conn.send(_run_task(task, run))
+    started = time.perf_counter()
+    try:
+        outcome = Outcome(True, 0.0, value=call())
+    except TorchshrinkError as exc:  # bad input or a stopped training: the message says what to fix
+        outcome = Outcome(False, 0.0, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one call's crash must not take the others down
+        tail = "".join(traceback.format_exception(exc)[-3:]).strip()
+        outcome = Outcome(False, 0.0, error=f"{type(exc).__name__}: {tail}")
+    outcome.seconds = time.perf_counter() - started
+    # Plain pickle to bytes: tensors travel inside the message. (Connection.send would share their
+    # storage through shared memory that dies with this process before the parent reads it.)
+    conn.send_bytes(pickle.dumps(outcome))
     conn.close()
 
 
-def _died(task: Task, process: BaseProcess, seconds: float) -> TaskResult:
+def _died(process: BaseProcess, seconds: float) -> Outcome:
     code = process.exitcode
     how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-    return TaskResult(
-        task.name, str(task.out_dir), False, seconds, error=f"worker died ({how}) before reporting a result"
-    )
+    return Outcome(False, seconds, error=f"worker died ({how}) before reporting a result")
 
 
-def run_tasks(
-    tasks: Sequence[Task], run: Runner, jobs: int = 2, threads: int | None = None
-) -> list[TaskResult]:
-    """Run each task through ``run`` (the pipeline), each in a process of its own, ``jobs`` at a time;
-    results come back in the order of ``tasks``. A process that dies (killed, out of memory) fails
-    its own task only."""
+def run_in_processes(
+    calls: Sequence[Callable[[], Any]],
+    jobs: int = 2,
+    threads: int | None = None,
+    names: Sequence[str] | None = None,
+    desc: str = "tasks",
+) -> list[Outcome]:
+    """Call each of ``calls`` (picklable: module-level functions or partials of them) in a spawned
+    process of its own, ``jobs`` at a time, each with ``threads`` torch threads (default: the cores
+    shared out); outcomes come back in the order of ``calls``. A call that raises, or whose process
+    dies (killed, out of memory), fails alone."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
-    names = [t.out_dir.resolve() for t in tasks]
-    if len(set(names)) != len(names):
-        clash = sorted({str(n) for n in names if names.count(n) > 1})
-        raise ValueError(f"two tasks would write the same folder: {clash}")
     threads = threads or default_threads(jobs)
-    results: list[TaskResult | None] = [None] * len(tasks)
+    names = list(names) if names is not None else [str(i) for i in range(len(calls))]
+    results: list[Outcome | None] = [None] * len(calls)
     context = multiprocessing.get_context("spawn")
-    waiting = list(range(len(tasks)))
+    waiting = list(range(len(calls)))
     running: dict[int, tuple[BaseProcess, Connection, float]] = {}
-    with tqdm(total=len(tasks), desc="tasks", leave=False) as bar:
+    with tqdm(total=len(calls), desc=desc, leave=False) as bar:
         while waiting or running:
             while waiting and len(running) < jobs:
                 i = waiting.pop(0)
                 receive, send = context.Pipe(duplex=False)
-                process = context.Process(target=_task_process, args=(tasks[i], run, threads, send))
+                process = context.Process(target=_call_in_process, args=(calls[i], threads, send))
                 process.start()
                 send.close()  # the child holds the only sending end: EOF once it is gone
                 running[i] = (process, receive, time.perf_counter())
             wait([obj for p, c, _ in running.values() for obj in (c, p.sentinel)])
             for i, (process, receive, started) in list(running.items()):
-                done: TaskResult | None = None
+                done: Outcome | None = None
                 if receive.poll():
                     try:
-                        done = receive.recv()
+                        done = pickle.loads(receive.recv_bytes())  # our own child's message
                     except (EOFError, OSError):
                         process.join(timeout=JOIN_SECONDS)
-                        done = _died(tasks[i], process, time.perf_counter() - started)
+                        done = _died(process, time.perf_counter() - started)
                     except Exception as exc:  # noqa: BLE001 - a result that does not unpickle
-                        done = TaskResult(
-                            tasks[i].name, str(tasks[i].out_dir), False, time.perf_counter() - started,
+                        done = Outcome(
+                            False,
+                            time.perf_counter() - started,
                             error=f"its result could not be read: {exc!r}",
-                        )  # fmt: skip
+                        )
                 elif process.exitcode is not None:
-                    done = _died(tasks[i], process, time.perf_counter() - started)
+                    done = _died(process, time.perf_counter() - started)
                 if done is None:
                     continue
                 process.join(timeout=JOIN_SECONDS)
@@ -179,9 +213,28 @@ def run_tasks(
                 results[i] = done
                 bar.update(1)
                 log.info(
-                    "%s: %s in %.0fs", done.name, "done" if done.ok else f"failed: {done.error}", done.seconds
+                    "%s: %s in %.0fs", names[i], "done" if done.ok else f"failed: {done.error}", done.seconds
                 )
     return [r for r in results if r is not None]
+
+
+def run_tasks(
+    tasks: Sequence[Task], run: Runner, jobs: int = 2, threads: int | None = None
+) -> list[TaskResult]:
+    """Run each task through ``run`` (the pipeline), each in a process of its own, ``jobs`` at a time;
+    results come back in the order of ``tasks``. A process that dies (killed, out of memory) fails
+    its own task only."""
+    names = [t.out_dir.resolve() for t in tasks]
+    if len(set(names)) != len(names):
+        clash = sorted({str(n) for n in names if names.count(n) > 1})
+        raise ValueError(f"two tasks would write the same folder: {clash}")
+    outcomes = run_in_processes(
+        [functools.partial(_run_task, task, run) for task in tasks], jobs, threads, [t.name for t in tasks]
+    )
+    return [
+        o.value if o.ok else TaskResult(t.name, str(t.out_dir), False, o.seconds, error=o.error)
+        for t, o in zip(tasks, outcomes, strict=True)
+    ]
 
 
 def summary_table(results: Sequence[TaskResult]) -> str:
