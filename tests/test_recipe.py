@@ -85,7 +85,7 @@ def test_unknown_stage_kind_lists_known_kinds():
         ({"stages": [{"train": 5}]}, r"stages\[0\].train = 5: stage options must be a mapping"),
         (
             {"colour": "blue"},
-            "colour: unknown key; allowed keys here: name, seed, model, data, measure, stages",
+            "colour: unknown key; allowed keys here: name, seed, model, data, measure, parallel, stages",
         ),
         (
             {"model": {"zoo": "lenet5", "wieghts": "x"}},

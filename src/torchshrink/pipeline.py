@@ -30,7 +30,7 @@ from torchshrink.models import (
     save_model,
 )
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
-from torchshrink.parallel import ddp
+from torchshrink.parallel import ddp, pipelining
 from torchshrink.recipe import Recipe, StageSpec, load_recipe, parse_recipe
 from torchshrink.registry import StageEntry, get_stage, layer_names, replaces_model, stages_on_embeddings
 from torchshrink.report import REPORT_FILES, Report, write_report
@@ -217,6 +217,12 @@ def _check_layer_names(recipe: Recipe, model: nn.Module) -> None:
     check, as later names refer to that model."""
     layers = [name for name, _ in model.named_modules() if name]
     known = set(layers)
+    pipeline = recipe.parallel.pipeline
+    if pipeline is not None and pipeline.split:
+        try:
+            pipelining.check_split(model, pipeline.split, pipeline.stages)
+        except TorchshrinkError as exc:
+            raise RecipeError(str(exc)) from None
     for i, spec in enumerate(recipe.stages):
         for option, names in layer_names(spec.config).items():
             unknown = [n for n in names if n not in known]
@@ -310,6 +316,25 @@ def _time_rows(
     return result.to_dict()
 
 
+def _pipeline_settings(recipe: Recipe, info: ddp.DistInfo) -> pipelining.PipelineSettings | None:
+    """The recipe's pipeline parallelism, checked against the processes torchrun started."""
+    wanted = recipe.parallel.pipeline
+    if wanted is None:
+        return None
+    if info.world_size != wanted.stages:
+        raise RecipeError(
+            f"parallel.pipeline.stages is {wanted.stages}, but {info.world_size} process(es) run this recipe: "
+            f"start it with torchrun --nproc_per_node {wanted.stages} (one process per stage; pipeline x "
+            "data parallelism is not supported)"
+        )
+    return pipelining.PipelineSettings(
+        stages=wanted.stages,
+        microbatches=wanted.microbatches,
+        split=tuple(wanted.split),
+        schedule=wanted.schedule,
+    )
+
+
 def _owner(recipe: Recipe) -> dict[str, Any]:
     """What makes an output folder one recipe's: its name and the model it compresses."""
     return {"recipe": recipe.name, "model": recipe.model.model_dump(mode="json", exclude_defaults=True)}
@@ -335,9 +360,11 @@ def run(
         recipe = parse_recipe(recipe)
     out_dir = Path(out_dir)
     info = ddp.init_from_env()
+    split = _pipeline_settings(recipe, info)
     folder = claim(out_dir, _owner(recipe), force=force) if info.is_main else None
     try:
-        report = _run_in(recipe, out_dir, resume, info, folder)
+        with pipelining.pipelined(split):
+            report = _run_in(recipe, out_dir, resume, info, folder)
         if folder is not None:
             folder.finish([*report.artefacts.values(), *REPORT_FILES.values()])
     finally:

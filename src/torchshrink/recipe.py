@@ -17,9 +17,9 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -63,12 +63,32 @@ class MeasureSettings(BaseModel, extra="forbid"):
         return value
 
 
+class PipelineParallel(BaseModel, extra="forbid"):
+    """Model (pipeline) parallelism: the model split into consecutive stages, one per process."""
+
+    stages: int = Field(2, ge=2, description="processes (torchrun --nproc_per_node / --nnodes) = stages")
+    microbatches: int = Field(4, ge=1, description="micro-batches each batch is cut into")
+    split: list[str] = Field(
+        default_factory=list,
+        description="module names where stages 2, 3, ... begin; empty: balanced by the measured time of "
+        "each block",
+    )
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+
+
+class ParallelSettings(BaseModel, extra="forbid"):
+    """How the training stages of a run are parallelised beyond data parallelism under torchrun."""
+
+    pipeline: PipelineParallel | None = None
+
+
 class _RecipeHead(BaseModel, extra="forbid"):
     name: str = "recipe"
     seed: int = 0
     model: ModelSpec
     data: DataSpec
     measure: MeasureSettings = MeasureSettings()
+    parallel: ParallelSettings = ParallelSettings()
     stages: list[Any]
 
 
@@ -98,6 +118,7 @@ class Recipe:
     data: DataSpec
     measure: MeasureSettings
     stages: tuple[StageSpec, ...]
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain JSON-able data, with every default filled in."""
@@ -107,6 +128,7 @@ class Recipe:
             "model": self.model.model_dump(mode="json", exclude_defaults=True),
             "data": self.data.model_dump(mode="json", exclude_defaults=True),
             "measure": self.measure.model_dump(mode="json"),
+            "parallel": self.parallel.model_dump(mode="json", exclude_none=True),
             "stages": [s.to_dict() for s in self.stages],
         }
 
@@ -116,6 +138,8 @@ class Recipe:
         key = {k: full[k] for k in ("seed", "model", "data")} | {"stages": full["stages"][: upto + 1]}
         if tuple(self.measure.batch_sizes) != (1, 32):  # records hold latency_ms_b{n}: other n, other records
             key["batch_sizes"] = list(self.measure.batch_sizes)
+        if self.parallel.pipeline is not None:  # micro-batches: other batch-norm statistics, float order
+            key["parallel"] = full["parallel"]
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
@@ -286,7 +310,7 @@ def parse_recipe(data: Any, source: str = "recipe", base_dir: Path | None = None
             key: _resolve(getattr(head.data, key), base_dir) for key in ("npz", "folder", "text", "tokenizer")
         }
     )
-    return Recipe(head.name, head.seed, model, data_spec, head.measure, tuple(specs))
+    return Recipe(head.name, head.seed, model, data_spec, head.measure, tuple(specs), head.parallel)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

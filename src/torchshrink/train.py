@@ -37,7 +37,7 @@ from torchshrink.errors import TrainingError
 from torchshrink.inputs import call, to_device
 from torchshrink.inputs import count as count_samples
 from torchshrink.measure import is_embedding_target
-from torchshrink.parallel import ddp
+from torchshrink.parallel import ddp, pipelining
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,17 @@ class DatasetBatches:
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
         info = ddp.current()
-        if batch_size % info.world_size:
+        # pipeline parallelism: every stage sees the whole batch (full batches only: the stages'
+        # buffers are shaped for one micro-batch size)
+        replicas, rank = (1, 0) if pipelining.active() else (info.world_size, info.rank)
+        if batch_size % replicas:
             raise TrainingError(
-                f"batch_size {batch_size} must be divisible by the number of processes ({info.world_size})"
+                f"batch_size {batch_size} must be divisible by the number of processes ({replicas})"
             )
         self.dataset = dataset
-        self.per_rank = batch_size // info.world_size
+        self.per_rank = batch_size // replicas
         self.sampler = DistributedSampler(
-            dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed
+            dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed
         )
         # A private generator keeps DataLoader from drawing on the global RNG (exact resume).
         self.loader = DataLoader(
@@ -86,6 +89,7 @@ class DatasetBatches:
             batch_size=self.per_rank,
             sampler=self.sampler,
             generator=torch.Generator().manual_seed(seed),
+            drop_last=pipelining.active() is not None,
         )
 
     def __len__(self) -> int:
@@ -126,6 +130,11 @@ def cosine_distance(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 def embedding_loss(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     """Cosine distance of the model's vectors to the target vectors (an embedding model's outputs)."""
     return {"cosine": cosine_distance(call(model, batch[0]), batch[1])}
+
+
+# What a pipeline's last stage computes from the model's outputs (the first stage holds the inputs).
+classification_loss.of_outputs, classification_loss.term = F.cross_entropy, "ce"  # type: ignore[attr-defined]
+embedding_loss.of_outputs, embedding_loss.term = cosine_distance, "cosine"  # type: ignore[attr-defined]
 
 
 def task_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -177,6 +186,7 @@ class TrainResult:
     samples_per_second: float = 0.0
     epoch_losses: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int | None = None
+    pipeline: dict[str, object] | None = None  # pipeline parallelism: split, this rank's training bytes
 
 
 def _param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> list[dict[str, object]]:
@@ -257,6 +267,44 @@ def _check_chance(
         )
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _stage_runner(
+    model: nn.Module, batches: BatchSource, loss_fn: LossFn, info: ddp.DistInfo, device: torch.device
+) -> pipelining.StageRunner | None:
+    """This rank's pipeline stage when the job trains pipeline-parallel (see :mod:`pipelining`)."""
+    settings = pipelining.active()
+    if settings is None or not info.distributed:
+        return None
+    of_outputs = getattr(loss_fn, "of_outputs", None)
+    if of_outputs is None:
+        raise TrainingError(
+            "this stage's loss needs the whole model in one process (distillation, augmentation, L1 or "
+            "generator training): it cannot run pipeline-parallel yet; remove parallel.pipeline or the stage"
+        )
+    example = next(iter(batches.epoch(0)))[0]
+    return pipelining.StageRunner(model, to_device(example, device), settings, info, of_outputs, device)
+
+
+def _clip_gradients(
+    params: list[nn.Parameter], max_norm: float, runner: pipelining.StageRunner | None
+) -> None:
+    """Scale gradients to a total norm of at most ``max_norm`` (over every pipeline stage when split)."""
+    if runner is None:
+        nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    total = float(runner.grad_norm_squared()) ** 0.5
+    if total > max_norm:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (total + 1e-6))
+
+
 def _time_left(seconds: float, steps_done: int, steps_left: int) -> str:
     """ " (12.3 s, about 40 s left)": the time so far and the estimate for the rest of this training,
     at the rate of the steps this call ran."""
@@ -306,7 +354,9 @@ def fit(
     total_steps = cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0:
         raise TrainingError("the batch source yields no batches: is the dataset empty?")
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    runner = _stage_runner(model, batches, loss_fn, info, device)
+    owned = runner.named_parameters() if runner is not None else list(model.named_parameters())
+    named = [(n, p) for n, p in owned if p.requires_grad]
     params = [p for _, p in named]
     if not params:
         raise TrainingError("the model has no trainable parameters")
@@ -317,9 +367,15 @@ def fit(
         else None
     )
 
-    checkpoint = TrainCheckpoint(checkpoint_dir, _resume_fields(cfg, steps_per_epoch), writer=info.is_main)
+    settings = _resume_fields(cfg, steps_per_epoch)
+    trained: nn.Module = model
+    if runner is not None:  # every rank keeps its own stage's state
+        checkpoint_dir = Path(checkpoint_dir) / f"rank{info.rank}" if checkpoint_dir is not None else None
+        settings["pipeline"] = list(runner.split)
+        trained = runner.module
+    checkpoint = TrainCheckpoint(checkpoint_dir, settings, writer=info.is_main or runner is not None)
     result = TrainResult()
-    loop = checkpoint.load(model, optimizer, scheduler)
+    loop = checkpoint.load(trained, optimizer, scheduler)
     if loop is not None:
         result.epoch_losses = loop.epoch_losses
         result.resumed_from_step = loop.step
@@ -330,7 +386,7 @@ def fit(
     step, opening = loop.step, loop.opening
 
     wrapped: nn.Module = model
-    if info.distributed:
+    if info.distributed and runner is None:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     start_time = time.perf_counter()
@@ -357,7 +413,11 @@ def fit(
                 if index < skip:
                     continue
                 batch = tuple(to_device(t, device) for t in batch)
-                terms = _terms(loss_fn(wrapped, batch))
+                optimizer.zero_grad(set_to_none=True)
+                if runner is None:
+                    terms = _terms(loss_fn(wrapped, batch))
+                else:  # forward and backward run inside the pipeline's schedule
+                    terms = {getattr(loss_fn, "term", "loss"): runner.step(batch[0], batch[1])}
                 monitors = {n: terms.pop(n) for n in MONITOR_TERMS & terms.keys()}
                 if ACCURACY_TERM in monitors and sum(n for _, n in opening) < OPENING_SAMPLES:
                     opening.append((float(monitors[ACCURACY_TERM]), count_samples(batch[0])))
@@ -373,17 +433,17 @@ def fit(
                 if loop.first_loss is None:
                     loop.first_loss = value
                 _check_divergence(cfg, terms, value, loop.first_loss, step, epoch, index, optimizer)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if runner is None:
+                    loss.backward()
                 if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    _clip_gradients(params, cfg.grad_clip, runner)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
                 if after_step is not None:
                     after_step(model)
                 step += 1
-                samples += count_samples(batch[0]) * info.world_size
+                samples += count_samples(batch[0]) * (1 if runner is not None else info.world_size)
                 count += 1
                 for name, term in {**terms, **monitors}.items():
                     sums[name] = sums.get(name, 0.0) + float(term.detach())
@@ -392,7 +452,7 @@ def fit(
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
                     loop.step, loop.epoch_sums, loop.epoch_count = step, sums, count
                     loop.epoch_losses = result.epoch_losses
-                    checkpoint.save(model, optimizer, scheduler, loop)
+                    checkpoint.save(trained, optimizer, scheduler, loop)
             names = sorted(sums)
             means = ddp.all_reduce_mean(
                 torch.tensor([sums[n] / max(count, 1) for n in names], dtype=torch.float64)
@@ -416,6 +476,14 @@ def fit(
     result.steps = step
     result.seconds = time.perf_counter() - start_time
     result.samples_per_second = samples / result.seconds if result.seconds > 0 else math.nan
+    if runner is not None:
+        result.pipeline = {
+            "split": list(runner.split),
+            # per rank: bytes of its stage's parameters, gradients and optimizer state; peak RSS
+            "training_bytes": ddp.all_gather_object(runner.state_bytes(optimizer)),
+            "peak_rss_mb": ddp.all_gather_object(round(peak_rss_mb(), 1)),
+        }
+        runner.gather()  # every rank continues with the whole trained model
     checkpoint.discard()
     ddp.barrier()
     log.debug("%s: %d steps (%d new) in %.1fs", cfg.desc, step, step - start_step, result.seconds)

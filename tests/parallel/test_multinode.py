@@ -45,10 +45,22 @@ def test_two_nodes_equal_two_processes_on_one_node(tmp_path, launch):
     port = _free_port()
     nodes = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=torchshrink-test",
-             *command, str(tmp_path / "two")],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                "--rdzv_id=torchshrink-test",
+                *command,
+                str(tmp_path / "two"),
+            ],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for _ in range(2)
     ]
@@ -57,7 +69,9 @@ def test_two_nodes_equal_two_processes_on_one_node(tmp_path, launch):
     assert sum(out.count("| **baseline** |") for out, _ in outputs) == 1  # one node's rank 0 reports
 
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
-    assert reports[0]["stages"][0]["details"]["steps"] == reports[1]["stages"][0]["details"]["steps"] == 2 * 23
+    assert (
+        reports[0]["stages"][0]["details"]["steps"] == reports[1]["stages"][0]["details"]["steps"] == 2 * 23
+    )
     assert reports[0]["final"]["accuracy"] == reports[1]["final"]["accuracy"]
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

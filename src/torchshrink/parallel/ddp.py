@@ -70,6 +70,16 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return out / info.world_size
 
 
+def all_gather_object(value: object) -> list[object]:
+    """``value`` from every rank, in rank order (``[value]`` in one process)."""
+    info = current()
+    if not info.distributed:
+        return [value]
+    out: list[object] = [None] * info.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if current().distributed:

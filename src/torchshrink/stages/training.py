@@ -120,6 +120,8 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
         samples_per_second=round(result.samples_per_second, 1),
         final_loss=result.epoch_losses[-1] if result.epoch_losses else None,
     )
+    if result.pipeline is not None:
+        ctx.details["pipeline"] = result.pipeline
     if cfg.cache and ctx.dist.is_main:
         save_tensors(cache_file, state.model.state_dict())
     ddp.barrier()

@@ -1,0 +1,265 @@
+"""Model (pipeline) parallelism on ``torch.distributed.pipelining``: one model split into
+consecutive stages, one stage per process under torchrun, micro-batches flowing through them.
+
+* **Split.** At module boundaries the recipe names (``split: [layers.1]``: stage 2 begins there), or
+  balanced automatically: the model's blocks (top-level children, with sequential containers opened
+  one level) are timed on an example batch and cut where the slowest stage is fastest.
+* **Train.** :class:`StageRunner` is what the one training loop (:func:`torchshrink.train.fit`) steps
+  through instead of ``loss.backward()``: the first rank feeds the batch, the last computes the loss
+  on each micro-batch, the schedule (GPipe or 1F1B) runs forward and backward, gradients are averaged
+  over micro-batches (so a step equals a full-batch step up to float order and batch-norm statistics,
+  which see one micro-batch at a time). Each rank's optimizer holds only its stage's parameters.
+* **After training** every rank receives the other stages' weights (:meth:`StageRunner.gather`), so
+  the stages after training (pruning, quantization, measurement, files) see the whole model.
+
+Pipeline x data (2-D) parallelism is not supported: the process count must equal the stage count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchshrink.errors import TrainingError
+from torchshrink.inputs import ModelInput, call, take
+from torchshrink.parallel.ddp import DistInfo
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PipelineSettings", "pipelined", "active", "balanced_split", "check_split", "StageRunner"]
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """How a model is split: ``stages`` processes, ``microbatches`` per batch, where stages begin."""
+
+    stages: int = 2
+    microbatches: int = 4
+    split: tuple[str, ...] = ()  # module names where stages 2, 3, ... begin; empty: balanced by cost
+    schedule: str = "gpipe"  # gpipe | 1f1b
+
+
+_ACTIVE: PipelineSettings | None = None
+
+
+@contextlib.contextmanager
+def pipelined(settings: PipelineSettings | None) -> Iterator[None]:
+    """Within this block, training runs pipeline-parallel with ``settings`` (None: as usual)."""
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, settings
+    try:
+        yield
+    finally:
+        _ACTIVE = previous
+
+
+def active() -> PipelineSettings | None:
+    """The pipeline settings of the running job, if it trains pipeline-parallel."""
+    return _ACTIVE
+
+
+def blocks(model: nn.Module) -> list[str]:
+    """Candidate stage boundaries in execution order: the top-level children, with sequential
+    containers (``nn.Sequential``, ``nn.ModuleList``) opened one level."""
+    names = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+            names += [f"{name}.{sub}" for sub, _ in child.named_children()]
+        else:
+            names.append(name)
+    return names
+
+
+def block_costs(model: nn.Module, example: ModelInput, repeats: int = 5) -> dict[str, float]:
+    """Seconds each block takes in a forward pass of ``example`` (median of ``repeats``), by hooks."""
+    names = blocks(model)
+    started: dict[str, float] = {}
+    spent: dict[str, list[float]] = {n: [] for n in names}
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a, n=name: started.__setitem__(n, time.perf_counter()))
+        )
+        handles.append(
+            module.register_forward_hook(
+                lambda m, a, o, n=name: spent[n].append(time.perf_counter() - started[n])
+            )
+        )
+    try:
+        with torch.no_grad():
+            for _ in range(repeats + 1):
+                call(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: sorted(t[1:])[len(t[1:]) // 2] if len(t) > 1 else 0.0 for n, t in spent.items()}
+
+
+def balanced_split(costs: dict[str, float], stages: int) -> tuple[str, ...]:
+    """The ``stages - 1`` block names where stages begin that make the slowest stage fastest
+    (exhaustive over contiguous partitions by dynamic programming)."""
+    names, values = list(costs), list(costs.values())
+    n = len(names)
+    if n < stages:
+        raise TrainingError(f"the model has {n} blocks ({names}); it cannot be split into {stages} stages")
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    inf = float("inf")
+    # best[k][i]: the slowest stage when the first i blocks form k stages; cut[k][i]: where the last begins
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    starts, i = [], n
+    for k in range(stages, 1, -1):
+        i = cut[k][i]
+        starts.append(names[i])
+    return tuple(reversed(starts))
+
+
+def check_split(model: nn.Module, split: Sequence[str], stages: int) -> None:
+    """Named errors for a split that does not divide the model into ``stages`` consecutive parts."""
+    if len(split) != stages - 1:
+        raise TrainingError(
+            f"parallel.pipeline.split names {len(split)} boundaries ({list(split)}); {stages} stages need "
+            f"{stages - 1}: the modules where stages 2..{stages} begin"
+        )
+    known = dict(model.named_modules())
+    missing = [name for name in split if name not in known or name == ""]
+    if missing:
+        raise TrainingError(
+            f"parallel.pipeline.split names {missing}, which are not modules of the model; candidates in "
+            f"execution order: {blocks(model)}"
+        )
+    order = blocks(model)
+    positions = [order.index(name) for name in split if name in order]
+    if len(positions) == len(split) and positions != sorted(positions):
+        raise TrainingError(f"parallel.pipeline.split {list(split)} is not in execution order ({order})")
+
+
+class StageRunner:
+    """This rank's stage of ``model`` and the schedule that trains it (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: ModelInput,
+        settings: PipelineSettings,
+        info: DistInfo,
+        loss_of_outputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        device: torch.device,
+    ) -> None:
+        from torch.distributed.pipelining import (
+            Schedule1F1B,
+            ScheduleGPipe,
+            SplitPoint,
+            pipeline,
+        )
+
+        if info.world_size != settings.stages:
+            raise TrainingError(
+                f"parallel.pipeline.stages is {settings.stages} but torchrun started {info.world_size} "
+                "process(es): start one process per stage (--nproc_per_node / --nnodes); pipeline x data "
+                "parallelism is not supported"
+            )
+        split = settings.split
+        if not split:
+            costs = block_costs(model, example)
+            split = balanced_split(costs, settings.stages)
+            log.info(
+                "pipeline: blocks timed %s; stages begin at %s",
+                {k: round(v * 1e3, 3) for k, v in costs.items()},
+                list(split),
+            )
+        check_split(model, split, settings.stages)
+        size = max(1, _batch(example) // settings.microbatches)
+        micro = take(example, slice(0, size))
+        args = micro if isinstance(micro, tuple) else (micro,)
+        try:
+            pipe = pipeline(model, mb_args=args, split_spec={name: SplitPoint.BEGINNING for name in split})
+        except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds on untraceable models
+            raise TrainingError(
+                f"the model cannot be split for pipeline parallelism at {list(split)} (torch.export could "
+                f"not trace it: {type(exc).__name__}: {str(exc)[:300]})"
+            ) from None
+        if pipe.num_stages != settings.stages:
+            raise TrainingError(
+                f"splitting at {list(split)} gave {pipe.num_stages} stages, not {settings.stages}: the "
+                "boundaries must be modules the forward pass calls in order"
+            )
+        self.split = tuple(split)
+        self.info = info
+        self.stage_modules = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
+        self.module = self.stage_modules[info.rank]
+        self.stage = pipe.build_stage(info.rank, device)
+        kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[settings.schedule]
+        self.schedule = kind(self.stage, n_microbatches=settings.microbatches, loss_fn=loss_of_outputs)
+        self.first, self.last = info.rank == 0, info.rank == info.world_size - 1
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This rank's stage's parameters (the same objects as the model's)."""
+        return list(self.module.named_parameters())
+
+    def step(self, x: ModelInput, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one batch through the pipeline; the mean micro-batch loss, on every rank."""
+        args = x if isinstance(x, tuple) else (x,)
+        losses: list[torch.Tensor] = []
+        if self.first:
+            self.schedule.step(*args)
+        elif self.last:
+            self.schedule.step(target=y, losses=losses)
+        else:
+            self.schedule.step()
+        loss = torch.stack([v.detach() for v in losses]).mean() if self.last else torch.zeros(())
+        dist.broadcast(loss, src=self.info.world_size - 1)
+        return loss
+
+    def grad_norm_squared(self) -> torch.Tensor:
+        """The squared gradient norm over every stage (for clipping by the global norm)."""
+        local = sum(
+            (p.grad.detach().pow(2).sum() for p in self.module.parameters() if p.grad is not None),
+            torch.zeros((), dtype=torch.float64),
+        )
+        total = local.to(torch.float64)
+        dist.all_reduce(total)
+        return total
+
+    def gather(self) -> None:
+        """Every stage's weights and buffers from the rank that trained them to every rank."""
+        for owner, module in enumerate(self.stage_modules):
+            for tensor in module.state_dict().values():
+                if tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32):
+                    with torch.no_grad():
+                        dist.broadcast(tensor.data, src=owner)
+
+    def state_bytes(self, optimizer: torch.optim.Optimizer) -> int:
+        """Bytes this rank holds for training: its stage's parameters, gradients and optimizer state."""
+        params = sum(p.numel() * p.element_size() for p in self.module.parameters())
+        grads = sum(
+            p.grad.numel() * p.grad.element_size() for p in self.module.parameters() if p.grad is not None
+        )
+        state = sum(
+            v.numel() * v.element_size()
+            for s in optimizer.state.values()
+            for v in s.values()
+            if isinstance(v, torch.Tensor)
+        )
+        return params + grads + state
+
+
+def _batch(x: ModelInput) -> int:
+    return int((x[0] if isinstance(x, tuple) else x).shape[0])

@@ -1,0 +1,134 @@
+"""Model (pipeline) parallelism: the model split into 2 stages, one per process, 4 micro-batches,
+trained by the one training loop; equal to one process where batch statistics do not differ."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from torchshrink.errors import TrainingError
+from torchshrink.parallel.pipelining import balanced_split, blocks, check_split
+from torchshrink.zoo import build
+
+WORKER = Path(__file__).with_name("pipeline_worker.py")
+
+
+def _train(out: Path, model: str, nproc: int, *split: str) -> dict:
+    out.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    prefix = [sys.executable]
+    if nproc > 1:
+        prefix += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    done = subprocess.run([*prefix, str(WORKER), str(out), model, *split], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_two_stage_pipeline_trains_like_one_process(tmp_path):
+    one = _train(tmp_path / "one", "mlp", 1)
+    two = _train(tmp_path / "two", "mlp", 2)  # split balanced by measured block times
+    assert one["steps"] == two["steps"] == 48
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)) < 1e-5
+    a, b = (load_file(tmp_path / n / "weights.safetensors") for n in ("one", "two"))
+    assert (
+        a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    )  # every stage gathered
+    details = two["pipeline"]
+    assert (
+        len(details["split"]) == 1
+        and len(details["training_bytes"]) == 2
+        and len(details["peak_rss_mb"]) == 2
+    )
+    # each rank holds only its stage's parameters, gradients and Adam's two moments (4 copies of its
+    # weights, plus Adam's step counters): together exactly one model's worth
+    weights = 4 * sum(t.numel() for t in a.values())
+    assert 4 * weights <= sum(details["training_bytes"]) <= 4 * weights + 4 * len(a)
+
+
+@pytest.mark.slow
+def test_a_named_split_of_a_residual_network(tmp_path):
+    """Batch-norm sees one micro-batch at a time, so the curve is close to one process's, not equal."""
+    one = _train(tmp_path / "one", "resnet", 1)
+    two = _train(tmp_path / "two", "resnet", 2, "layers.2")
+    assert two["pipeline"]["split"] == ["layers.2"]
+    assert two["losses"][-1] < two["losses"][0] - 0.3  # it learns
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)) < 0.15
+
+
+def test_the_balanced_split_makes_the_slowest_stage_fastest():
+    costs = {"a": 1.0, "b": 1.0, "c": 4.0, "d": 1.0, "e": 1.0}
+    assert balanced_split(costs, 2) == ("c",)  # {a, b} 2 vs {c, d, e} 6; {a, b, c} 6 vs 2: a tie, first cut
+    assert balanced_split(costs, 3) == ("c", "d")  # 2 | 4 | 2
+    with pytest.raises(TrainingError, match="5 blocks"):
+        balanced_split(costs, 6)
+
+
+def test_split_errors_name_the_candidates():
+    model = build("resnet", width=8)
+    assert blocks(model)[:3] == ["stem.0", "stem.1", "stem.2"] and "layers.1" in blocks(model)
+    with pytest.raises(TrainingError, match=r"names \['layer9'\], which are not modules.*candidates"):
+        check_split(model, ["layer9"], 2)
+    with pytest.raises(TrainingError, match="3 stages need 2"):
+        check_split(model, ["layers.1"], 3)
+    with pytest.raises(TrainingError, match="not in execution order"):
+        check_split(model, ["layers.2", "layers.1"], 3)
+    check_split(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), ["1"], 2)
+
+
+def _recipe(tmp_path: Path, **pipeline) -> Path:
+    recipe = {
+        "model": {"zoo": "lenet300", "kwargs": {"in_features": 64}},
+        "data": {"name": "digits"},
+        "measure": {"latency_repeats": 3, "onnx_fp32": False},
+        "parallel": {"pipeline": {"stages": 2, "microbatches": 4, **pipeline}},
+        "stages": [{"train": {"epochs": 2, "batch_size": 64}}, {"export": {}}],
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_pipeline_recipe_needs_its_processes(tmp_path, launch):
+    out = tmp_path / "out"
+    done = launch(["-m", "torchshrink.cli", "run", str(_recipe(tmp_path)), "--out", str(out)])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "parallel.pipeline.stages is 2, but 1 process(es) run this recipe" in done.stderr
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_a_split_naming_no_module_is_refused_before_anything_is_written(tmp_path, launch):
+    out = tmp_path / "out"
+    recipe = str(_recipe(tmp_path, split=["fc9"]))
+    done = launch(["-m", "torchshrink.cli", "run", recipe, "--out", str(out)], nproc=2)
+    assert (
+        done.returncode != 0 and "parallel.pipeline.split names ['fc9'], which are not modules" in done.stderr
+    )
+    assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_a_pipeline_recipe_under_torchrun(tmp_path, launch):
+    out = tmp_path / "out"
+    done = launch(["-m", "torchshrink.cli", "-q", "run", str(_recipe(tmp_path)), "--out", str(out)], nproc=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    pipeline = report["stages"][0]["details"]["pipeline"]
+    assert len(pipeline["split"]) == 1 and len(pipeline["training_bytes"]) == 2
+    assert report["stages"][0]["details"]["steps"] == 2 * (1437 // 64)  # whole batches only
+    assert report["final"]["accuracy"] > 0.8  # the whole model, gathered from both stages
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values()) and (out / "model.onnx").is_file()
+    assert report["recipe"]["parallel"]["pipeline"]["microbatches"] == 4
