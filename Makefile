@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.torchshrink-installed
+RAY    := $(VENV)/.torchshrink-ray-installed
 
 .PHONY: setup demo test bench lint clean
 
@@ -18,7 +19,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/torchshrink demo --out out/demo
 
-test: $(STAMP)
+# the tests of the optional Ray backend need the [ray] extra
+$(RAY): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,ray]'
+	touch $(RAY)
+
+test: $(STAMP) $(RAY)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)

@@ -94,14 +94,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for r, name in zip(args.recipes, names, strict=True)
     ]
     started = time.perf_counter()
-    results = run_tasks(tasks, run, jobs=args.jobs)
+    if args.backend == "ray":
+        from torchshrink.parallel.ray_tasks import run_tasks_on_ray
+
+        results = run_tasks_on_ray(tasks, run, jobs=args.jobs, address=args.ray_address)
+    else:
+        results = run_tasks(tasks, run, jobs=args.jobs)
     seconds = time.perf_counter() - started
     table = summary_table(results)
     write_text_atomic(
-        out / "sweep.md", f"# Sweep: {len(results)} recipes, {args.jobs} jobs, {seconds:.0f} s\n\n{table}\n"
+        out / "sweep.md",
+        f"# Sweep: {len(results)} recipes, {args.jobs} jobs ({args.backend}), {seconds:.0f} s\n\n{table}\n",
     )
     write_json_atomic(
-        out / "sweep.json", {"jobs": args.jobs, "seconds": seconds, "tasks": [r.to_dict() for r in results]}
+        out / "sweep.json",
+        {
+            "jobs": args.jobs,
+            "backend": args.backend,
+            "seconds": seconds,
+            "tasks": [r.to_dict() for r in results],
+        },
     )
     _out(table)
     _out(
@@ -307,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder: one sub-folder per recipe, plus sweep.md/.json"
     )
     p.add_argument("--jobs", type=_positive_int, default=2, help="worker processes (default: 2)")
+    p.add_argument(
+        "--backend",
+        choices=("processes", "ray"),
+        default="processes",
+        help="processes: a local process pool (default); ray: Ray tasks (extra [ray]), local or a cluster",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --backend ray: a cluster to join (default: start a local one)",
+    )
     p.add_argument("--resume", action="store_true", help="skip stages finished by an earlier run")
     p.add_argument(
         "--force", action="store_true", help="delete another recipe's outputs in --out and write there"

@@ -62,3 +62,54 @@ def test_sweep_command_writes_a_summary_and_fails_when_a_recipe_fails(tmp_path, 
     assert "1 of 2 recipes done" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["sweep", str(good), "--out", str(tmp_path / "s2"), "--jobs", "0"])
+
+
+@pytest.mark.slow
+def test_the_ray_backend_gives_the_process_pools_results(tmp_path, capsys) -> None:
+    """A local Ray instance (2 CPUs, no dashboard) runs the same tasks: same numbers, same summary."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed (make test installs it)")
+    recipes = []
+    for name, lr in (("a", 0.01), ("b", 0.003)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_recipe(lr)))
+        recipes.append(str(path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(dict(_recipe(0.01), model={"zoo": "nosuchnet"})))
+    codes = {}
+    for backend in ("processes", "ray"):
+        out = tmp_path / backend
+        codes[backend] = main(
+            ["-q", "sweep", *recipes, str(bad), "--out", str(out), "--jobs", "2", "--backend", backend]
+        )
+    assert codes == {"processes": 1, "ray": 1}
+    pool, ray = (json.loads((tmp_path / b / "sweep.json").read_text()) for b in ("processes", "ray"))
+    assert ray["backend"] == "ray" and [t["name"] for t in ray["tasks"]] == ["a", "b", "bad"]
+    for mine, theirs in zip(pool["tasks"], ray["tasks"], strict=True):
+        assert mine["ok"] == theirs["ok"]
+        if mine["ok"]:  # every number but the timings, which depend on the moment
+            for key in ("accuracy", "size_bytes", "params", "nonzero_params", "macs"):
+                assert (
+                    mine["final"][key] == theirs["final"][key]
+                    and mine["baseline"][key] == theirs["baseline"][key]
+                )
+    assert "nosuchnet" in ray["tasks"][2]["error"]
+    assert "| a | ok |" in (tmp_path / "ray" / "sweep.md").read_text()
+
+
+def test_the_ray_backend_without_ray_is_a_named_error(tmp_path, monkeypatch, capsys) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    recipe = tmp_path / "a.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(0.01)))
+    code = main(["sweep", str(recipe), "--out", str(tmp_path / "out"), "--backend", "ray"])
+    assert code == 2
+    assert "--backend ray needs Ray: pip install 'torchshrink[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "sweep.json").exists()

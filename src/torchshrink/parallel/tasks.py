@@ -78,7 +78,7 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(jobs, 1))
 
 
-def _start_worker(threads: int) -> None:
+def start_worker(threads: int) -> None:
     """Worker set-up: a fixed thread count, and no progress bars interleaving on the terminal."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["TORCHSHRINK_PROGRESS"] = "0"  # the training loop's bars
@@ -93,7 +93,7 @@ Runner = Callable[..., Any]
 (``torchshrink.pipeline.run``); module-level, so a spawned worker can import it."""
 
 
-def _run_task(task: Task, run: Runner) -> TaskResult:
+def run_task(task: Task, run: Runner) -> TaskResult:
     started = time.perf_counter()
     try:
         report = run(task.recipe, task.out_dir, resume=task.resume, force=task.force)
@@ -135,7 +135,7 @@ class Outcome:
 
 def _call_in_process(call: Callable[[], Any], threads: int, conn: Connection) -> None:
     """A worker's own process: set up, call, send the outcome back."""
-    _start_worker(threads)
+    start_worker(threads)
     started = time.perf_counter()
     try:
         outcome = Outcome(True, 0.0, value=call())
@@ -229,7 +229,7 @@ def run_tasks(
         clash = sorted({str(n) for n in names if names.count(n) > 1})
         raise ValueError(f"two tasks would write the same folder: {clash}")
     outcomes = run_in_processes(
-        [functools.partial(_run_task, task, run) for task in tasks], jobs, threads, [t.name for t in tasks]
+        [functools.partial(run_task, task, run) for task in tasks], jobs, threads, [t.name for t in tasks]
     )
     return [
         o.value if o.ok else TaskResult(t.name, str(t.out_dir), False, o.seconds, error=o.error)
