@@ -28,7 +28,7 @@ test: $(STAMP) $(RAY)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[dev,bench,ray]'
 	$(BIN)/python -m bench
 
 lint: $(STAMP)
