@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from bench.common import ROOT, machine_line, trained, write_section
+from bench.common import RESULTS, ROOT, machine_line, trained, write_section
 from torchshrink.data import load_data
 
 BASE_EPOCHS = 10  # the LeNet-5 every data-parallel and task row starts from (cached)
@@ -176,6 +176,10 @@ def ensembles(work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def _mb(values: list[int]) -> str:
     return " / ".join(f"{v / 1e6:.2f}" for v in values)
 
@@ -198,7 +202,7 @@ def _markdown(command: str, ddp: list, pipe: list, sweep: list, ens: list) -> st
         diff = (r["two_accuracy"] - r["one_accuracy"]) * 100
         lines.append(
             f"| {r['job']} | {r['one_accuracy'] * 100:.2f}% | {r['two_accuracy'] * 100:.2f}% | {diff:+.2f} | "
-            f"{r['one_samples_per_s']:,.0f} | {r['two_samples_per_s']:,.0f} | {r['one_wall_s']:.1f} | {r['two_wall_s']:.1f} |"
+            f"{_rate(r['one_samples_per_s'])} | {_rate(r['two_samples_per_s'])} | {r['one_wall_s']:.1f} | {r['two_wall_s']:.1f} |"
         )
     worst = max(abs(r["two_accuracy"] - r["one_accuracy"]) * 100 for r in ddp)
     lines += [
@@ -262,18 +266,21 @@ def _markdown(command: str, ddp: list, pipe: list, sweep: list, ens: list) -> st
 def run_all(command: str = "python -m bench b6") -> None:
     data = load_data("mnist5k")
     _, base = trained("lenet5", data, epochs=BASE_EPOCHS, seed=0)
+    payload: dict[str, Any] = {"machine": machine_line()}
+    partial = RESULTS / "b6_parallel.partial.json"  # kept as each part ends: a late failure loses nothing
+    RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="b6-") as tmp:
         work = Path(tmp)
-        ddp = data_parallel(work, base)
-        pipe = pipeline_parallel(work)
-        sweep = tasks(work, base)
-        ens = ensembles(work)
-    payload = {
-        "data_parallel": ddp,
-        "pipeline": pipe,
-        "tasks": sweep,
-        "ensembles": ens,
-        "machine": machine_line(),
-    }
-    write_section("b6_parallel", _markdown(command, ddp, pipe, sweep, ens), payload)
-    print(_markdown(command, ddp, pipe, sweep, ens))
+        parts = {
+            "data_parallel": lambda: data_parallel(work, base),
+            "pipeline": lambda: pipeline_parallel(work),
+            "tasks": lambda: tasks(work, base),
+            "ensembles": lambda: ensembles(work),
+        }
+        for key, part in parts.items():
+            payload[key] = part()
+            partial.write_text(json.dumps(payload, indent=2, default=float))
+    markdown = _markdown(command, *(payload[k] for k in parts))
+    write_section("b6_parallel", markdown, payload)
+    partial.unlink()
+    print(markdown)

@@ -284,8 +284,8 @@ def _stage_runner(
     of_outputs = getattr(loss_fn, "of_outputs", None)
     if of_outputs is None:
         raise TrainingError(
-            "this stage's loss needs the whole model in one process (distillation, augmentation, L1 or "
-            "generator training): it cannot run pipeline-parallel yet; remove parallel.pipeline or the stage"
+            "this stage's loss needs the whole model in one process (augmentation, L1 training, generator "
+            "training): it cannot run pipeline-parallel yet; remove parallel.pipeline or the stage"
         )
     example = next(iter(batches.epoch(0)))[0]
     return pipelining.StageRunner(model, to_device(example, device), settings, info, of_outputs, device)
@@ -417,7 +417,8 @@ def fit(
                 if runner is None:
                     terms = _terms(loss_fn(wrapped, batch))
                 else:  # forward and backward run inside the pipeline's schedule
-                    terms = {getattr(loss_fn, "term", "loss"): runner.step(batch[0], batch[1])}
+                    target = loss_fn.target_of(batch) if hasattr(loss_fn, "target_of") else batch[1]
+                    terms = {getattr(loss_fn, "term", "loss"): runner.step(batch[0], target)}
                 monitors = {n: terms.pop(n) for n in MONITOR_TERMS & terms.keys()}
                 if ACCURACY_TERM in monitors and sum(n for _, n in opening) < OPENING_SAMPLES:
                     opening.append((float(monitors[ACCURACY_TERM]), count_samples(batch[0])))

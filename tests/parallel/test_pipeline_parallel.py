@@ -132,3 +132,26 @@ def test_a_pipeline_recipe_under_torchrun(tmp_path, launch):
     weights = load_file(out / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values()) and (out / "model.onnx").is_file()
     assert report["recipe"]["parallel"]["pipeline"]["microbatches"] == 4
+
+
+@pytest.mark.slow
+def test_distillation_runs_pipeline_parallel_from_cached_teacher_logits(tmp_path, launch):
+    student = {"zoo": "resnet", "kwargs": {"width": 8}}  # 19k parameters; the teacher MLP 50k
+    recipe = yaml.safe_load(_recipe(tmp_path).read_text())
+    recipe["stages"] = [
+        {"train": {"epochs": 3, "batch_size": 64}},
+        {"distill": {"student": student, "epochs": 8, "lr": 3e-3, "batch_size": 64}},
+    ]
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    done = launch(["-m", "torchshrink.cli", "-q", "run", str(path), "--out", str(out)], nproc=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    details = report["stages"][1]["details"]
+    assert (
+        len(details["pipeline"]["split"]) == 1
+        and details["teacher_outputs"] == "cached once for the training set"
+    )
+    assert report["final"]["params"] < report["baseline"]["params"] / 2
+    assert report["final"]["accuracy"] > 0.7  # the student learnt from the teacher through 2 stages

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -23,17 +23,17 @@ from torch import nn
 from torchshrink.augment import augment_batch
 from torchshrink.distillation.ensemble import Combine, Ensemble
 from torchshrink.distillation.losses import FeatureAdapter, FeatureTap, Objective, StepOutputs, make_term
-from torchshrink.errors import RecipeError
+from torchshrink.errors import RecipeError, TrainingError
 from torchshrink.inputs import MASK_INPUT, ModelInput, call, samples, take
 from torchshrink.measure import accuracy, check_model_fits, count_params, predict
 from torchshrink.models import LoadedModel, ModelSpec, open_model
-from torchshrink.parallel import ddp
+from torchshrink.parallel import ddp, pipelining
 from torchshrink.pruning.masks import keeper_for
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import TrainStageConfig, check_augment, train_config
 from torchshrink.state import ModelState, RunContext
 from torchshrink.tables import markdown_table
-from torchshrink.train import Batch, DatasetBatches, TrainResult, batch_accuracy, fit
+from torchshrink.train import MONITOR_TERMS, Batch, DatasetBatches, TrainResult, batch_accuracy, fit
 from torchshrink.transformer_blocks import attention_blocks, layer_lists
 
 log = logging.getLogger(__name__)
@@ -363,15 +363,53 @@ def finish_distillation(
         models={name: {"params": p, "accuracy": a} for name, p, a in rows},
         terms=sorted(setup.objective.terms),
         epoch_losses=result.epoch_losses,
+        steps=result.steps,
+        samples_per_second=round(result.samples_per_second, 1),
         models_table=markdown_table(
             ["model", "params", "test cosine" if ctx.data.embedding else "test accuracy"],
             [[n, f"{p:,}", f"{a:.4f}" if ctx.data.embedding else f"{a * 100:.2f}%"] for n, p, a in rows],
         ),
     )
+    if result.pipeline is not None:
+        ctx.details["pipeline"] = result.pipeline
     log.info("%s:\n%s", ctx.stage_name, ctx.details["models_table"])
     return ModelState(
         model=student, architecture=setup.loaded.architecture, lineage=(*state.lineage, ctx.stage_name)
     )
+
+
+def _pipeline_loss(
+    loss_fn: Any, setup: Distillation, cfg: DistillConfig, ctx: RunContext, live: bool
+) -> None:
+    """Give ``loss_fn`` what a pipeline's last stage computes: the objective from the student's
+    outputs and a target holding the cached teacher logits and the labels. Only objectives of
+    outputs qualify (no feature, hidden-state or weight terms, no live teacher, no augmentation)."""
+    blocked = [
+        why
+        for why, present in (
+            ("the teacher runs live (features or augmentation)", live),
+            (
+                "feature / hidden / attention-map terms",
+                bool(cfg.features or cfg.hidden_weight or cfg.attention_map_weight),
+            ),
+            ("weight regularizers", bool(cfg.regularizers)),
+            ("an embedding model (vector targets)", ctx.data.embedding),
+        )
+        if present
+    ]
+    if blocked:
+        raise TrainingError(
+            f"{ctx.stage_name}: pipeline-parallel distillation computes its loss from the student's outputs "
+            f"alone; this stage has {', '.join(blocked)}: remove parallel.pipeline or those options"
+        )
+
+    def of_outputs(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        terms = setup.terms(outputs, target[:, -1].long(), target[:, :-1])
+        return sum(v for k, v in terms.items() if k not in MONITOR_TERMS)
+
+    loss_fn.of_outputs, loss_fn.term = of_outputs, "distill"
+    # cached teacher logits and the label, side by side: one tensor the schedule cuts into micro-batches
+    loss_fn.target_of = lambda batch: torch.cat([batch[2], batch[1][:, None].to(batch[2].dtype)], dim=1)
 
 
 @register_stage("distill", DistillConfig, role="transform", embeddings=True)
@@ -397,9 +435,13 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
         token_mask = inputs[mask_at] if mask_at is not None else None
         return setup.terms(logits, labels, t_logits, token_mask)
 
+    learner: nn.Module = setup.learner
+    if pipelining.active() is not None and ctx.dist.distributed:
+        _pipeline_loss(loss_fn, setup, cfg, ctx, live or mask_at is not None)
+        learner = setup.student  # no adapters: the student alone is what the stages split
     try:
         result = fit(
-            setup.learner,
+            learner,
             DatasetBatches(dataset, cfg.batch_size, seed=ctx.seed),
             loss_fn,
             train_config(cfg, ctx),

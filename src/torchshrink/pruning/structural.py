@@ -21,6 +21,7 @@ from torchshrink.inputs import InputSpec, ModelInput, call, spec_of
 from torchshrink.measure import count_activations, count_macs, count_params
 from torchshrink.modes import switched
 from torchshrink.pruning.groups import Group
+from torchshrink.pruning.operators import BN, CONV
 from torchshrink.shapes import is_resizable, module_shape
 from torchshrink.transformer_blocks import sync_head_counts
 
@@ -47,9 +48,6 @@ __all__ = [
     "model_size",
     "Size",
 ]
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _positions(group: Group, channels: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
@@ -113,7 +111,7 @@ def remove_channels(model: nn.Module, groups: Sequence[Group], plan: Plan) -> nn
 
 
 def _fix_attributes(module: nn.Module) -> None:
-    if isinstance(module, _CONV):
+    if isinstance(module, CONV):
         out_c, in_per_group = module.weight.shape[:2]
         if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
             module.groups = module.in_channels = module.out_channels = out_c  # depthwise stays depthwise
@@ -121,7 +119,7 @@ def _fix_attributes(module: nn.Module) -> None:
             module.out_channels, module.in_channels = out_c, in_per_group * module.groups
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, _BN):
+    elif isinstance(module, BN):
         module.num_features = (module.weight if module.weight is not None else module.running_mean).shape[0]
 
 
