@@ -102,17 +102,19 @@ def data_parallel(work: Path, base: Path) -> list[dict[str, Any]]:
 def pipeline_parallel(work: Path) -> list[dict[str, Any]]:
     """LeNet-5 and the ResNet, 2 stages x 4 micro-batches vs one process (2 epochs each)."""
     rows = []
-    for model in ("lenet5", "resnet"):
+    for model, balance in (("lenet5", "time"), ("lenet5", "memory"), ("resnet", "time")):
         results = {}
         for label, nproc, threads in (("one", 1, 2), ("two", 2, 1)):
-            out = work / f"pp-{model}-{label}"
+            out = work / f"pp-{model}-{balance}-{label}"
             out.mkdir(parents=True, exist_ok=True)
-            _launch([str(WORKER), str(out), model, "mnist5k", "2"], nproc, threads)
+            extra = ["balance=memory"] if balance == "memory" and nproc > 1 else []
+            _launch([str(WORKER), str(out), model, "mnist5k", "2", *extra], nproc, threads)
             results[label] = json.loads((out / "result.json").read_text())
         one, two = results["one"], results["two"]
         rows.append(
             {
                 "model": model,
+                "balance": balance,
                 "split": two["pipeline"]["split"],
                 "loss_max_diff": max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)),
                 "losses_one": one["losses"],
@@ -210,15 +212,15 @@ def _markdown(command: str, ddp: list, pipe: list, sweep: list, ens: list) -> st
         f"Target: final accuracy within 0.3 points: {'met' if worst <= 0.3 else 'missed'} (largest difference {worst:.2f}).",
         "",
         "**Model (pipeline) parallel** (2 stages, one process each with 1 thread, 4 micro-batches of 16, "
-        "split balanced by measured block times; vs one process with 2 threads; 2 epochs, Adam 1e-3, "
-        "whole batches of 64):",
+        "split balanced by measured block times or by parameter bytes; vs one process with 2 threads; "
+        "2 epochs, Adam 1e-3, whole batches of 64):",
         "",
-        "| model | split at | largest epoch-loss difference | samples/s, 1 | samples/s, 2 stages | training MB per process, 1 | training MB per process, 2 stages | peak RSS MB, 1 | peak RSS MB per process, 2 stages |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | balance | split at | largest epoch-loss difference | samples/s, 1 | samples/s, 2 stages | training MB per process, 1 | training MB per process, 2 stages | peak RSS MB, 1 | peak RSS MB per process, 2 stages |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in pipe:
         lines.append(
-            f"| {r['model']} | {', '.join(r['split'])} | {r['loss_max_diff']:.2e} | {r['one_samples_per_s']:,.0f} | "
+            f"| {r['model']} | {r['balance']} | {', '.join(r['split'])} | {r['loss_max_diff']:.2e} | {r['one_samples_per_s']:,.0f} | "
             f"{r['two_samples_per_s']:,.0f} | {_mb(r['one_training_bytes'])} | {_mb(r['two_training_bytes'])} | "
             f"{' / '.join(map(str, r['one_peak_rss_mb']))} | {' / '.join(map(str, r['two_peak_rss_mb']))} |"
         )

@@ -3,7 +3,9 @@ stages, 4 micro-batches), or in one process without it. Writes result.json (epoc
 samples/s, training bytes and peak RSS per process) and weights.safetensors into OUT.
 
 ``python bench/b6_pipeline_worker.py OUT MODEL DATA EPOCHS [SPLIT ...]``; MODEL: mlp (LeNet-300-100
-for 8x8 digits), lenet5, resnet (width 8); DATA: digits or mnist5k. B6 and the pipeline tests use it.
+for 8x8 digits), lenet5, resnet (width 8); DATA: digits or mnist5k; SPLIT: module names, or
+``balance=memory`` to split by parameter bytes (default: by measured time). B6 and the pipeline
+tests use it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ MICROBATCHES = 4
 
 def main() -> None:
     out, name, data_name, epochs, *split = sys.argv[1:]
+    balance = "memory" if split == ["balance=memory"] else "time"
+    split = [] if balance == "memory" else split
     out_dir = Path(out)
     info = ddp.init_from_env()
     data = load_data(DataSpec(name=data_name))
@@ -39,7 +43,9 @@ def main() -> None:
     zoo, kwargs = MODELS[name]
     model = build(zoo, **kwargs)
     settings = (
-        pipelining.PipelineSettings(stages=info.world_size, microbatches=MICROBATCHES, split=tuple(split))
+        pipelining.PipelineSettings(
+            stages=info.world_size, microbatches=MICROBATCHES, split=tuple(split), balance=balance
+        )
         if info.distributed
         else None
     )

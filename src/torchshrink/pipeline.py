@@ -332,6 +332,7 @@ def _pipeline_settings(recipe: Recipe, info: ddp.DistInfo) -> pipelining.Pipelin
         microbatches=wanted.microbatches,
         split=tuple(wanted.split),
         schedule=wanted.schedule,
+        balance=wanted.balance,
     )
 
 

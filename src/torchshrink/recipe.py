@@ -74,6 +74,11 @@ class PipelineParallel(BaseModel, extra="forbid"):
         "each block",
     )
     schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    balance: Literal["time", "memory"] = Field(
+        "time",
+        description="an automatic split evens out the stages' measured time, or their parameter bytes "
+        "(what each process's training state grows with)",
+    )
 
 
 class ParallelSettings(BaseModel, extra="forbid"):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from torchshrink.errors import TrainingError
-from torchshrink.parallel.pipelining import balanced_split, blocks, check_split
+from torchshrink.parallel.pipelining import balanced_split, block_bytes, blocks, check_split
 from torchshrink.zoo import build
 
 WORKER = Path(__file__).resolve().parents[2] / "bench" / "b6_pipeline_worker.py"  # B6 runs it too
@@ -73,6 +73,19 @@ def test_the_balanced_split_makes_the_slowest_stage_fastest():
     assert balanced_split(costs, 3) == ("c", "d")  # 2 | 4 | 2
     with pytest.raises(TrainingError, match="5 blocks"):
         balanced_split(costs, 6)
+
+
+def test_a_memory_balanced_split_evens_out_the_parameter_bytes():
+    model = build("lenet5")
+    weights = block_bytes(model)
+    (start,) = balanced_split(weights, 2)
+    names = list(weights)
+    first = sum(weights[n] for n in names[: names.index(start)])
+    second = sum(weights.values()) - first
+    # LeNet-5's 800x500 linear is most of it: the convolutions go to stage 1, the linears to stage 2
+    # (the blocks between hold no parameters, so any cut among them is as good)
+    assert start in ("4", "5", "6", "7") and first == weights["0"] + weights["3"]
+    assert second == weights["7"] + weights["9"]
 
 
 def test_split_errors_name_the_candidates():

@@ -80,6 +80,16 @@ def all_gather_object(value: object) -> list[object]:
     return out
 
 
+def broadcast_object(value: object, src: int = 0) -> object:
+    """Rank ``src``'s ``value`` on every rank (``value`` itself in one process): one decision, not
+    one per rank (a choice made from timings differs between processes)."""
+    if not current().distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if current().distributed:

@@ -3,7 +3,8 @@ consecutive stages, one stage per process under torchrun, micro-batches flowing 
 
 * **Split.** At module boundaries the recipe names (``split: [layers.1]``: stage 2 begins there), or
   balanced automatically: the model's blocks (top-level children, with sequential containers opened
-  one level) are timed on an example batch and cut where the slowest stage is fastest.
+  one level) are timed on an example batch (``balance: time``) or weighed by their parameter bytes
+  (``balance: memory``), and cut where the slowest (or largest) stage is smallest.
 * **Train.** :class:`StageRunner` is what the one training loop (:func:`torchshrink.train.fit`) steps
   through instead of ``loss.backward()``: the first rank feeds the batch, the last computes the loss
   on each micro-batch, the schedule (GPipe or 1F1B) runs forward and backward, gradients are averaged
@@ -29,11 +30,21 @@ from torch import nn
 
 from torchshrink.errors import TrainingError
 from torchshrink.inputs import ModelInput, call, take
-from torchshrink.parallel.ddp import DistInfo
+from torchshrink.parallel.ddp import DistInfo, broadcast_object
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PipelineSettings", "pipelined", "active", "balanced_split", "check_split", "StageRunner"]
+__all__ = [
+    "PipelineSettings",
+    "pipelined",
+    "active",
+    "blocks",
+    "block_costs",
+    "block_bytes",
+    "balanced_split",
+    "check_split",
+    "StageRunner",
+]
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,7 @@ class PipelineSettings:
     microbatches: int = 4
     split: tuple[str, ...] = ()  # module names where stages 2, 3, ... begin; empty: balanced by cost
     schedule: str = "gpipe"  # gpipe | 1f1b
+    balance: str = "time"  # an automatic split evens out: time (measured) | memory (parameter bytes)
 
 
 _ACTIVE: PipelineSettings | None = None
@@ -101,6 +113,14 @@ def block_costs(model: nn.Module, example: ModelInput, repeats: int = 5) -> dict
         for handle in handles:
             handle.remove()
     return {n: sorted(t[1:])[len(t[1:]) // 2] if len(t) > 1 else 0.0 for n, t in spent.items()}
+
+
+def block_bytes(model: nn.Module) -> dict[str, float]:
+    """Bytes of parameters each block holds (what its stage's training state grows with)."""
+    return {
+        name: float(sum(p.numel() * p.element_size() for p in model.get_submodule(name).parameters()))
+        for name in blocks(model)
+    }
 
 
 def balanced_split(costs: dict[str, float], stages: int) -> tuple[str, ...]:
@@ -178,13 +198,10 @@ class StageRunner:
             )
         split = settings.split
         if not split:
-            costs = block_costs(model, example)
-            split = balanced_split(costs, settings.stages)
-            log.info(
-                "pipeline: blocks timed %s; stages begin at %s",
-                {k: round(v * 1e3, 3) for k, v in costs.items()},
-                list(split),
-            )
+            costs = block_bytes(model) if settings.balance == "memory" else block_costs(model, example)
+            # rank 0 decides: timings differ between processes, and every stage must cut alike
+            split = tuple(broadcast_object(balanced_split(costs, settings.stages)))  # type: ignore[arg-type]
+            log.info("pipeline: block %s %s; stages begin at %s", settings.balance, costs, list(split))
         check_split(model, split, settings.stages)
         size = max(1, _batch(example) // settings.microbatches)
         micro = take(example, slice(0, size))
