@@ -1,17 +1,19 @@
 """Task parallelism: many calls side by side in worker processes (pipeline runs of a sweep,
 ensemble members).
 
-Each task is one recipe with its own output folder. ``jobs`` worker processes (spawned, so no state
-is shared) run ``jobs`` at a time, one process per task; each gives torch ``threads`` threads, by
-default the cores divided by the jobs, so two jobs on two cores do not oversubscribe them. A task that
-fails (bad input, an exception) is recorded with its error and does not stop the others; a task whose
-process dies outright (killed, out of memory) is reported as failed with "worker died", and the
-other tasks go on. Latencies measured inside parallel tasks
+Each task is one recipe with its own output folder. ``jobs`` worker processes (spawned, so nothing
+is shared with this one; started once and reused, since starting Python and torch costs seconds) run
+the tasks ``jobs`` at a time; each gives torch ``threads`` threads, by default the cores divided by
+the jobs, so two jobs on two cores do not oversubscribe them. A task that fails (bad input, an
+exception) is recorded with its error and does not stop the others; a task whose worker dies
+outright (killed, out of memory) is reported as failed with "worker died", the worker is replaced,
+and the other tasks go on. Latencies measured inside parallel tasks
 share the machine with the other tasks: compare models by accuracy and size there, time them alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -133,9 +135,8 @@ class Outcome:
     error: str | None = None
 
 
-def _call_in_process(call: Callable[[], Any], threads: int, conn: Connection) -> None:
-    """A worker's own process: set up, call, send the outcome back."""
-    start_worker(threads)
+def _outcome(call: Callable[[], Any]) -> Outcome:
+    """Call, and say how it ended (an error's type and message, not the exception object)."""
     started = time.perf_counter()
     try:
         outcome = Outcome(True, 0.0, value=call())
@@ -145,16 +146,38 @@ def _call_in_process(call: Callable[[], Any], threads: int, conn: Connection) ->
         tail = "".join(traceback.format_exception(exc)[-3:]).strip()
         outcome = Outcome(False, 0.0, error=f"{type(exc).__name__}: {tail}")
     outcome.seconds = time.perf_counter() - started
-    # Plain pickle to bytes: tensors travel inside the message. (Connection.send would share their
-    # storage through shared memory that dies with this process before the parent reads it.)
-    conn.send_bytes(pickle.dumps(outcome))
-    conn.close()
+    return outcome
+
+
+def _worker(conn: Connection, threads: int) -> None:
+    """A worker process: set up once (torch imported, threads fixed), then run the calls it is sent
+    until it is sent None. Messages are plain pickles as bytes: tensors travel inside them
+    (Connection.send would share their storage through shared memory that dies with the sender)."""
+    start_worker(threads)
+    while True:
+        try:
+            call = pickle.loads(conn.recv_bytes())  # our own parent's message
+        except EOFError:
+            return
+        if call is None:
+            return
+        conn.send_bytes(pickle.dumps(_outcome(call)))
 
 
 def _died(process: BaseProcess, seconds: float) -> Outcome:
     code = process.exitcode
     how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
     return Outcome(False, seconds, error=f"worker died ({how}) before reporting a result")
+
+
+@dataclass
+class _Slot:
+    """One worker process and the call it is running (None: idle)."""
+
+    process: BaseProcess
+    conn: Connection
+    index: int | None = None
+    started: float = 0.0
 
 
 def run_in_processes(
@@ -164,10 +187,11 @@ def run_in_processes(
     names: Sequence[str] | None = None,
     desc: str = "tasks",
 ) -> list[Outcome]:
-    """Call each of ``calls`` (picklable: module-level functions or partials of them) in a spawned
-    process of its own, ``jobs`` at a time, each with ``threads`` torch threads (default: the cores
-    shared out); outcomes come back in the order of ``calls``. A call that raises, or whose process
-    dies (killed, out of memory), fails alone."""
+    """Call each of ``calls`` (picklable: module-level functions or partials of them) in ``jobs``
+    spawned worker processes, each with ``threads`` torch threads (default: the cores shared out);
+    outcomes come back in the order of ``calls``. Workers are started once and reused (starting
+    Python and torch costs seconds); a call that raises fails alone, and a worker that dies
+    (killed, out of memory) fails the call it was running and is replaced for the rest."""
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     threads = threads or default_threads(jobs)
@@ -175,46 +199,80 @@ def run_in_processes(
     results: list[Outcome | None] = [None] * len(calls)
     context = multiprocessing.get_context("spawn")
     waiting = list(range(len(calls)))
-    running: dict[int, tuple[BaseProcess, Connection, float]] = {}
+
+    def start() -> _Slot:
+        mine, theirs = context.Pipe(duplex=True)
+        process = context.Process(target=_worker, args=(theirs, threads))
+        process.start()
+        theirs.close()  # the child holds the only other end: EOF once it is gone
+        return _Slot(process, mine)
+
+    def give(slot: _Slot) -> None:
+        """The next waiting call to ``slot``'s worker, or None (it exits) when none waits."""
+        slot.index = waiting.pop(0) if waiting else None
+        slot.started = time.perf_counter()
+        try:
+            slot.conn.send_bytes(pickle.dumps(calls[slot.index] if slot.index is not None else None))
+        except (BrokenPipeError, OSError):  # it died while idle: the call goes back to the queue
+            if slot.index is not None:
+                waiting.insert(0, slot.index)
+            slot.index = None
+
+    def finish(slot: _Slot, outcome: Outcome) -> None:
+        assert slot.index is not None
+        results[slot.index] = outcome
+        bar.update(1)
+        log.info(
+            "%s: %s in %.0fs",
+            names[slot.index],
+            "done" if outcome.ok else f"failed: {outcome.error}",
+            outcome.seconds,
+        )
+        slot.index = None
+
+    slots: list[_Slot] = []
     with tqdm(total=len(calls), desc=desc, leave=False) as bar:
-        while waiting or running:
-            while waiting and len(running) < jobs:
-                i = waiting.pop(0)
-                receive, send = context.Pipe(duplex=False)
-                process = context.Process(target=_call_in_process, args=(calls[i], threads, send))
-                process.start()
-                send.close()  # the child holds the only sending end: EOF once it is gone
-                running[i] = (process, receive, time.perf_counter())
-            wait([obj for p, c, _ in running.values() for obj in (c, p.sentinel)])
-            for i, (process, receive, started) in list(running.items()):
-                done: Outcome | None = None
-                if receive.poll():
-                    try:
-                        done = pickle.loads(receive.recv_bytes())  # our own child's message
-                    except (EOFError, OSError):
-                        process.join(timeout=JOIN_SECONDS)
-                        done = _died(process, time.perf_counter() - started)
-                    except Exception as exc:  # noqa: BLE001 - a result that does not unpickle
-                        done = Outcome(
-                            False,
-                            time.perf_counter() - started,
-                            error=f"its result could not be read: {exc!r}",
-                        )
-                elif process.exitcode is not None:
-                    done = _died(process, time.perf_counter() - started)
-                if done is None:
+        try:
+            for _ in range(min(jobs, len(calls))):
+                slots.append(start())
+                give(slots[-1])
+            while any(slot.index is not None for slot in slots) or waiting:
+                busy = [slot for slot in slots if slot.index is not None]
+                if not busy:  # every worker died while idle: start one for the waiting calls
+                    slots.append(start())
+                    give(slots[-1])
                     continue
-                process.join(timeout=JOIN_SECONDS)
-                if process.is_alive():  # reported, but hangs on exit (a stray thread): do not wait
-                    process.kill()
-                    process.join()
-                receive.close()
-                del running[i]
-                results[i] = done
-                bar.update(1)
-                log.info(
-                    "%s: %s in %.0fs", names[i], "done" if done.ok else f"failed: {done.error}", done.seconds
-                )
+                wait([obj for slot in busy for obj in (slot.conn, slot.process.sentinel)])
+                for slot in busy:
+                    if slot.conn.poll():
+                        try:
+                            outcome = pickle.loads(slot.conn.recv_bytes())  # our own child's message
+                        except (EOFError, OSError):
+                            slot.process.join(timeout=JOIN_SECONDS)
+                            outcome = _died(slot.process, time.perf_counter() - slot.started)
+                        except Exception as exc:  # noqa: BLE001 - a result that does not unpickle
+                            seconds = time.perf_counter() - slot.started
+                            outcome = Outcome(False, seconds, error=f"its result could not be read: {exc!r}")
+                        finish(slot, outcome)
+                    elif slot.process.exitcode is not None:
+                        finish(slot, _died(slot.process, time.perf_counter() - slot.started))
+                    else:
+                        continue
+                    if slot.process.exitcode is None and slot.process.is_alive():
+                        give(slot)
+                    elif waiting:  # a dead worker is replaced for the calls still waiting
+                        slot.conn.close()
+                        slots[slots.index(slot)] = replacement = start()
+                        give(replacement)
+        finally:
+            for slot in slots:
+                with contextlib.suppress(OSError):
+                    slot.conn.send_bytes(pickle.dumps(None))
+                slot.process.join(timeout=JOIN_SECONDS)
+                if slot.process.is_alive():  # hangs on exit (a stray thread): do not wait
+                    slot.process.kill()
+                    slot.process.join()
+                slot.conn.close()
     return [r for r in results if r is not None]
 
 
