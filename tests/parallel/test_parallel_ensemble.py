@@ -16,7 +16,7 @@ def _weights(result):
 
 @pytest.mark.slow
 def test_parallel_members_equal_sequential_ones(digits, tmp_path):
-    options = {"members": 3, "epochs": 2, "lr": 3e-3, "vary": "bootstrap", "combine": "weighted"}
+    options = {"members": 3, "epochs": 1, "lr": 3e-3, "vary": "bootstrap", "combine": "weighted"}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the parallel workers: the same float order
     try:

@@ -69,7 +69,7 @@ def test_the_ray_backend_gives_the_process_pools_results(tmp_path, capsys) -> No
     """A local Ray instance (2 CPUs, no dashboard) runs the same tasks: same numbers, same summary."""
     pytest.importorskip("ray", reason="the [ray] extra is not installed (make test installs it)")
     recipes = []
-    for name, lr in (("a", 0.01), ("b", 0.003)):
+    for name, lr in (("a", 0.01),):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(_recipe(lr)))
         recipes.append(str(path))
@@ -83,7 +83,7 @@ def test_the_ray_backend_gives_the_process_pools_results(tmp_path, capsys) -> No
         )
     assert codes == {"processes": 1, "ray": 1}
     pool, ray = (json.loads((tmp_path / b / "sweep.json").read_text()) for b in ("processes", "ray"))
-    assert ray["backend"] == "ray" and [t["name"] for t in ray["tasks"]] == ["a", "b", "bad"]
+    assert ray["backend"] == "ray" and [t["name"] for t in ray["tasks"]] == ["a", "bad"]
     for mine, theirs in zip(pool["tasks"], ray["tasks"], strict=True):
         assert mine["ok"] == theirs["ok"]
         if mine["ok"]:  # every number but the timings, which depend on the moment
@@ -92,7 +92,7 @@ def test_the_ray_backend_gives_the_process_pools_results(tmp_path, capsys) -> No
                     mine["final"][key] == theirs["final"][key]
                     and mine["baseline"][key] == theirs["baseline"][key]
                 )
-    assert "nosuchnet" in ray["tasks"][2]["error"]
+    assert "nosuchnet" in ray["tasks"][1]["error"]
     assert "| a | ok |" in (tmp_path / "ray" / "sweep.md").read_text()
 
 
