@@ -16,6 +16,8 @@ the loss function and the batch source they pass in.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -36,6 +38,7 @@ from torchshrink.checkpoint import LoopState, TrainCheckpoint
 from torchshrink.errors import TrainingError
 from torchshrink.inputs import call, to_device
 from torchshrink.inputs import count as count_samples
+from torchshrink.io import write_json_atomic
 from torchshrink.measure import is_embedding_target
 from torchshrink.parallel import ddp, pipelining
 
@@ -274,13 +277,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+SPLIT_FILE = "pipeline-split.json"
+"""In a training's checkpoint folder: the split it chose, so a resumed run cuts the model alike
+(a split balanced by time could come out otherwise, and the per-rank checkpoints would not fit)."""
+
+
 def _stage_runner(
-    model: nn.Module, batches: BatchSource, loss_fn: LossFn, info: ddp.DistInfo, device: torch.device
+    model: nn.Module,
+    batches: BatchSource,
+    loss_fn: LossFn,
+    info: ddp.DistInfo,
+    device: torch.device,
+    checkpoint_dir: str | Path | None,
 ) -> pipelining.StageRunner | None:
     """This rank's pipeline stage when the job trains pipeline-parallel (see :mod:`pipelining`)."""
     settings = pipelining.active()
     if settings is None or not info.distributed:
         return None
+    chosen = Path(checkpoint_dir) / SPLIT_FILE if checkpoint_dir is not None else None
+    if chosen is not None and chosen.is_file() and not settings.split:
+        settings = dataclasses.replace(settings, split=tuple(json.loads(chosen.read_text(encoding="utf-8"))))
     of_outputs = getattr(loss_fn, "of_outputs", None)
     if of_outputs is None:
         raise TrainingError(
@@ -288,7 +304,10 @@ def _stage_runner(
             "training): it cannot run pipeline-parallel yet; remove parallel.pipeline or the stage"
         )
     example = next(iter(batches.epoch(0)))[0]
-    return pipelining.StageRunner(model, to_device(example, device), settings, info, of_outputs, device)
+    runner = pipelining.StageRunner(model, to_device(example, device), settings, info, of_outputs, device)
+    if chosen is not None and info.is_main:
+        write_json_atomic(chosen, list(runner.split))
+    return runner
 
 
 def _clip_gradients(
@@ -354,7 +373,7 @@ def fit(
     total_steps = cfg.epochs * steps_per_epoch
     if steps_per_epoch == 0:
         raise TrainingError("the batch source yields no batches: is the dataset empty?")
-    runner = _stage_runner(model, batches, loss_fn, info, device)
+    runner = _stage_runner(model, batches, loss_fn, info, device, checkpoint_dir)
     owned = runner.named_parameters() if runner is not None else list(model.named_parameters())
     named = [(n, p) for n, p in owned if p.requires_grad]
     params = [p for _, p in named]
@@ -376,6 +395,13 @@ def fit(
     checkpoint = TrainCheckpoint(checkpoint_dir, settings, writer=info.is_main or runner is not None)
     result = TrainResult()
     loop = checkpoint.load(trained, optimizer, scheduler)
+    if runner is not None:  # every stage must resume at the same step, or the schedules would not meet
+        steps = ddp.all_gather_object(loop.step if loop is not None else 0)
+        if len(set(steps)) > 1:
+            raise TrainingError(
+                f"{cfg.desc}: the pipeline's per-rank checkpoints stand at different steps {steps} (the run "
+                f"was stopped between two saves); delete {Path(checkpoint_dir or '.')} to start this training over"
+            )
     if loop is not None:
         result.epoch_losses = loop.epoch_losses
         result.resumed_from_step = loop.step

@@ -168,3 +168,31 @@ def test_distillation_runs_pipeline_parallel_from_cached_teacher_logits(tmp_path
     )
     assert report["final"]["params"] < report["baseline"]["params"] / 2
     assert report["final"]["accuracy"] > 0.7  # the student learnt from the teacher through 2 stages
+
+
+def test_micro_batches_must_divide_the_batch_and_feed_every_stage():
+    from torchshrink.parallel.ddp import DistInfo
+    from torchshrink.parallel.pipelining import PipelineSettings, StageRunner
+
+    model, two = build("resnet", width=8), DistInfo(rank=0, world_size=2)
+    with pytest.raises(TrainingError, match="batch of 30 does not divide into 4 equal micro-batches"):
+        StageRunner(
+            model,
+            torch.rand(30, 1, 8, 8),
+            PipelineSettings(microbatches=4),
+            two,
+            nn.functional.mse_loss,
+            torch.device("cpu"),
+        )
+    with pytest.raises(TrainingError, match="1f1b needs at least as many micro-batches as stages"):
+        StageRunner(model, torch.rand(32, 1, 8, 8), PipelineSettings(microbatches=1, schedule="1f1b"), two,
+                    nn.functional.mse_loss, torch.device("cpu"))  # fmt: skip
+    with pytest.raises(TrainingError, match="torchrun started 2 process"):
+        StageRunner(
+            model,
+            torch.rand(32, 1, 8, 8),
+            PipelineSettings(stages=3),
+            two,
+            nn.functional.mse_loss,
+            torch.device("cpu"),
+        )

@@ -404,12 +404,13 @@ def _pipeline_loss(
         )
 
     def of_outputs(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        terms = setup.terms(outputs, target[:, -1].long(), target[:, :-1])
+        terms = setup.terms(outputs, target[:, -1].long(), target[:, :-1].to(outputs.dtype))
         return sum(v for k, v in terms.items() if k not in MONITOR_TERMS)
 
     loss_fn.of_outputs, loss_fn.term = of_outputs, "distill"
     # cached teacher logits and the label, side by side: one tensor the schedule cuts into micro-batches
-    loss_fn.target_of = lambda batch: torch.cat([batch[2], batch[1][:, None].to(batch[2].dtype)], dim=1)
+    # (float64: every class index and logit exactly)
+    loss_fn.target_of = lambda batch: torch.cat([batch[2].double(), batch[1][:, None].double()], dim=1)
 
 
 @register_stage("distill", DistillConfig, role="transform", embeddings=True)

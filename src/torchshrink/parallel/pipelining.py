@@ -196,16 +196,27 @@ class StageRunner:
                 "process(es): start one process per stage (--nproc_per_node / --nnodes); pipeline x data "
                 "parallelism is not supported"
             )
+        if _batch(example) % settings.microbatches:
+            raise TrainingError(
+                f"the batch of {_batch(example)} does not divide into {settings.microbatches} equal "
+                "micro-batches (parallel.pipeline.microbatches): choose a batch_size that is a multiple of it"
+            )
+        if settings.schedule == "1f1b" and settings.microbatches < settings.stages:
+            raise TrainingError(
+                f"schedule 1f1b needs at least as many micro-batches as stages ({settings.stages}); "
+                f"parallel.pipeline.microbatches is {settings.microbatches}"
+            )
         split = settings.split
         if not split:
+            model.eval()  # timed without touching batch-norm statistics
             costs = block_bytes(model) if settings.balance == "memory" else block_costs(model, example)
             # rank 0 decides: timings differ between processes, and every stage must cut alike
             split = tuple(broadcast_object(balanced_split(costs, settings.stages)))  # type: ignore[arg-type]
             log.info("pipeline: block %s %s; stages begin at %s", settings.balance, costs, list(split))
         check_split(model, split, settings.stages)
-        size = max(1, _batch(example) // settings.microbatches)
-        micro = take(example, slice(0, size))
+        micro = take(example, slice(0, _batch(example) // settings.microbatches))
         args = micro if isinstance(micro, tuple) else (micro,)
+        model.train()  # torch.export fixes the mode into the graph: batch-norm and dropout as in training
         try:
             pipe = pipeline(model, mb_args=args, split_spec={name: SplitPoint.BEGINNING for name in split})
         except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds on untraceable models
@@ -213,6 +224,11 @@ class StageRunner:
                 f"the model cannot be split for pipeline parallelism at {list(split)} (torch.export could "
                 f"not trace it: {type(exc).__name__}: {str(exc)[:300]})"
             ) from None
+        if getattr(pipe, "replicated_params", None):
+            raise TrainingError(
+                "the model shares weights between stages (tied parameters): the split would train separate "
+                f"copies; choose split points that keep them in one stage (now {list(split)})"
+            )
         if pipe.num_stages != settings.stages:
             raise TrainingError(
                 f"splitting at {list(split)} gave {pipe.num_stages} stages, not {settings.stages}: the "
@@ -223,6 +239,7 @@ class StageRunner:
         self.stage_modules = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
         self.module = self.stage_modules[info.rank]
         self.stage = pipe.build_stage(info.rank, device)
+        self.device = device
         kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[settings.schedule]
         self.schedule = kind(self.stage, n_microbatches=settings.microbatches, loss_fn=loss_of_outputs)
         self.first, self.last = info.rank == 0, info.rank == info.world_size - 1
@@ -241,7 +258,10 @@ class StageRunner:
             self.schedule.step(target=y, losses=losses)
         else:
             self.schedule.step()
-        loss = torch.stack([v.detach() for v in losses]).mean() if self.last else torch.zeros(())
+        if self.last:
+            loss = torch.stack([v.detach().float() for v in losses]).mean()
+        else:
+            loss = torch.zeros((), device=self.device)
         dist.broadcast(loss, src=self.info.world_size - 1)
         return loss
 
@@ -249,7 +269,7 @@ class StageRunner:
         """The squared gradient norm over every stage (for clipping by the global norm)."""
         local = sum(
             (p.grad.detach().pow(2).sum() for p in self.module.parameters() if p.grad is not None),
-            torch.zeros((), dtype=torch.float64),
+            torch.zeros((), dtype=torch.float64, device=self.device),
         )
         total = local.to(torch.float64)
         dist.all_reduce(total)
@@ -257,11 +277,15 @@ class StageRunner:
 
     def gather(self) -> None:
         """Every stage's weights and buffers from the rank that trained them to every rank."""
-        for owner, module in enumerate(self.stage_modules):
-            for tensor in module.state_dict().values():
-                if tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32):
-                    with torch.no_grad():
+        with torch.no_grad():
+            for owner, module in enumerate(self.stage_modules):
+                for tensor in module.state_dict().values():
+                    if tensor.is_floating_point() or tensor.dtype in (torch.int64, torch.int32):
                         dist.broadcast(tensor.data, src=owner)
+                    else:  # bool / small integer buffers (flags): through int32
+                        carried = tensor.data.to(torch.int32)
+                        dist.broadcast(carried, src=owner)
+                        tensor.data.copy_(carried.to(tensor.dtype))
 
     def state_bytes(self, optimizer: torch.optim.Optimizer) -> int:
         """Bytes this rank holds for training: its stage's parameters, gradients and optimizer state."""

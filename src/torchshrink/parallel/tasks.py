@@ -199,8 +199,16 @@ def run_in_processes(
     results: list[Outcome | None] = [None] * len(calls)
     context = multiprocessing.get_context("spawn")
     waiting = list(range(len(calls)))
+    messages = [
+        pickle.dumps(call) for call in calls
+    ]  # a call that cannot travel fails here, before any start
+    starts_left = len(calls) + jobs  # workers that die before taking a call must not respawn forever
 
     def start() -> _Slot:
+        nonlocal starts_left
+        starts_left -= 1
+        if starts_left < 0:
+            raise RuntimeError(f"worker processes keep dying before they take a call ({desc})")
         mine, theirs = context.Pipe(duplex=True)
         process = context.Process(target=_worker, args=(theirs, threads))
         process.start()
@@ -212,7 +220,7 @@ def run_in_processes(
         slot.index = waiting.pop(0) if waiting else None
         slot.started = time.perf_counter()
         try:
-            slot.conn.send_bytes(pickle.dumps(calls[slot.index] if slot.index is not None else None))
+            slot.conn.send_bytes(messages[slot.index] if slot.index is not None else pickle.dumps(None))
         except (BrokenPipeError, OSError):  # it died while idle: the call goes back to the queue
             if slot.index is not None:
                 waiting.insert(0, slot.index)
