@@ -327,13 +327,7 @@ def _pipeline_settings(recipe: Recipe, info: ddp.DistInfo) -> pipelining.Pipelin
             f"start it with torchrun --nproc_per_node {wanted.stages} (one process per stage; pipeline x "
             "data parallelism is not supported)"
         )
-    return pipelining.PipelineSettings(
-        stages=wanted.stages,
-        microbatches=wanted.microbatches,
-        split=tuple(wanted.split),
-        schedule=wanted.schedule,
-        balance=wanted.balance,
-    )
+    return pipelining.PipelineSettings(**{**wanted.model_dump(), "split": tuple(wanted.split)})
 
 
 def _owner(recipe: Recipe) -> dict[str, Any]:

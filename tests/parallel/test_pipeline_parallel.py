@@ -4,9 +4,6 @@ trained by the one training loop; equal to one process where batch statistics do
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,23 +19,17 @@ from torchshrink.zoo import build
 WORKER = Path(__file__).resolve().parents[2] / "bench" / "b6_pipeline_worker.py"  # B6 runs it too
 
 
-def _train(out: Path, model: str, nproc: int, *split: str) -> dict:
+def _train(launch, out: Path, model: str, nproc: int, *split: str) -> dict:
     out.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    prefix = [sys.executable]
-    if nproc > 1:
-        prefix += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    done = subprocess.run([*prefix, str(WORKER), str(out), model, "digits", "3", *split], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = launch([str(WORKER), str(out), model, "digits", "3", *split], nproc=nproc)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((out / "result.json").read_text())
 
 
 @pytest.mark.slow
-def test_a_two_stage_pipeline_trains_like_one_process(tmp_path):
-    one = _train(tmp_path / "one", "mlp", 1)
-    two = _train(tmp_path / "two", "mlp", 2)  # split balanced by measured block times
+def test_a_two_stage_pipeline_trains_like_one_process(tmp_path, launch):
+    one = _train(launch, tmp_path / "one", "mlp", 1)
+    two = _train(launch, tmp_path / "two", "mlp", 2)  # split balanced by measured block times
     assert one["steps"] == two["steps"] == 3 * (1437 // 64)  # whole batches of the digits training split
     assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)) < 1e-5
     a, b = (load_file(tmp_path / n / "weights.safetensors") for n in ("one", "two"))
@@ -58,10 +49,10 @@ def test_a_two_stage_pipeline_trains_like_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_named_split_of_a_residual_network(tmp_path):
+def test_a_named_split_of_a_residual_network(tmp_path, launch):
     """Batch-norm sees one micro-batch at a time, so the curve is close to one process's, not equal."""
-    one = _train(tmp_path / "one", "resnet", 1)
-    two = _train(tmp_path / "two", "resnet", 2, "layers.2")
+    one = _train(launch, tmp_path / "one", "resnet", 1)
+    two = _train(launch, tmp_path / "two", "resnet", 2, "layers.2")
     assert two["pipeline"]["split"] == ["layers.2"]
     assert two["losses"][-1] < two["losses"][0] - 0.3  # it learns
     assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"], strict=True)) < 0.15
@@ -170,29 +161,24 @@ def test_distillation_runs_pipeline_parallel_from_cached_teacher_logits(tmp_path
     assert report["final"]["accuracy"] > 0.7  # the student learnt from the teacher through 2 stages
 
 
-def test_micro_batches_must_divide_the_batch_and_feed_every_stage():
+@pytest.mark.parametrize(
+    "batch,settings,expected",
+    [
+        (30, {"microbatches": 4}, "batch of 30 does not divide into 4 equal micro-batches"),
+        (32, {"microbatches": 1, "schedule": "1f1b"}, "1f1b needs at least as many micro-batches as stages"),
+        (32, {"stages": 3}, "torchrun started 2 process"),
+    ],
+)
+def test_micro_batches_must_divide_the_batch_and_feed_every_stage(batch, settings, expected):
     from torchshrink.parallel.ddp import DistInfo
     from torchshrink.parallel.pipelining import PipelineSettings, StageRunner
 
-    model, two = build("resnet", width=8), DistInfo(rank=0, world_size=2)
-    with pytest.raises(TrainingError, match="batch of 30 does not divide into 4 equal micro-batches"):
+    with pytest.raises(TrainingError, match=expected):
         StageRunner(
-            model,
-            torch.rand(30, 1, 8, 8),
-            PipelineSettings(microbatches=4),
-            two,
-            nn.functional.mse_loss,
-            torch.device("cpu"),
-        )
-    with pytest.raises(TrainingError, match="1f1b needs at least as many micro-batches as stages"):
-        StageRunner(model, torch.rand(32, 1, 8, 8), PipelineSettings(microbatches=1, schedule="1f1b"), two,
-                    nn.functional.mse_loss, torch.device("cpu"))  # fmt: skip
-    with pytest.raises(TrainingError, match="torchrun started 2 process"):
-        StageRunner(
-            model,
-            torch.rand(32, 1, 8, 8),
-            PipelineSettings(stages=3),
-            two,
+            build("resnet", width=8),
+            torch.rand(batch, 1, 8, 8),
+            PipelineSettings(**settings),
+            DistInfo(rank=0, world_size=2),
             nn.functional.mse_loss,
             torch.device("cpu"),
         )
