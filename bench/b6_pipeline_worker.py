@@ -19,6 +19,7 @@ from torch.utils.data import Subset
 
 from torchshrink.data import DataSpec, load_data
 from torchshrink.io import save_tensors
+from torchshrink.measure import predict
 from torchshrink.parallel import ddp, pipelining
 from torchshrink.train import DatasetBatches, TrainConfig, classification_loss, fit, peak_rss_mb
 from torchshrink.zoo import build
@@ -54,6 +55,9 @@ def main() -> None:
         batches = DatasetBatches(Subset(data.train, range(whole)), BATCH, seed=0)
         config = TrainConfig(epochs=int(epochs), lr=1e-3, seed=0, progress=False)
         result = fit(model, batches, classification_loss, config, checkpoint_dir=out_dir / "work")
+    with pipelining.pipelined(settings):  # evaluation through the same stages (every rank takes part)
+        through = predict(model, data.test.tensors[0], pipelined=True)
+    whole = predict(model, data.test.tensors[0])
     if result.pipeline is None:  # one process: the whole model's parameters, gradients and Adam state
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         pipeline = {"split": [], "training_bytes": [4 * weights], "peak_rss_mb": [round(peak_rss_mb(), 1)]}
@@ -67,6 +71,8 @@ def main() -> None:
             "seconds": result.seconds,
             "samples_per_second": result.samples_per_second,
             "pipeline": pipeline,
+            "pipelined_eval_max_diff": float((through - whole).abs().max()),
+            "accuracy": float((whole.argmax(1) == data.test.tensors[1]).float().mean()),
         }
         (out_dir / "result.json").write_text(json.dumps(record))
 

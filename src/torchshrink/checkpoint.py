@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 __all__ = ["CHECKPOINT_NAME", "LoopState", "TrainCheckpoint", "pack_state", "unpack_state"]
 
 CHECKPOINT_NAME = "train-state.safetensors"
+PREVIOUS_NAME = "train-state.previous.safetensors"
 FORMAT = "torchshrink-train-state"
 _TENSOR = "__tensor__"  # {"__tensor__": key}: that tensor of the file
 _PAIRS = "__pairs__"  # {"__pairs__": [[key, value], ...]}: a mapping with non-string keys (optimizer state)
@@ -82,29 +83,59 @@ class TrainCheckpoint:
     """The checkpoint file of one ``fit`` call (in ``directory``; none when ``directory`` is None),
     valid only for the training settings ``settings``."""
 
-    def __init__(self, directory: str | Path | None, settings: dict[str, Any], writer: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | Path | None,
+        settings: dict[str, Any],
+        writer: bool = True,
+        keep_previous: bool = False,
+    ) -> None:
         self.path = Path(directory) / CHECKPOINT_NAME if directory is not None else None
         self.settings = settings
         self.writer = writer  # under torchrun only rank 0 writes
+        # pipeline ranks each write their own stage: a kill between two ranks' saves leaves them one
+        # save apart, so each keeps the save before too and they resume at the newest step all hold
+        self.keep_previous = keep_previous
+
+    @property
+    def previous(self) -> Path | None:
+        return self.path.with_name(PREVIOUS_NAME) if self.path is not None else None
+
+    def steps(self) -> dict[int, Path]:
+        """The steps this rank's checkpoint files stand at (the newest and, if kept, the one before)."""
+        found = {}
+        for path in (self.previous, self.path):
+            if path is not None and path.is_file():
+                meta = read_safetensors_metadata(path)
+                try:
+                    found[int(json.loads(meta["state"])["loop"]["step"])] = path
+                except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+                    raise CorruptFileError(
+                        path, "not a torchshrink training checkpoint", "delete it to start over"
+                    ) from None
+        return found
 
     def load(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        path: Path | None = None,
     ) -> LoopState | None:
-        """Restore model, optimizer, scheduler and RNG from the file, if there is one; the loop state."""
-        if self.path is None or not self.path.is_file():
+        """Restore model, optimizer, scheduler and RNG from the file (``path``: one of :meth:`steps`),
+        if there is one; the loop state."""
+        path = path or self.path
+        if path is None or not path.is_file():
             return None
-        meta = read_safetensors_metadata(self.path)
+        meta = read_safetensors_metadata(path)
         if meta.get("format") != FORMAT or "state" not in meta:
             raise CorruptFileError(
-                self.path, "not a torchshrink training checkpoint", "delete it to start over"
-            )
-        state = unpack_state(json.loads(meta["state"]), load_tensors(self.path))
+                path, "not a torchshrink training checkpoint", "delete it to start over"
+            ) from None
+        state = unpack_state(json.loads(meta["state"]), load_tensors(path))
         if state["settings"] != json.loads(json.dumps(self.settings)):
             raise TrainingError(
-                f"{self.path}: checkpoint was written with settings {state['settings']}, which differ from "
+                f"{path}: checkpoint was written with settings {state['settings']}, which differ from "
                 f"{self.settings}; delete it to start over or restore the settings"
             )
         model.load_state_dict(state["model"])
@@ -149,9 +180,13 @@ class TrainCheckpoint:
                 },
             }
         )
+        if self.keep_previous and self.path.is_file():
+            self.path.replace(self.previous)  # type: ignore[arg-type]
         save_tensors(self.path, tensors, {"format": FORMAT, "state": json.dumps(skeleton)})
 
     def discard(self) -> None:
-        """Remove the file once training has finished (the stage's result is what is kept)."""
-        if self.path is not None and self.writer and self.path.exists():
-            self.path.unlink()
+        """Remove the files once training has finished (the stage's result is what is kept)."""
+        if self.path is not None and self.writer:
+            for path in (self.path, self.previous):
+                if path is not None and path.exists():
+                    path.unlink()

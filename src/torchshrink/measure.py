@@ -25,6 +25,7 @@ from torchshrink.errors import ShapeMismatchError
 from torchshrink.inputs import InputSpec, ModelInput, as_spec, call, count, spec_of, take
 from torchshrink.io import encode_sparse
 from torchshrink.modes import switched
+from torchshrink.parallel import pipelining
 
 METRIC_NAMES = (
     "accuracy",
@@ -71,11 +72,17 @@ def _threads(n: int) -> Iterator[None]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: ModelInput, batch_size: int = 500) -> torch.Tensor:
+def predict(
+    model: nn.Module, inputs: ModelInput, batch_size: int = 500, pipelined: bool = False
+) -> torch.Tensor:
     """The outputs of ``model`` for all ``inputs``, in eval mode and batches, without gradients.
 
-    (``no_grad`` rather than ``inference_mode``: the result may serve as a training target.)
+    ``pipelined``: through the pipeline stages of a pipeline-parallel job (every rank must call it);
+    as usual when the job is not one. (``no_grad`` rather than ``inference_mode``: the result may
+    serve as a training target.)
     """
+    if pipelined and (split := pipelining.predict(model, inputs, batch_size)) is not None:
+        return split
     with switched(model):
         n = count(inputs)
         return torch.cat(
@@ -88,14 +95,16 @@ def is_embedding_target(y: torch.Tensor) -> bool:
     return y.is_floating_point() and y.ndim == 2
 
 
-def accuracy(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) -> float:
+def accuracy(
+    model: nn.Module, dataset: TensorDataset, batch_size: int = 500, pipelined: bool = False
+) -> float:
     """The quality score (0-1) of ``model`` on ``dataset``, in eval mode: top-1 accuracy against
     integer labels; against vector targets (the original embedding model's outputs), the mean
     cosine similarity of the outputs to them."""
     x, y = dataset.tensors[0], dataset.tensors[1]
     if count(x) == 0:
         return 0.0
-    out = predict(model, x, batch_size)
+    out = predict(model, x, batch_size, pipelined)
     if is_embedding_target(y):
         return mean_cosine(out, y)
     return int((out.argmax(dim=1) == y).sum()) / count(x)
@@ -128,10 +137,12 @@ def _nearest(vectors: torch.Tensor, rows: int = 1024) -> torch.Tensor:
     return torch.cat(found)
 
 
-def fidelity(model: nn.Module, dataset: TensorDataset, batch_size: int = 500) -> dict[str, float]:
+def fidelity(
+    model: nn.Module, dataset: TensorDataset, batch_size: int = 500, pipelined: bool = False
+) -> dict[str, float]:
     """Mean cosine and nearest-neighbour agreement of ``model``'s embeddings with the target vectors."""
     x, y = dataset.tensors[0], dataset.tensors[1]
-    out = predict(model, x, batch_size)
+    out = predict(model, x, batch_size, pipelined)
     return {"cosine": mean_cosine(out, y), "nn_agreement": neighbour_agreement(out, y)}
 
 
@@ -476,10 +487,10 @@ def measure(
     params, nonzero = count_params(model)
     size = Path(artefact).stat().st_size if artefact is not None else serialized_size(model)
     if is_embedding_target(test.tensors[1]):
-        scores = fidelity(runtime or model, test)
+        scores = fidelity(runtime or model, test, pipelined=runtime is None)
         quality: dict[str, float] = {"accuracy": scores["cosine"], **scores}
     else:
-        quality = {"accuracy": accuracy(runtime or model, test)}
+        quality = {"accuracy": accuracy(runtime or model, test, pipelined=runtime is None)}
     metrics: dict[str, float | int] = {
         **quality,
         "params": params,

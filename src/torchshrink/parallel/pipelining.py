@@ -26,11 +26,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 
 from torchshrink.errors import TrainingError
-from torchshrink.inputs import ModelInput, call, take
+from torchshrink.inputs import ModelInput, call, count, take, to_device
+from torchshrink.modes import switched
+from torchshrink.parallel import ddp
 from torchshrink.parallel.ddp import DistInfo, broadcast_object
+from torchshrink.parallel.graph_split import graph_stages
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,14 @@ def active() -> PipelineSettings | None:
 
 def blocks(model: nn.Module) -> list[str]:
     """Candidate stage boundaries in execution order: the top-level children, with sequential
-    containers (``nn.Sequential``, ``nn.ModuleList``) opened one level."""
+    containers (``nn.Sequential``, ``nn.ModuleList``) opened one level; in a torch.fx graph module
+    (a fake-quant model) ordered by their first call in the graph."""
+    if isinstance(model, fx.GraphModule):
+        children = dict(model.named_children())
+        called = [
+            str(n.target).split(".")[0] for n in model.graph.nodes if n.op in ("call_module", "get_attr")
+        ]
+        return list(dict.fromkeys(name for name in called if name in children))
     names = []
     for name, child in model.named_children():
         if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
@@ -180,15 +190,12 @@ class StageRunner:
         example: ModelInput,
         settings: PipelineSettings,
         info: DistInfo,
-        loss_of_outputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        loss_of_outputs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
         device: torch.device,
+        training: bool = True,
     ) -> None:
-        from torch.distributed.pipelining import (
-            Schedule1F1B,
-            ScheduleGPipe,
-            SplitPoint,
-            pipeline,
-        )
+        """``loss_of_outputs`` None: a forward-only pipeline (evaluation, :func:`predict`)."""
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
         if info.world_size != settings.stages:
             raise TrainingError(
@@ -215,34 +222,42 @@ class StageRunner:
             log.info("pipeline: block %s %s; stages begin at %s", settings.balance, costs, list(split))
         check_split(model, split, settings.stages)
         micro = take(example, slice(0, _batch(example) // settings.microbatches))
-        args = micro if isinstance(micro, tuple) else (micro,)
-        model.train()  # torch.export fixes the mode into the graph: batch-norm and dropout as in training
-        try:
-            pipe = pipeline(model, mb_args=args, split_spec={name: SplitPoint.BEGINNING for name in split})
-        except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds on untraceable models
-            raise TrainingError(
-                f"the model cannot be split for pipeline parallelism at {list(split)} (torch.export could "
-                f"not trace it: {type(exc).__name__}: {str(exc)[:300]})"
-            ) from None
-        if getattr(pipe, "replicated_params", None):
-            raise TrainingError(
-                "the model shares weights between stages (tied parameters): the split would train separate "
-                f"copies; choose split points that keep them in one stage (now {list(split)})"
-            )
-        if pipe.num_stages != settings.stages:
-            raise TrainingError(
-                f"splitting at {list(split)} gave {pipe.num_stages} stages, not {settings.stages}: the "
-                "boundaries must be modules the forward pass calls in order"
-            )
         self.split = tuple(split)
         self.info = info
-        self.stage_modules = [pipe.get_stage_module(i) for i in range(pipe.num_stages)]
-        self.module = self.stage_modules[info.rank]
-        self.stage = pipe.build_stage(info.rank, device)
         self.device = device
+        cut = graph_stages(model, micro, split)
+        if cut is not None:  # the model's own modules, eagerly (see graph_split)
+            from torch.distributed.pipelining import PipelineStage
+
+            self.route = "graph"
+            self.stage_modules: list[nn.Module] = [part.module for part in cut]
+            mine = cut[info.rank]
+            self.stage = PipelineStage(
+                mine.module,
+                info.rank,
+                settings.stages,
+                device,
+                input_args=mine.inputs,
+                output_args=mine.outputs,
+            )
+        else:
+            self.route = "export"
+            self.stage_modules, self.stage = _exported(model, micro, split, settings, info, device, training)
+        self.module = self.stage_modules[info.rank]
         kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[settings.schedule]
         self.schedule = kind(self.stage, n_microbatches=settings.microbatches, loss_fn=loss_of_outputs)
         self.first, self.last = info.rank == 0, info.rank == info.world_size - 1
+
+    def forward(self, x: ModelInput) -> torch.Tensor | None:
+        """The outputs for one batch, forward only (a runner built without a loss): on the last rank;
+        None on the others."""
+        args = x if isinstance(x, tuple) else (x,)
+        with torch.no_grad():
+            if self.first:
+                self.schedule.step(*args)
+                return None
+            out = self.schedule.step()
+        return out if self.last else None
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This rank's stage's parameters (the same objects as the model's)."""
@@ -300,6 +315,75 @@ class StageRunner:
             if isinstance(v, torch.Tensor)
         )
         return params + grads + state
+
+
+def _exported(
+    model: nn.Module,
+    micro: ModelInput,
+    split: Sequence[str],
+    settings: PipelineSettings,
+    info: DistInfo,
+    device: torch.device,
+    training: bool,
+) -> tuple[list[nn.Module], object]:
+    """The stages traced by ``torch.export`` (for models torch.fx cannot trace): stage modules and this
+    rank's stage. The mode is fixed in the traced graph, so a training pipeline and an evaluating one
+    are traced apart."""
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    args = micro if isinstance(micro, tuple) else (micro,)
+    with switched(model, training=training):
+        try:
+            pipe = pipeline(model, mb_args=args, split_spec={name: SplitPoint.BEGINNING for name in split})
+        except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds on untraceable models
+            raise TrainingError(
+                f"the model cannot be split for pipeline parallelism at {list(split)} (neither torch.fx nor "
+                f"torch.export could trace it: {type(exc).__name__}: {str(exc)[:300]})"
+            ) from None
+    if getattr(pipe, "replicated_params", None):
+        raise TrainingError(
+            "the model shares weights between stages (tied parameters): the split would train separate "
+            f"copies; choose split points that keep them in one stage (now {list(split)})"
+        )
+    if pipe.num_stages != settings.stages:
+        raise TrainingError(
+            f"splitting at {list(split)} gave {pipe.num_stages} stages, not {settings.stages}: the "
+            "boundaries must be modules the forward pass calls in order"
+        )
+    return [pipe.get_stage_module(i) for i in range(pipe.num_stages)], pipe.build_stage(info.rank, device)
+
+
+def predict(model: nn.Module, inputs: ModelInput, batch_size: int = 500) -> torch.Tensor | None:
+    """``model``'s outputs for all ``inputs`` computed through the pipeline of the running job (every
+    rank calls it; every rank gets the outputs), in eval mode; None when no pipeline is active."""
+    settings, info = active(), ddp.current()
+    if settings is None or not info.distributed:
+        return None
+    size = settings.microbatches * max(1, batch_size // settings.microbatches)
+    n = count(inputs)
+    device = ddp.device_for(info)
+    with switched(model):
+        try:
+            runner = StageRunner(
+                model, to_device(_padded(inputs, 0, size), device), settings, info, None, device, False
+            )
+        except TrainingError as exc:  # the same on every rank: each holds the same model
+            log.warning("evaluated without the pipeline (on the whole model in every process): %s", exc)
+            return None
+        parts = []
+        for start in range(0, n, size):
+            out = runner.forward(to_device(_padded(inputs, start, size), device))
+            if out is not None:
+                parts.append(out[: min(size, n - start)].cpu())
+    outputs = torch.cat(parts) if parts else None
+    return broadcast_object(outputs, src=info.world_size - 1)  # type: ignore[return-value]
+
+
+def _padded(inputs: ModelInput, start: int, size: int) -> ModelInput:
+    """``size`` samples from ``start``, the last one repeated past the end (micro-batches are equal)."""
+    n = count(inputs)
+    index = torch.arange(start, start + size).clamp_max(n - 1)
+    return take(inputs, index)
 
 
 def _batch(x: ModelInput) -> int:

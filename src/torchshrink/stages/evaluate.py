@@ -24,11 +24,11 @@ def evaluate_stage(state: ModelState, cfg: EvaluateConfig, ctx: RunContext) -> M
     """Record the confusion matrix and per-class accuracy of the current model on ``split``."""
     dataset = ctx.data.test if cfg.split == "test" else ctx.data.train
     if ctx.data.embedding:
-        ctx.details.update(split=cfg.split, **fidelity(state.model, dataset))
+        ctx.details.update(split=cfg.split, **fidelity(state.model, dataset, pipelined=True))
         return state.replace(lineage=(*state.lineage, ctx.stage_name))
     x, y = dataset.tensors[0], dataset.tensors[1]
     n = ctx.data.num_classes
-    pred = predict(state.model, x).argmax(1)
+    pred = predict(state.model, x, pipelined=True).argmax(1)  # through the stages of a pipelined job
     confusion = torch.bincount(y * n + pred, minlength=n * n).reshape(n, n)
     per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
     ctx.details.update(
