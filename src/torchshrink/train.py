@@ -310,6 +310,31 @@ def _stage_runner(
     return runner
 
 
+def _load_common_step(
+    checkpoint: TrainCheckpoint,
+    stage: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    desc: str,
+) -> LoopState | None:
+    """A pipeline rank's stage restored at the newest step every rank's checkpoints hold: all stages
+    must resume at the same step, or their schedules would not meet (a kill between two ranks' saves
+    leaves them one save apart; each keeps the save before)."""
+    mine = checkpoint.steps()
+    held = [set(s) for s in ddp.all_gather_object(sorted(mine))]  # type: ignore[call-overload]
+    common = set.intersection(*held)
+    if not common:
+        if any(held):
+            log.warning(
+                "%s: the pipeline's checkpoints hold no common step (%s); training starts over", desc, held
+            )
+        return None
+    step = max(common)
+    if any(max(s) != step for s in held):
+        log.info("%s: the ranks' newest checkpoints differ (%s); all resume at step %d", desc, held, step)
+    return checkpoint.load(stage, optimizer, scheduler, path=mine[step])
+
+
 def _clip_gradients(
     params: list[nn.Parameter], max_norm: float, runner: pipelining.StageRunner | None
 ) -> None:
@@ -392,16 +417,14 @@ def fit(
         checkpoint_dir = Path(checkpoint_dir) / f"rank{info.rank}" if checkpoint_dir is not None else None
         settings["pipeline"] = list(runner.split)
         trained = runner.module
-    checkpoint = TrainCheckpoint(checkpoint_dir, settings, writer=info.is_main or runner is not None)
+    checkpoint = TrainCheckpoint(
+        checkpoint_dir, settings, writer=info.is_main or runner is not None, keep_previous=runner is not None
+    )
     result = TrainResult()
-    loop = checkpoint.load(trained, optimizer, scheduler)
-    if runner is not None:  # every stage must resume at the same step, or the schedules would not meet
-        steps = ddp.all_gather_object(loop.step if loop is not None else 0)
-        if len(set(steps)) > 1:
-            raise TrainingError(
-                f"{cfg.desc}: the pipeline's per-rank checkpoints stand at different steps {steps} (the run "
-                f"was stopped between two saves); delete {Path(checkpoint_dir or '.')} to start this training over"
-            )
+    if runner is None:
+        loop = checkpoint.load(trained, optimizer, scheduler)
+    else:
+        loop = _load_common_step(checkpoint, trained, optimizer, scheduler, cfg.desc)
     if loop is not None:
         result.epoch_losses = loop.epoch_losses
         result.resumed_from_step = loop.step

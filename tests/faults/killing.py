@@ -3,6 +3,7 @@ the moment a given file appears (a training checkpoint, say), as a power cut or 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,16 +31,22 @@ def child_env() -> dict[str, str]:
 
 def kill_when(args: list[str], folder: Path, pattern: str, timeout: float = 300.0) -> None:
     """Run ``args``; SIGKILL it as soon as a file under ``folder`` matches ``pattern`` (recursive
-    glob). Fails if the process ends first, so the test knows the fault really happened mid-run."""
+    glob). Fails if the process ends first, so the test knows the fault really happened mid-run.
+    The process and all its descendants are killed at once (torchrun's workers die with their
+    launcher, as on a power cut)."""
     trigger = folder / "**" / pattern
     proc = subprocess.Popen(
-        args, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        args,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if folder.is_dir() and any(folder.rglob(pattern)):
-                proc.send_signal(signal.SIGKILL)
+                _kill_tree(proc.pid)
                 proc.wait()
                 return
             if proc.poll() is not None:
@@ -50,8 +57,29 @@ def kill_when(args: list[str], folder: Path, pattern: str, timeout: float = 300.
         raise AssertionError(f"{trigger} did not appear within {timeout} s")
     finally:
         if proc.poll() is None:
-            proc.kill()
+            _kill_tree(proc.pid)
             proc.wait()
+
+
+def _kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and every process descending from it (read from /proc: torchrun starts its
+    workers in process groups of their own)."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(entry.name)] = int(fields[1])
+    doomed, grew = {root}, True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in doomed} - doomed
+        doomed |= more
+        grew = bool(more)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def run_or_die(recipe, out_dir, **options):

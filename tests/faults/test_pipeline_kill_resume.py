@@ -1,0 +1,56 @@
+"""Kill-and-resume of a pipeline-parallel training: both processes SIGKILLed mid-stage, then
+``--resume`` under torchrun gives the uninterrupted run's weights, also when the kill fell between
+the two ranks' saves (each rank keeps the save before; they resume at the newest step both hold)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from killing import child_env, kill_when, write_recipe
+
+from torchshrink import load_model
+from torchshrink.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME
+
+RECIPE = {
+    "model": {"zoo": "lenet300", "kwargs": {"in_features": 64}},
+    "data": {"name": "digits"},
+    "measure": {"latency_repeats": 3, "onnx_fp32": False},
+    "parallel": {"pipeline": {"stages": 2, "microbatches": 4}},
+    "stages": [{"train": {"epochs": 6, "batch_size": 64, "lr": 0.003, "checkpoint_every": 7}}],
+}
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "torchshrink.cli", "-q", *args]  # fmt: skip
+
+
+def _run(*args: str) -> None:
+    done = subprocess.run(_torchrun(*args), env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("between_saves", [False, True])
+def test_a_killed_pipeline_resumes_to_the_uninterrupted_weights(between_saves, tmp_path):
+    path = write_recipe(tmp_path / "recipe.yaml", RECIPE)
+    _run("run", str(path), "--out", str(tmp_path / "whole"))
+
+    out = tmp_path / "killed"
+    work = out / ".work" / "00-train"
+    kill_when(_torchrun("run", str(path), "--out", str(out)), work / "rank1", PREVIOUS_NAME)  # >= 2 saves
+    assert not (out / "report.json").exists()
+    if between_saves:  # rank 0 died before writing the save rank 1 finished: it holds one save less
+        rank0 = work / "rank0"
+        (rank0 / CHECKPOINT_NAME).unlink()
+        (rank0 / PREVIOUS_NAME).rename(rank0 / CHECKPOINT_NAME)
+    _run("run", str(path), "--out", str(out), "--resume")
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"][0]["resume"] == "continued"
+    a = load_model(tmp_path / "whole" / "model.safetensors").state_dict()
+    b = load_model(out / "model.safetensors").state_dict()
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), "resumed weights differ"
