@@ -8,6 +8,7 @@ Public API::
     int8 = ts.quantize(pruned.model, data, mode="static")     # int8 ONNX file in int8.artefacts
     print(int8.summary())                                       # quality, size, MACs before -> after
     report = ts.run("examples/recipes/lenet5_basic.yaml", out_dir="out/lenet5")  # a whole recipe
+    done = ts.sweep(["a.yaml", "b.yaml"], "out/sweep", jobs=2)   # recipes side by side (or on Ray)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torchshrink.measure import measure  # noqa: E402
 from torchshrink.models import ModelSpec, load_model, save_model  # noqa: E402
 from torchshrink.pipeline import run  # noqa: E402
 from torchshrink.recipe import Recipe, load_recipe, parse_recipe  # noqa: E402
+from torchshrink.sweep import SweepResult, sweep  # noqa: E402
 from torchshrink.train import DatasetBatches, TrainConfig, fit  # noqa: E402
 
 __all__ = [
@@ -55,4 +57,6 @@ __all__ = [
     "parse_recipe",
     "measure",
     "run",
+    "sweep",
+    "SweepResult",
 ]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from torchshrink.data import DatasetBundle, DataSpec, load_data
@@ -31,8 +31,10 @@ from torchshrink.errors import RecipeError
 from torchshrink.io import prepare_output_folder
 from torchshrink.measure import check_model_fits, measure, predict
 from torchshrink.models import ModelSpec, open_model, save_model
-from torchshrink.recipe import stage_config
-from torchshrink.registry import get_stage
+from torchshrink.parallel import ddp, pipelining
+from torchshrink.pipeline import pipeline_settings
+from torchshrink.recipe import ParallelSettings, stage_config
+from torchshrink.registry import StageEntry, get_stage
 from torchshrink.seeding import seed_everything
 from torchshrink.state import ModelState, RunContext
 
@@ -117,6 +119,7 @@ def apply_stage(
     seed: int = 0,
     reference: ModelLike | None = None,
     latency_repeats: int = 10,
+    parallel: ParallelSettings | dict[str, Any] | None = None,
     **options: Any,
 ) -> Result:
     """Run stage ``kind`` (any registered stage: prune, quantize, distill, ...) on ``model`` once.
@@ -124,10 +127,33 @@ def apply_stage(
     ``config`` (the stage's config object or a dict) and keyword ``options`` are validated like a
     recipe's stage options. ``reference`` is the model ratios and "distill back" refer to (default:
     ``model`` as given). The returned metrics are measured after the stage, timed interleaved with
-    the reference; ``baseline`` holds the reference's.
+    the reference; ``baseline`` holds the reference's. ``parallel`` is a recipe's ``parallel`` key
+    (``{"pipeline": {"stages": 2, "microbatches": 4}}``): under torchrun, with one process per stage,
+    training and evaluation run pipeline-parallel (every process calls this function).
     """
     entry = get_stage(kind)
     cfg = _options(kind, config, options)
+    try:
+        split = pipeline_settings(ParallelSettings.model_validate(parallel or {}), ddp.current())
+    except ValidationError as exc:
+        raise RecipeError(
+            f"ts.{kind}: parallel: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}"
+        ) from None
+    with pipelining.pipelined(split):
+        return _apply(kind, entry, cfg, model, data, out_dir, seed, reference, latency_repeats)
+
+
+def _apply(
+    kind: str,
+    entry: StageEntry,
+    cfg: BaseModel,
+    model: ModelLike,
+    data: DataLike,
+    out_dir: str | Path | None,
+    seed: int,
+    reference: ModelLike | None,
+    latency_repeats: int,
+) -> Result:
     seed_everything(seed)  # a model built here (a zoo spec) starts from seeded weights
     bundle = data if isinstance(data, DatasetBundle) else load_data(data)
     module, architecture, task = _open(model)
@@ -154,6 +180,7 @@ def apply_stage(
         stage_index=0,
         stage_name=kind,
         fingerprint=key,
+        dist=ddp.current(),
         baseline=None if entry.role == "reference" else baseline_model,
     )
     timing = {"latency_repeats": latency_repeats, "inputs": bundle.inputs}

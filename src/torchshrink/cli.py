@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -78,48 +77,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from torchshrink.errors import MissingFileError
-    from torchshrink.io import prepare_output_folder, write_json_atomic, write_text_atomic
-    from torchshrink.parallel.tasks import Task, run_tasks, summary_table
-    from torchshrink.pipeline import run
+    from torchshrink.sweep import sweep
 
-    out = prepare_output_folder(args.out)
-    missing = [r for r in args.recipes if not Path(r).is_file()]
-    if missing:
-        raise MissingFileError(f"recipe file(s) not found: {', '.join(missing)}")
-    stems = [Path(r).stem for r in args.recipes]
-    names = [stem if stems.count(stem) == 1 else f"{i:02d}-{stem}" for i, stem in enumerate(stems)]
-    tasks = [
-        Task(r, out / name, resume=args.resume, force=args.force)
-        for r, name in zip(args.recipes, names, strict=True)
-    ]
-    started = time.perf_counter()
-    if args.backend == "ray":
-        from torchshrink.parallel.ray_tasks import run_tasks_on_ray
-
-        results = run_tasks_on_ray(tasks, run, jobs=args.jobs, address=args.ray_address)
-    else:
-        results = run_tasks(tasks, run, jobs=args.jobs)
-    seconds = time.perf_counter() - started
-    table = summary_table(results)
-    write_text_atomic(
-        out / "sweep.md",
-        f"# Sweep: {len(results)} recipes, {args.jobs} jobs ({args.backend}), {seconds:.0f} s\n\n{table}\n",
+    done = sweep(
+        args.recipes,
+        args.out,
+        jobs=args.jobs,
+        backend=args.backend,
+        ray_address=args.ray_address,
+        resume=args.resume,
+        force=args.force,
     )
-    write_json_atomic(
-        out / "sweep.json",
-        {
-            "jobs": args.jobs,
-            "backend": args.backend,
-            "seconds": seconds,
-            "tasks": [r.to_dict() for r in results],
-        },
-    )
-    _out(table)
+    _out(done.table)
     _out(
-        f"{sum(r.ok for r in results)} of {len(results)} recipes done in {seconds:.0f} s; summary: {out / 'sweep.md'}"
+        f"{sum(r.ok for r in done.results)} of {len(done.results)} recipes done in {done.seconds:.0f} s; "
+        f"summary: {done.out_dir / 'sweep.md'}"
     )
-    return 0 if all(r.ok for r in results) else 1
+    return 0 if done.ok else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from torchshrink.models import (
 )
 from torchshrink.onnx_export import OnnxRuntimeModel, export_onnx
 from torchshrink.parallel import ddp, pipelining
-from torchshrink.recipe import Recipe, StageSpec, load_recipe, parse_recipe
+from torchshrink.recipe import ParallelSettings, Recipe, StageSpec, load_recipe, parse_recipe
 from torchshrink.registry import StageEntry, get_stage, layer_names, replaces_model, stages_on_embeddings
 from torchshrink.report import REPORT_FILES, Report, write_report
 from torchshrink.run_folder import OutputFolder, claim
@@ -316,14 +316,14 @@ def _time_rows(
     return result.to_dict()
 
 
-def _pipeline_settings(recipe: Recipe, info: ddp.DistInfo) -> pipelining.PipelineSettings | None:
-    """The recipe's pipeline parallelism, checked against the processes torchrun started."""
-    wanted = recipe.parallel.pipeline
+def pipeline_settings(parallel: ParallelSettings, info: ddp.DistInfo) -> pipelining.PipelineSettings | None:
+    """A recipe's (or an API call's) pipeline parallelism, checked against the processes torchrun started."""
+    wanted = parallel.pipeline
     if wanted is None:
         return None
     if info.world_size != wanted.stages:
         raise RecipeError(
-            f"parallel.pipeline.stages is {wanted.stages}, but {info.world_size} process(es) run this recipe: "
+            f"parallel.pipeline.stages is {wanted.stages}, but {info.world_size} process(es) run this job: "
             f"start it with torchrun --nproc_per_node {wanted.stages} (one process per stage; pipeline x "
             "data parallelism is not supported)"
         )
@@ -355,7 +355,7 @@ def run(
         recipe = parse_recipe(recipe)
     out_dir = Path(out_dir)
     info = ddp.init_from_env()
-    split = _pipeline_settings(recipe, info)
+    split = pipeline_settings(recipe.parallel, info)
     folder = claim(out_dir, _owner(recipe), force=force) if info.is_main else None
     try:
         with pipelining.pipelined(split):

@@ -111,7 +111,7 @@ def test_a_pipeline_recipe_needs_its_processes(tmp_path, launch):
     out = tmp_path / "out"
     done = launch(["-m", "torchshrink.cli", "run", str(_recipe(tmp_path)), "--out", str(out)])
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "parallel.pipeline.stages is 2, but 1 process(es) run this recipe" in done.stderr
+    assert "parallel.pipeline.stages is 2, but 1 process(es) run this job" in done.stderr
     assert not out.exists()  # nothing written
 
 
@@ -207,4 +207,51 @@ def test_micro_batches_must_divide_the_batch_and_feed_every_stage(batch, setting
             DistInfo(rank=0, world_size=2),
             nn.functional.mse_loss,
             torch.device("cpu"),
+        )
+
+
+API_SCRIPT = """
+import json, sys
+import torchshrink as ts
+from torchshrink.parallel import ddp
+from torchshrink.zoo import build
+
+ddp.init_from_env()
+result = ts.apply_stage("train", build("lenet300", in_features=64), "digits", epochs=2, batch_size=64,
+                  parallel={"pipeline": {"stages": 2, "microbatches": 4}}, out_dir=sys.argv[1])
+if ddp.current().is_main:
+    json.dump({"details": result.details, "metrics": result.metrics}, open(sys.argv[2], "w"), default=str)
+"""
+
+
+@pytest.mark.slow
+def test_the_python_api_trains_pipeline_parallel_under_torchrun(tmp_path, launch):
+    script = tmp_path / "api.py"
+    script.write_text(API_SCRIPT)
+    done = launch([str(script), str(tmp_path / "out"), str(tmp_path / "result.json")], nproc=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert len(result["details"]["pipeline"]["split"]) == 1 and result["details"]["steps"] == 2 * (1437 // 64)
+    assert result["metrics"]["accuracy"] > 0.7  # chance: 0.1
+
+
+def test_the_python_api_checks_the_processes_against_the_stages():
+    import torchshrink as ts
+    from torchshrink.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"stages is 2, but 1 process\(es\) run this job"):
+        ts.apply_stage(
+            "train",
+            build("lenet300", in_features=64),
+            "digits",
+            epochs=1,
+            parallel={"pipeline": {"stages": 2}},
+        )
+    with pytest.raises(RecipeError, match="parallel"):
+        ts.apply_stage(
+            "train",
+            build("lenet300", in_features=64),
+            "digits",
+            epochs=1,
+            parallel={"pipeline": {"stages": 1}},
         )

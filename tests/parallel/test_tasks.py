@@ -9,6 +9,7 @@ import pytest
 import yaml
 from testkit import DIGITS_MLP, digits_recipe
 
+import torchshrink as ts
 from torchshrink import run
 from torchshrink.cli import main
 from torchshrink.parallel.tasks import Task, default_threads, run_tasks
@@ -75,13 +76,10 @@ def test_the_ray_backend_gives_the_process_pools_results(tmp_path, capsys) -> No
         recipes.append(str(path))
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(dict(_recipe(0.01), model={"zoo": "nosuchnet"})))
-    codes = {}
-    for backend in ("processes", "ray"):
-        out = tmp_path / backend
-        codes[backend] = main(
-            ["-q", "sweep", *recipes, str(bad), "--out", str(out), "--jobs", "2", "--backend", backend]
-        )
-    assert codes == {"processes": 1, "ray": 1}
+    # the pool from the command line, Ray from the Python API: the same sweep either way
+    code = main(["-q", "sweep", *recipes, str(bad), "--out", str(tmp_path / "processes"), "--jobs", "2"])
+    done = ts.sweep([*recipes, bad], tmp_path / "ray", jobs=2, backend="ray")
+    assert code == 1 and not done.ok and [r.ok for r in done.results] == [True, False]
     pool, ray = (json.loads((tmp_path / b / "sweep.json").read_text()) for b in ("processes", "ray"))
     assert ray["backend"] == "ray" and [t["name"] for t in ray["tasks"]] == ["a", "bad"]
     for mine, theirs in zip(pool["tasks"], ray["tasks"], strict=True):
@@ -94,6 +92,14 @@ def test_the_ray_backend_gives_the_process_pools_results(tmp_path, capsys) -> No
                 )
     assert "nosuchnet" in ray["tasks"][1]["error"]
     assert "| a | ok |" in (tmp_path / "ray" / "sweep.md").read_text()
+
+
+def test_a_sweep_backend_that_does_not_exist_is_a_named_error(tmp_path) -> None:
+    from torchshrink.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="sweep backend 'dask' is not one of"):
+        ts.sweep([], tmp_path / "out", backend="dask")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_ray_backend_without_ray_is_a_named_error(tmp_path, monkeypatch, capsys) -> None:
