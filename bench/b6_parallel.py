@@ -125,6 +125,9 @@ def pipeline_parallel(work: Path) -> list[dict[str, Any]]:
                 "two_training_bytes": two["pipeline"]["training_bytes"],
                 "one_peak_rss_mb": one["pipeline"]["peak_rss_mb"],
                 "two_peak_rss_mb": two["pipeline"]["peak_rss_mb"],
+                "one_accuracy": one["accuracy"],
+                "two_accuracy": two["accuracy"],
+                "eval_max_diff": two["pipelined_eval_max_diff"],
             }
         )
     return rows
@@ -146,6 +149,7 @@ def tasks(work: Path, base: Path) -> list[dict[str, Any]]:
     rows = []
     for label, options in (
         ("sequential (--jobs 1)", ["--jobs", "1"]),
+        ("sequential, 1 thread per run (--jobs 1 --threads 1)", ["--jobs", "1", "--threads", "1"]),
         ("process pool (--jobs 2)", ["--jobs", "2"]),
         ("Ray, local (--jobs 2 --backend ray)", ["--jobs", "2", "--backend", "ray"]),
     ):
@@ -215,12 +219,13 @@ def _markdown(command: str, ddp: list, pipe: list, sweep: list, ens: list) -> st
         "split balanced by measured block times or by parameter bytes; vs one process with 2 threads; "
         "2 epochs, Adam 1e-3, whole batches of 64):",
         "",
-        "| model | balance | split at | largest epoch-loss difference | samples/s, 1 | samples/s, 2 stages | training MB per process, 1 | training MB per process, 2 stages | peak RSS MB, 1 | peak RSS MB per process, 2 stages |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | balance | split at | largest epoch-loss difference | test accuracy, 1 / 2 stages | evaluation through the stages vs whole model (max abs diff) | samples/s, 1 | samples/s, 2 stages | training MB per process, 1 | training MB per process, 2 stages | peak RSS MB, 1 | peak RSS MB per process, 2 stages |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in pipe:
         lines.append(
-            f"| {r['model']} | {r['balance']} | {', '.join(r['split'])} | {r['loss_max_diff']:.2e} | {r['one_samples_per_s']:,.0f} | "
+            f"| {r['model']} | {r['balance']} | {', '.join(r['split'])} | {r['loss_max_diff']:.2e} | "
+            f"{r['one_accuracy'] * 100:.2f}% / {r['two_accuracy'] * 100:.2f}% | {r['eval_max_diff']:.1e} | {r['one_samples_per_s']:,.0f} | "
             f"{r['two_samples_per_s']:,.0f} | {_mb(r['one_training_bytes'])} | {_mb(r['two_training_bytes'])} | "
             f"{' / '.join(map(str, r['one_peak_rss_mb']))} | {' / '.join(map(str, r['two_peak_rss_mb']))} |"
         )
@@ -237,10 +242,13 @@ def _markdown(command: str, ddp: list, pipe: list, sweep: list, ens: list) -> st
     ]
     for r in sweep:
         lines.append(f"| {r['how']} | {r['wall_s']:.1f} | {base / r['wall_s']:.2f}x | {r['accuracies']} |")
-    pool = base / sweep[1]["wall_s"]
+    pool = base / sweep[2]["wall_s"]
+    alike = sweep[1]["wall_s"] / sweep[2]["wall_s"]
     lines += [
         "",
-        f"Target: >= 1.7x with 2 jobs on 2 cores: {'met' if pool >= 1.7 else 'missed'} ({pool:.2f}x).",
+        f"Target: >= 1.7x with 2 jobs on 2 cores: {'met' if pool >= 1.7 else 'missed'} ({pool:.2f}x against "
+        f"the sequential sweep whose runs use both cores; {alike:.2f}x against the sequential sweep at the "
+        "same one thread per run, which is what task parallelism itself buys).",
         "",
         "**Ensembles** (4 LeNet-5 members, 2 epochs each):",
         "",

@@ -83,6 +83,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.recipes,
         args.out,
         jobs=args.jobs,
+        threads=args.threads,
         backend=args.backend,
         ray_address=args.ray_address,
         resume=args.resume,
@@ -293,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder: one sub-folder per recipe, plus sweep.md/.json"
     )
     p.add_argument("--jobs", type=_positive_int, default=2, help="worker processes (default: 2)")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads per recipe (default: the cores shared out among the jobs)",
+    )
     p.add_argument(
         "--backend",
         choices=("processes", "ray"),

@@ -41,13 +41,15 @@ def sweep(
     out_dir: str | Path,
     *,
     jobs: int = 2,
+    threads: int | None = None,
     backend: str = "processes",
     ray_address: str | None = None,
     resume: bool = False,
     force: bool = False,
 ) -> SweepResult:
     """Run recipe files side by side, ``jobs`` at a time; a recipe that fails (or whose process dies)
-    fails alone. Folder names are the recipe files' stems (numbered where two share one)."""
+    fails alone. Each recipe gets ``threads`` torch threads (default: the cores shared out among the
+    jobs). Folder names are the recipe files' stems (numbered where two share one)."""
     if backend not in BACKENDS:
         raise RecipeError(f"sweep backend {backend!r} is not one of {list(BACKENDS)}")
     missing = [str(r) for r in recipes if not Path(r).is_file()]
@@ -61,9 +63,9 @@ def sweep(
     if backend == "ray":
         from torchshrink.parallel.ray_tasks import run_tasks_on_ray
 
-        results = run_tasks_on_ray(tasks, run, jobs=jobs, address=ray_address)
+        results = run_tasks_on_ray(tasks, run, jobs=jobs, threads=threads, address=ray_address)
     else:
-        results = run_tasks(tasks, run, jobs=jobs)
+        results = run_tasks(tasks, run, jobs=jobs, threads=threads)
     seconds = time.perf_counter() - started
     table = summary_table(results)
     write_text_atomic(
@@ -72,6 +74,12 @@ def sweep(
     )
     write_json_atomic(
         out / "sweep.json",
-        {"jobs": jobs, "backend": backend, "seconds": seconds, "tasks": [r.to_dict() for r in results]},
+        {
+            "jobs": jobs,
+            "threads": threads,
+            "backend": backend,
+            "seconds": seconds,
+            "tasks": [r.to_dict() for r in results],
+        },
     )
     return SweepResult(results, table, seconds, out)
