@@ -1,6 +1,6 @@
 """``python -m bench [TABLE ...]``: run benchmark tables (all by default) and rewrite their sections
 of docs/benchmarks.md. Tables: b0 (float references), b1 (Deep Compression), b2 (int8 on ONNX Runtime), b2e (EfficientNet-Lite0 int8), b3 (structured
-pruning), b3u (unstructured), b4 (distillation and ensembles), b5 (data-free distillation), b6 (parallelism), b7 (all-MiniLM-L6-v2 compressed)."""
+pruning), b3u (unstructured), b4 (distillation and ensembles), b4d (distill defaults vs the student alone), b5 (data-free distillation), b6 (parallelism), b7 (all-MiniLM-L6-v2 compressed)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from bench import (
     b3_structured,
     b3u_unstructured,
     b4_distillation,
+    b4d_defaults,
     b5_datafree,
     b6_parallel,
     b7_minilm,
@@ -28,6 +29,7 @@ TABLES = {
     "b3": b3_structured.run_all,
     "b3u": b3u_unstructured.run_all,
     "b4": b4_distillation.run_all,
+    "b4d": b4d_defaults.run_all,
     "b5": b5_datafree.run_all,
     "b6": b6_parallel.run_all,
     "b7": b7_minilm.run_all,

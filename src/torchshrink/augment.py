@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-__all__ = ["AugmentConfig", "random_shift", "mixup", "augment_batch"]
+__all__ = ["AugmentConfig", "shiftable", "natural_shift", "random_shift", "mixup", "augment_batch"]
 
 
 class AugmentConfig(BaseModel, extra="forbid"):
@@ -32,6 +32,17 @@ class AugmentConfig(BaseModel, extra="forbid"):
     @property
     def active(self) -> bool:
         return self.shift > 0 or self.mixup > 0
+
+
+def shiftable(sample_shape: tuple[int, ...]) -> bool:
+    """Whether one sample of this shape is an image (C, H, W) or a signal (C, L) that shifts apply to."""
+    return len(sample_shape) in (2, 3) and min(sample_shape[1:]) >= 4
+
+
+def natural_shift(sample_shape: tuple[int, ...]) -> int:
+    """A shift as large, relative to the input's extent, as 2 pixels on a 28x28 digit (Hinton et al.'s
+    and B4's setting): 1 on 8x8 digits, 3 on a 40-sample signal."""
+    return max(1, round(2 * min(sample_shape[1:]) / 28))
 
 
 def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:

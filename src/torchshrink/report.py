@@ -221,6 +221,9 @@ def _markdown(report: Report) -> str:
         *[f"- {name}: `{file}`" for name, file in report.artefacts.items()],
         "",
     ]
+    warned = [(s["name"], w) for s in report.stages for w in (s.get("details") or {}).get("warnings", [])]
+    if warned:
+        lines += ["## Warnings", "", *[f"- **{name}**: {text}" for name, text in warned], ""]
     for (
         stage
     ) in report.stages:  # tables a stage made (quantization plan, packed layers, ...), as it logged them

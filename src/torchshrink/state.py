@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from torch import nn
 from torchshrink.data import DatasetBundle
 from torchshrink.inputs import ModelInput, take
 from torchshrink.parallel.ddp import DistInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class RunContext:
     baseline: nn.Module | None = None
     """The model every ratio is taken against (as loaded, or as the last reference stage left it):
     what "distill back from the original" learns from. Read it, never train it."""
+
+    def warn(self, message: str) -> None:
+        """A setting known to hurt, or a result to distrust: logged now, and listed under the stage in
+        report.json (``details.warnings``) and in report.md's warnings."""
+        log.warning("%s: %s", self.stage_name, message)
+        self.details.setdefault("warnings", []).append(message)
 
     @property
     def work_dir(self) -> Path:

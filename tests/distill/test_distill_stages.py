@@ -209,7 +209,7 @@ def test_augmented_distillation_runs_the_teacher_on_the_students_view(tmp_path, 
     teacher = open_model(DIGITS_CNN).module
     state = ModelState(model=teacher, architecture=None)
     cached, shifted = _ctx(tmp_path / "a", digits), _ctx(tmp_path / "b", digits)
-    a = distill_stage(state, DistillConfig(student=SMALL, epochs=1), cached)
+    a = distill_stage(state, DistillConfig(student=SMALL, epochs=1, augment={}), cached)
     b = distill_stage(state, DistillConfig(student=SMALL, epochs=1, augment={"shift": 1}), shifted)
     assert cached.details["teacher_outputs"].startswith("cached")
     assert shifted.details["teacher_outputs"].startswith("live")

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from torchshrink.augment import random_shift
+from torchshrink.augment import AugmentConfig, random_shift
 from torchshrink.distillation.datafree import (
     VAE,
     BatchNormStatistics,
@@ -102,6 +102,9 @@ class DataFreeConfig(DistillConfig):
     """Options of the ``datafree`` stage: the ``distill`` options (no real input reaches them) plus
     the input source."""
 
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="shifts of the generated inputs (mixup: not used here)"
+    )
     generator: Method = Field("dafl", description="where the student's inputs come from")
     latent_dim: int = Field(100, ge=1)
     generator_width: int = Field(64, ge=2, description="channels of the generator's seed map")
