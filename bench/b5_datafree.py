@@ -10,6 +10,7 @@ teacher. Every student gets the same number of generated batches of the same siz
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from bench.common import machine_line, trained, write_section
+from bench.common import RESULTS, machine_line, trained, write_section
 from torchshrink.api import apply_stage
 from torchshrink.data import DatasetBundle, load_data
 from torchshrink.measure import accuracy
@@ -65,6 +66,10 @@ def _student(
         out_dir=work,
         latency_repeats=3,
     )
+    samples = result.artefacts.get("samples")
+    if samples is not None:  # the generator's samples by teacher class, kept beside the table
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(samples, RESULTS / f"b5_{Path(work).name}_samples.png")
     return accuracy(result.model, data.test)
 
 

@@ -33,7 +33,7 @@ from torchshrink.measure import check_model_fits, measure, predict
 from torchshrink.models import ModelSpec, open_model, save_model
 from torchshrink.parallel import ddp, pipelining
 from torchshrink.pipeline import pipeline_settings
-from torchshrink.recipe import ParallelSettings, stage_config
+from torchshrink.recipe import ParallelSettings, PipelineParallel, stage_config
 from torchshrink.registry import StageEntry, get_stage
 from torchshrink.seeding import seed_everything
 from torchshrink.state import ModelState, RunContext
@@ -119,7 +119,7 @@ def apply_stage(
     seed: int = 0,
     reference: ModelLike | None = None,
     latency_repeats: int = 10,
-    parallel: ParallelSettings | dict[str, Any] | None = None,
+    pipeline: PipelineParallel | dict[str, Any] | None = None,
     **options: Any,
 ) -> Result:
     """Run stage ``kind`` (any registered stage: prune, quantize, distill, ...) on ``model`` once.
@@ -127,18 +127,18 @@ def apply_stage(
     ``config`` (the stage's config object or a dict) and keyword ``options`` are validated like a
     recipe's stage options. ``reference`` is the model ratios and "distill back" refer to (default:
     ``model`` as given). The returned metrics are measured after the stage, timed interleaved with
-    the reference; ``baseline`` holds the reference's. ``parallel`` is a recipe's ``parallel`` key
-    (``{"pipeline": {"stages": 2, "microbatches": 4}}``): under torchrun, with one process per stage,
-    training and evaluation run pipeline-parallel (every process calls this function).
+    the reference; ``baseline`` holds the reference's. ``pipeline`` is a recipe's ``parallel.pipeline``
+    (``{"stages": 2, "microbatches": 4}``): under torchrun, with one process per stage, training and
+    evaluation run pipeline-parallel (every process calls this function).
     """
     entry = get_stage(kind)
     cfg = _options(kind, config, options)
     try:
-        split = pipeline_settings(ParallelSettings.model_validate(parallel or {}), ddp.current())
+        split = pipeline_settings(ParallelSettings.model_validate({"pipeline": pipeline}), ddp.current())
     except ValidationError as exc:
-        raise RecipeError(
-            f"ts.{kind}: parallel: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}"
-        ) from None
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise RecipeError(f"ts.{kind}: {where}: {error['msg']}") from None
     with pipelining.pipelined(split):
         return _apply(kind, entry, cfg, model, data, out_dir, seed, reference, latency_repeats)
 

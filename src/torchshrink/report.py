@@ -220,6 +220,8 @@ def _markdown(report: Report) -> str:
         "",
         *[f"- {name}: `{file}`" for name, file in report.artefacts.items()],
         "",
+        # pictures a stage drew (a generator's samples): shown where the report is read
+        *[f"![{name}]({file})\n" for name, file in report.artefacts.items() if str(file).endswith(".png")],
     ]
     warned = [(s["name"], w) for s in report.stages for w in (s.get("details") or {}).get("warnings", [])]
     if warned:

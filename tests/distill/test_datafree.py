@@ -212,11 +212,25 @@ def test_the_vae_route_inverts_a_pool_the_teacher_recognises_and_teaches_from_sa
 
 def test_the_same_seed_gives_the_same_student(digits_teacher, digits, tmp_path) -> None:
     options = {"generator": "adversarial", "match": "mae", "epochs": 1, "steps_per_epoch": 5}
-    a, _ = _datafree(digits_teacher, digits, tmp_path / "a", **options)
+    a, ctx = _datafree(digits_teacher, digits, tmp_path / "a", **options)
     b, _ = _datafree(digits_teacher, digits, tmp_path / "b", **options)
     assert all(
         torch.equal(x, y)
         for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True)
+    )
+    # the generator's samples, one row per class the teacher assigns: the same picture for the same seed
+    samples = ctx.details["samples"]
+    assert ctx.artefacts["samples"] == samples["file"] == "samples-01.png"
+    assert len(samples["per_class"]) == digits.num_classes and samples["classes_drawn"] >= 1
+    png_a, png_b = ((tmp_path / run / samples["file"]).read_bytes() for run in ("a", "b"))
+    assert png_a == png_b
+    from matplotlib.image import imread
+
+    height, width = imread(tmp_path / "a" / samples["file"]).shape[:2]
+    columns = max(samples["per_class"])
+    assert (height, width) == (
+        round(80 * (0.9 * digits.num_classes + 0.5)),
+        round(80 * (0.9 * columns + 0.6)),
     )
 
 

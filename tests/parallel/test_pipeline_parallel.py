@@ -218,7 +218,7 @@ from torchshrink.zoo import build
 
 ddp.init_from_env()
 result = ts.apply_stage("train", build("lenet300", in_features=64), "digits", epochs=2, batch_size=64,
-                  parallel={"pipeline": {"stages": 2, "microbatches": 4}}, out_dir=sys.argv[1])
+                  pipeline={"stages": 2, "microbatches": 4}, out_dir=sys.argv[1])
 if ddp.current().is_main:
     json.dump({"details": result.details, "metrics": result.metrics}, open(sys.argv[2], "w"), default=str)
 """
@@ -245,13 +245,13 @@ def test_the_python_api_checks_the_processes_against_the_stages():
             build("lenet300", in_features=64),
             "digits",
             epochs=1,
-            parallel={"pipeline": {"stages": 2}},
+            pipeline={"stages": 2},
         )
-    with pytest.raises(RecipeError, match="parallel"):
+    with pytest.raises(RecipeError, match="pipeline.stages: Input should be greater than or equal to 2"):
         ts.apply_stage(
             "train",
             build("lenet300", in_features=64),
             "digits",
             epochs=1,
-            parallel={"pipeline": {"stages": 1}},
+            pipeline={"stages": 1},
         )

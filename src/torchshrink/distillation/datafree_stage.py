@@ -38,6 +38,7 @@ from torchshrink.distillation.datafree import (
     vae_terms,
 )
 from torchshrink.distillation.ensemble import Ensemble
+from torchshrink.distillation.sample_grid import sample_rows, write_sample_grid
 from torchshrink.distillation.stage import (
     Distillation,
     DistillConfig,
@@ -46,6 +47,7 @@ from torchshrink.distillation.stage import (
     prepare_distillation,
 )
 from torchshrink.io import load_tensors, save_tensors
+from torchshrink.modes import switched
 from torchshrink.parallel import ddp
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import train_config
@@ -368,4 +370,38 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
             penultimate.remove()
     ctx.details["generator"] = cfg.generator
     ctx.details["training_inputs"] = "none: generated only"
+    _picture_samples(learner, teacher, latent, cfg, ctx)
     return finish_distillation(state, setup, result, ctx)
+
+
+def _picture_samples(
+    learner: DataFreeLearner,
+    teacher: nn.Module,
+    latent: tuple[int, ...],
+    cfg: DataFreeConfig,
+    ctx: RunContext,
+) -> None:
+    """Write the generator's samples as a PNG grid, one row per class the teacher assigns (see
+    :mod:`sample_grid`), and list it with the run's files."""
+    seeded = torch.Generator().manual_seed(ctx.seed)
+    device = next(teacher.parameters()).device
+
+    def draw(n: int) -> torch.Tensor:
+        with switched(learner):
+            return learner(torch.randn(n, *latent, generator=seeded).to(device))[0]
+
+    rows = sample_rows(draw, teacher, ctx.data.num_classes)
+    name = f"samples-{ctx.stage_index:02d}.png"
+    if ctx.dist.is_main:
+        write_sample_grid(
+            rows,
+            ctx.out_dir / name,
+            f"{ctx.stage_name}: {cfg.generator} samples by teacher class",
+            cfg.input_range,
+        )
+    ctx.artefacts["samples"] = name
+    ctx.details["samples"] = {
+        "file": name,
+        "classes_drawn": sum(len(r) > 0 for r in rows),
+        "per_class": [len(r) for r in rows],
+    }
