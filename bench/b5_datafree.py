@@ -66,7 +66,7 @@ def _student(
         out_dir=work,
         latency_repeats=3,
     )
-    samples = result.artefacts.get("samples")
+    samples = result.artefacts.get("datafree_samples")
     if samples is not None:  # the generator's samples by teacher class, kept beside the table
         RESULTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(samples, RESULTS / f"b5_{Path(work).name}_samples.png")

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from torchshrink.checkpoint import LoopState, TrainCheckpoint
-from torchshrink.errors import TrainingError
+from torchshrink.errors import TorchshrinkError, TrainingError
 from torchshrink.inputs import call, to_device
 from torchshrink.inputs import count as count_samples
 from torchshrink.io import write_json_atomic
@@ -320,14 +320,22 @@ def _load_common_step(
     """A pipeline rank's stage restored at the newest step every rank's checkpoints hold: all stages
     must resume at the same step, or their schedules would not meet (a kill between two ranks' saves
     leaves them one save apart; each keeps the save before)."""
-    mine = checkpoint.steps()
-    held = [set(s) for s in ddp.all_gather_object(sorted(mine))]  # type: ignore[call-overload]
+    try:
+        mine, problem = checkpoint.steps(), None
+    except TorchshrinkError as exc:  # told to every rank, so none waits for the others forever
+        mine, problem = {}, str(exc)
+    gathered = ddp.all_gather_object((sorted(mine), problem))
+    problems = [p for _, p in gathered if p]  # type: ignore[misc]
+    if problems:
+        raise TrainingError(f"{desc}: {problems[0]}")
+    held = [set(steps) for steps, _ in gathered]  # type: ignore[misc]
     common = set.intersection(*held)
     if not common:
         if any(held):
             log.warning(
                 "%s: the pipeline's checkpoints hold no common step (%s); training starts over", desc, held
             )
+            checkpoint.discard()  # a later resume must not pair these with the new run's saves
         return None
     step = max(common)
     if any(max(s) != step for s in held):
@@ -428,7 +436,7 @@ def fit(
     if loop is not None:
         result.epoch_losses = loop.epoch_losses
         result.resumed_from_step = loop.step
-        log.info("%s: resumed from %s at step %d of %d", cfg.desc, checkpoint.path, loop.step, total_steps)
+        log.info("%s: resumed from %s at step %d of %d", cfg.desc, checkpoint_dir, loop.step, total_steps)
     else:
         torch.manual_seed(cfg.seed)
         loop = LoopState()

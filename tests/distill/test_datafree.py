@@ -220,7 +220,7 @@ def test_the_same_seed_gives_the_same_student(digits_teacher, digits, tmp_path) 
     )
     # the generator's samples, one row per class the teacher assigns: the same picture for the same seed
     samples = ctx.details["samples"]
-    assert ctx.artefacts["samples"] == samples["file"] == "samples-01.png"
+    assert ctx.artefacts["datafree_samples"] == samples["file"] == "samples-01.png"
     assert len(samples["per_class"]) == digits.num_classes and samples["classes_drawn"] >= 1
     png_a, png_b = ((tmp_path / run / samples["file"]).read_bytes() for run in ("a", "b"))
     assert png_a == png_b

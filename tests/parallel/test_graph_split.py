@@ -89,3 +89,24 @@ def test_a_fake_quant_graph_module_is_cut_at_its_blocks_in_call_order():
     assert order.index("0") < order.index("2") < order.index("4")  # quantizers interleaved, in call order
     stages = graph_stages(qat, x, ["2"])
     assert stages is not None and torch.allclose(_chain(stages, x), qat(x), atol=1e-6)
+
+
+class _Tied(nn.Module):
+    """An output layer sharing the input layer's weight matrix (tied embeddings, in small)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.mid, self.last = (
+            nn.Linear(4, 4, bias=False),
+            nn.Linear(4, 4),
+            nn.Linear(4, 4, bias=False),
+        )
+        self.last.weight = self.first.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(self.mid(self.first(x)))
+
+
+def test_tied_weights_across_a_cut_are_not_split_into_two_copies():
+    x = torch.rand(3, 4)
+    assert graph_stages(_Tied(), x, ["mid"]) is None  # first and last (one weight) on both sides

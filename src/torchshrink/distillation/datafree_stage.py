@@ -374,6 +374,10 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
     return finish_distillation(state, setup, result, ctx)
 
 
+GRID_CLASSES = 20
+"""Rows of the sample picture at most (the first classes): a picture of 1,000 rows helps nobody."""
+
+
 def _picture_samples(
     learner: DataFreeLearner,
     teacher: nn.Module,
@@ -390,16 +394,16 @@ def _picture_samples(
         with switched(learner):
             return learner(torch.randn(n, *latent, generator=seeded).to(device))[0]
 
-    rows = sample_rows(draw, teacher, ctx.data.num_classes)
+    rows = sample_rows(draw, teacher, min(ctx.data.num_classes, GRID_CLASSES))
     name = f"samples-{ctx.stage_index:02d}.png"
+    title = f"{ctx.stage_name}: {cfg.generator} samples by teacher class"
     if ctx.dist.is_main:
-        write_sample_grid(
-            rows,
-            ctx.out_dir / name,
-            f"{ctx.stage_name}: {cfg.generator} samples by teacher class",
-            cfg.input_range,
-        )
-    ctx.artefacts["samples"] = name
+        try:
+            write_sample_grid(rows, ctx.out_dir / name, title, cfg.input_range)
+        except (OSError, ValueError, RuntimeError) as exc:  # a picture must not cost the trained student
+            ctx.warn(f"the sample picture could not be drawn ({type(exc).__name__}: {exc})")
+            return
+    ctx.artefacts[f"{ctx.stage_name}_samples"] = name
     ctx.details["samples"] = {
         "file": name,
         "classes_drawn": sum(len(r) > 0 for r in rows),

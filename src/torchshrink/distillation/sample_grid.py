@@ -28,8 +28,9 @@ def sample_rows(
     per_class: int = 8,
     draws: int = 8,
 ) -> list[torch.Tensor]:
-    """For every class, up to ``per_class`` generated samples the teacher assigns to it, the most
-    confident first; ``draw(n)`` makes n samples, called at most ``draws`` times."""
+    """For classes 0 .. ``num_classes`` - 1, up to ``per_class`` generated samples the teacher assigns
+    to each, the most confident first; ``draw(n)`` makes n samples, called at most ``draws`` times
+    (samples of other classes are dropped)."""
     found: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(num_classes)]
     for _ in range(draws):
         x = draw(per_class * num_classes).detach()
@@ -37,7 +38,8 @@ def sample_rows(
         confidence, label = probs.max(dim=1)
         x = x.cpu()
         for sample, c, k in zip(x, confidence.tolist(), label.tolist(), strict=True):
-            found[k].append((c, sample))
+            if k < num_classes:
+                found[k].append((c, sample))
         if all(len(row) >= per_class for row in found):
             break
     return [
@@ -72,11 +74,13 @@ def write_sample_grid(
             else:
                 ax.axis("off")
         axes[k][0].set_ylabel(f"{k}" if len(row) else f"{k}: none", rotation=0, labelpad=14, fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    try:
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+    finally:
+        plt.close(fig)
     return path
 
 

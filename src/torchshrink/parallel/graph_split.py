@@ -72,8 +72,8 @@ def _inside(name: str, prefix: str) -> bool:
 
 
 def _assign(gm: fx.GraphModule, nodes: list[fx.Node], split: Sequence[str]) -> dict[fx.Node, int] | None:
-    """Each node's stage: the count of boundaries reached so far in graph order. A module with
-    weights or buffers must run in one stage only (a stateless one, a shared ReLU, may run in two)."""
+    """Each node's stage: the count of boundaries reached so far in graph order. Every weight or buffer
+    must be read in one stage only (a stateless module, a shared ReLU, may run in two)."""
     stage_of: dict[fx.Node, int] = {}
     stage = 0
     for node in nodes:
@@ -87,21 +87,42 @@ def _assign(gm: fx.GraphModule, nodes: list[fx.Node], split: Sequence[str]) -> d
     if stage != len(split):
         log.info("pipeline: the forward pass never reaches %s; not a graph split", list(split[stage:]))
         return None
-    users: dict[str, set[int]] = {}
+    holders: dict[int, set[int]] = {}  # id of every parameter / buffer -> the stages that read it
+    names: dict[int, str] = {}
     for node, k in stage_of.items():
-        owner = _owner(node)
-        if owner is not None:
-            users.setdefault((owner.rpartition(".")[0] if node.op == "get_attr" else owner), set()).add(k)
-    shared = sorted(name for name, ks in users.items() if len(ks) > 1 and _has_state(gm, name))
+        for name, tensor in _tensors(gm, node):
+            holders.setdefault(id(tensor), set()).add(k)
+            names.setdefault(id(tensor), name)
+    shared = sorted(names[i] for i, ks in holders.items() if len(ks) > 1)
     if shared:
-        log.info("pipeline: %s run in more than one stage; not a graph split", shared)
+        log.info("pipeline: weights %s would be read in more than one stage; not a graph split", shared[:5])
         return None
     return stage_of
 
 
-def _has_state(gm: fx.GraphModule, name: str) -> bool:
-    module = gm.get_submodule(name) if name else gm
-    return next(iter(module.parameters()), None) is not None or next(iter(module.buffers()), None) is not None
+def _tensors(gm: fx.GraphModule, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
+    """The parameters and buffers a node reads (a module's, tied ones included, or an attribute): a
+    tensor read in two stages would be trained as two copies (tied weights), so it may not be."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return [
+            (f"{node.target}.{n}", t)
+            for n, t in (
+                *module.named_parameters(remove_duplicate=False),
+                *module.named_buffers(remove_duplicate=False),
+            )
+        ]
+    if node.op == "get_attr":
+        value = _attribute(gm, str(node.target))
+        return [(str(node.target), value)] if isinstance(value, torch.Tensor) else []
+    return []
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> object:
+    value: object = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _crossing(nodes: list[fx.Node], stage_of: dict[fx.Node, int], k: int) -> list[fx.Node]:

@@ -226,6 +226,14 @@ class StageRunner:
         self.info = info
         self.device = device
         cut = graph_stages(model, micro, split)
+        # every rank must take the same route: rank 0 decides (a rank whose cut failed cannot follow)
+        graph = bool(broadcast_object(cut is not None))
+        if graph and cut is None:
+            raise TrainingError(
+                "rank 0 cut the model's graph into stages but this rank could not (see its log); the "
+                "stages would not fit together"
+            )
+        cut = cut if graph else None
         if cut is not None:  # the model's own modules, eagerly (see graph_split)
             from torch.distributed.pipelining import PipelineStage
 
@@ -362,6 +370,7 @@ def predict(model: nn.Module, inputs: ModelInput, batch_size: int = 500) -> torc
     size = settings.microbatches * max(1, batch_size // settings.microbatches)
     n = count(inputs)
     device = ddp.device_for(info)
+    model.to(device)  # as fit does: the stages run where the inputs go
     with switched(model):
         try:
             runner = StageRunner(

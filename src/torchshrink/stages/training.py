@@ -122,6 +122,8 @@ def run_training(state: ModelState, cfg: TrainStageConfig, ctx: RunContext) -> M
     )
     if result.pipeline is not None:
         ctx.details["pipeline"] = result.pipeline
+    if result.resumed_from_step:
+        ctx.details["resumed_from_step"] = result.resumed_from_step
     if cfg.cache and ctx.dist.is_main:
         save_tensors(cache_file, state.model.state_dict())
     ddp.barrier()
