@@ -237,23 +237,18 @@ def test_the_python_api_trains_pipeline_parallel_under_torchrun(tmp_path, launch
     assert result["metrics"]["accuracy"] > 0.7  # chance: 0.1
 
 
-def test_the_python_api_checks_the_processes_against_the_stages():
+@pytest.mark.parametrize(
+    "stages,expected",
+    [
+        (2, r"stages is 2, but 1 process\(es\) run this job"),
+        (1, "pipeline.stages: Input should be greater than or equal to 2"),
+    ],
+)
+def test_the_python_api_checks_the_pipeline_settings(stages, expected):
     import torchshrink as ts
     from torchshrink.errors import RecipeError
 
-    with pytest.raises(RecipeError, match=r"stages is 2, but 1 process\(es\) run this job"):
+    with pytest.raises(RecipeError, match=expected):
         ts.apply_stage(
-            "train",
-            build("lenet300", in_features=64),
-            "digits",
-            epochs=1,
-            pipeline={"stages": 2},
-        )
-    with pytest.raises(RecipeError, match="pipeline.stages: Input should be greater than or equal to 2"):
-        ts.apply_stage(
-            "train",
-            build("lenet300", in_features=64),
-            "digits",
-            epochs=1,
-            pipeline={"stages": 1},
+            "train", build("lenet300", in_features=64), "digits", epochs=1, pipeline={"stages": stages}
         )
