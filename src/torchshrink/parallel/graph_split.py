@@ -43,7 +43,7 @@ class GraphStage:
 def graph_stages(model: nn.Module, example: ModelInput, split: Sequence[str]) -> list[GraphStage] | None:
     """``len(split) + 1`` stage modules whose chained outputs equal ``model``'s on ``example``, stage
     ``k + 1`` beginning at the first node that runs module ``split[k]`` (or one inside it); None when the
-    model cannot be cut so (untraceable, a boundary it never reaches, a module used on both sides of a
+    model cannot be cut so (untraceable, a boundary it never reaches, a weight read on both sides of a
     cut, a value that is not a tensor crossing a cut), with the reason logged."""
     try:
         gm = (
