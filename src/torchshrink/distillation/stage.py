@@ -293,6 +293,8 @@ class Distillation:
     student_taps: list[FeatureTap]
     teacher_taps: list[FeatureTap]
     augment: AugmentConfig
+    augment_reason: str
+    """Why these views: "as given", or what ``augment: auto`` chose and why."""
     """The student's input views (resolved from ``augment: auto``)."""
     live: bool
     """The teacher must run on every batch (features are compared), not just once for its outputs."""
@@ -362,6 +364,7 @@ def prepare_distillation(
             FeatureTap(teacher, list(layers.attention.values()), select=attention_probabilities),
         ],
         augment=augment,
+        augment_reason=why,
         live=bool(cfg.features) or augment.active or layers.active,
     )
 
@@ -492,7 +495,7 @@ def distill_stage(state: ModelState, cfg: DistillConfig, ctx: RunContext) -> Mod
     live = setup.live
     cached = None if live else predict(teacher, x)
     dataset = samples(x, y) if live else samples(x, y, cached)
-    ctx.details["augment"] = {**setup.augment.model_dump(), "chosen": distill_augment(cfg, ctx)[1]}
+    ctx.details["augment"] = {**setup.augment.model_dump(), "chosen": setup.augment_reason}
     if cached is not None and not ctx.data.embedding:
         _warn_if_memorised(cached, y, cfg, ctx)
     mask_at = ctx.data.input_names.index(MASK_INPUT) if MASK_INPUT in ctx.data.input_names else None
