@@ -40,7 +40,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("tables", nargs="*", help=f"tables to run: {', '.join(TABLES)} (default: all)")
     parser.add_argument(
-        "--only", nargs="*", default=[], help="b3: rerun only these models, keep the other rows"
+        "--only",
+        nargs="*",
+        default=[],
+        help="b3: rerun only these models; b5: only these rows; keep the others",
     )
     parser.add_argument(
         "--keep-scale",
@@ -55,6 +58,8 @@ def main() -> None:
     for name in args.tables or TABLES:
         if name == "b3" and args.only:
             TABLES[name](command=f"python -m bench b3 --only {' '.join(args.only)}", only=tuple(args.only))
+        elif name == "b5" and args.only:
+            TABLES[name](command=f"python -m bench b5 --only {' '.join(args.only)}", only=tuple(args.only))
         elif name == "b7" and args.keep_scale:
             TABLES[name](command="python -m bench b7 --keep-scale", scale=False)
         else:

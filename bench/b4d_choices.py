@@ -51,6 +51,13 @@ def main() -> None:
         "alone_lr2": {"train": {"epochs": EPOCHS, "lr": 0.002}},
         "shift_a05_lr2": {"distill": {"augment": {"shift": 2}, "alpha": 0.5, "lr": 0.002}},
         "fm_a05_lr2": {"distill": {"augment": {"shift": 2, "mixup": 1.0}, "alpha": 0.5, "lr": 0.002}},
+        "noaug_a05": {"distill": {"augment": {}}},
+        "t2": {"distill": {"temperature": 2}},
+        "t1": {"distill": {"temperature": 1}},
+        "a08": {"distill": {"alpha": 0.8}},
+        "alone_lr10": {"train": {"epochs": EPOCHS, "lr": 0.01}},
+        "defaults_lr10": {"distill": {"lr": 0.01}},
+        "t1_lr10": {"distill": {"lr": 0.01, "temperature": 1}},
     }
     SEED = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     results = {}

@@ -20,15 +20,24 @@ from torchshrink import run
 from torchshrink.data import DatasetBundle
 from torchshrink.distillation.datafree import (
     BatchNormStatistics,
+    ConditionalGenerator,
     Generator,
     LatentBatches,
+    class_draw,
     dafl_terms,
+    mode_seeking,
     reverse_gradient,
     to_range,
 )
-from torchshrink.distillation.datafree_stage import DataFreeConfig, DataFreeLearner, datafree_stage
+from torchshrink.distillation.datafree_stage import (
+    DataFreeConfig,
+    DataFreeLearner,
+    choose_real_inputs,
+    datafree_stage,
+)
 from torchshrink.distillation.losses import logit_mae
 from torchshrink.distillation.stage import StudentWithAdapters
+from torchshrink.errors import TrainingError
 from torchshrink.measure import accuracy
 from torchshrink.models import open_model
 from torchshrink.state import ModelState, RunContext
@@ -119,7 +128,7 @@ def test_the_adversarial_step_raises_the_discrepancy_for_the_generator_and_lower
     z = torch.randn(64, 8)
 
     def discrepancy() -> torch.Tensor:
-        _, view, logits = learner(z)
+        _, view, logits, _ = learner(z)
         return logit_mae(logits, teacher(view))
 
     def after_step(params: list[nn.Parameter]) -> float:
@@ -250,3 +259,139 @@ def test_options_that_cannot_work_are_refused_clearly() -> None:
     assert (adversarial.match, adversarial.generator_lr) == ("mae", 2e-4)  # B5's settings by default
     assert DataFreeConfig(student=STUDENT, generator="adversarial", match="kd").match == "kd"
     assert DataFreeConfig(student=STUDENT).generator_weights.entropy == 5.0  # DAFL's weights by default
+    with pytest.raises(ValidationError, match="generator: real trains on real inputs: say how many"):
+        DataFreeConfig(student=STUDENT, generator="real")
+    with pytest.raises(ValidationError, match="generator: dafl reads none"):
+        DataFreeConfig(student=STUDENT, generator="dafl", inputs=100)
+    with pytest.raises(ValidationError, match="only generator: conditional draws the classes"):
+        DataFreeConfig(student=STUDENT, generator="adversarial", classes="disagreement")
+    with pytest.raises(ValidationError, match="class_ce scores a requested class"):
+        DataFreeConfig(student=STUDENT, generator="adversarial", generator_loss={"class_ce": 1.0})
+    conditional = DataFreeConfig(student=STUDENT, generator="conditional")
+    assert conditional.generator_weights.class_ce == conditional.generator_weights.adversarial == 1.0
+    assert (conditional.match, conditional.generator_lr) == ("mae", 2e-4)
+
+
+def test_a_route_asking_for_more_real_inputs_than_there_are_says_so(digits_teacher, digits, tmp_path) -> None:
+    with pytest.raises(
+        TrainingError, match=r"inputs: 5000 real inputs asked for, but the training split holds"
+    ):
+        _datafree(digits_teacher, digits, tmp_path, generator="real", inputs=5000, epochs=1)
+
+
+def test_class_draw_gives_exact_proportions_without_random_numbers() -> None:
+    balanced = class_draw(torch.ones(10), 128)
+    counts = torch.bincount(balanced, minlength=10)
+    assert counts.sum() == 128 and counts.max() - counts.min() <= 1
+    skewed = torch.bincount(class_draw(torch.tensor([3.0, 1.0]), 100), minlength=2)
+    assert skewed.tolist() == [75, 25]
+    torch.manual_seed(5)
+    assert torch.equal(class_draw(torch.ones(10), 128), balanced)
+
+
+def test_mode_seeking_punishes_codes_that_collapse_onto_one_input() -> None:
+    torch.manual_seed(0)
+    z = torch.randn(64, 8)
+    classes = torch.zeros(64, dtype=torch.long)
+    diverse = torch.rand(64, 1, 8, 8)
+    collapsed = diverse[:1].expand(64, 1, 8, 8) + 1e-3 * torch.rand(64, 1, 8, 8)
+    assert float(mode_seeking(collapsed, z, classes)) > 50 * float(mode_seeking(diverse, z, classes))
+    # only neighbours of the same class are compared: alternating classes compare none
+    assert float(mode_seeking(diverse, z, torch.arange(64) % 2)) == 0.0
+
+
+def test_disagreement_draws_more_of_the_classes_the_student_gets_wrong() -> None:
+    learner = DataFreeLearner(
+        StudentWithAdapters(nn.Linear(4, 3), {}),
+        "conditional",
+        ConditionalGenerator(4, 3, (4,), width=2),
+        (0.0, 1.0),
+        num_classes=3,
+        classes="disagreement",
+    )
+    assert torch.allclose(learner.class_weights(), torch.full((3,), 1 / 3))
+    classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    teacher = torch.eye(3)[classes] * 8
+    student = teacher.clone()
+    student[classes == 2] = torch.tensor([8.0, 0.0, 0.0])  # wrong on class 2 only
+    for _ in range(30):
+        learner.note_disagreement(classes, student, teacher)
+    weights = learner.class_weights()
+    assert weights[2] > 0.6 and weights[0] < 0.2 and weights.sum() == pytest.approx(1.0)
+    assert "disagreement" in learner.state_dict()  # checkpoints keep it: a resumed run draws the same
+    drawn = torch.bincount(learner(torch.randn(30, 4)).classes, minlength=3)
+    assert drawn[2] > drawn[0] + drawn[1]
+
+
+def test_the_conditional_generator_makes_inputs_of_the_class_asked_for(
+    digits_teacher, digits, tmp_path, monkeypatch
+) -> None:
+    made: list[DataFreeLearner] = []
+
+    class Spied(DataFreeLearner):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(stage_module, "DataFreeLearner", Spied)
+    data = _without_training_inputs(digits)
+    # a short run: the generator at the student's pace (its default, 0.0002, suits B5's 3,000 steps)
+    options = {"generator": "conditional", "epochs": 6, "steps_per_epoch": 30, "latent_dim": 16}
+    options |= {"generator_lr": 0.003}
+    state, ctx = _datafree(digits_teacher, data, tmp_path, **options)
+    generator = made[0].generator.eval()
+    classes = torch.arange(10).repeat_interleave(30)
+    with torch.no_grad():
+        assigned = digits_teacher(generator(torch.randn(300, 16), classes)).argmax(1)
+    per_class = [(assigned[classes == c] == c).float().mean() for c in range(10)]
+    assert float((assigned == classes).float().mean()) > 0.9
+    assert min(per_class) > 0.6  # every class, not nine and a collapse
+    assert ctx.details["class_agreement"] > 0.9 and ctx.details["class_weights"] == [0.1] * 10
+    assert {"generator_class_ce", "generator_diversity", "generator_bn_statistics"} <= set(
+        ctx.details["epoch_losses"][-1]
+    )
+    assert ctx.details["models"]["student"]["accuracy"] > 0.6
+    assert accuracy(state.model, digits.test) == ctx.details["models"]["student"]["accuracy"]
+
+
+class _Spy(TensorDataset):
+    """A training split that records which samples are read by index (the inputs outside the chosen
+    ones are NaN besides, so one reaching the student by another path would stop training)."""
+
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.read: set[int] = set()
+
+    def __getitem__(self, index: int):
+        self.read.add(int(index))
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize("generator", ["vae", "real"])
+def test_the_real_input_routes_read_only_the_inputs_they_were_given(
+    digits_teacher, digits, tmp_path, monkeypatch, generator
+) -> None:
+    x, y = digits.train.tensors
+    keep = choose_real_inputs(len(x), 100, seed=0)
+    blank = torch.full_like(x, math.nan)
+    blank[keep] = x[keep]  # any other input would be NaN and stop training
+    spy = _Spy(blank, y)
+    data = DatasetBundle(digits.name, spy, digits.test, digits.num_classes)
+    fitted: list[torch.Tensor] = []
+    real_vae_terms = stage_module.vae_terms
+
+    def vae_terms(model, x, beta):
+        fitted.append(x)
+        return real_vae_terms(model, x, beta)
+
+    monkeypatch.setattr(stage_module, "vae_terms", vae_terms)
+    options = {"generator": generator, "inputs": 100, "epochs": 4, "steps_per_epoch": 25, "latent_dim": 16}
+    options |= {"vae": {"epochs": 30}} if generator == "vae" else {}
+    state, ctx = _datafree(digits_teacher, data, tmp_path, **options)
+    assert spy.read == set(keep.tolist())
+    assert ctx.details["training_inputs"].startswith("100 real unlabelled training inputs (of ")
+    if generator == "vae":
+        seen = torch.cat(fitted)
+        assert len(seen) == 30 * 100 and "inversion" not in ctx.details  # fitted to the 100, not inverted
+        assert all(bool((row == x[keep]).flatten(1).all(1).any()) for row in seen[:50])
+    assert ctx.details["models"]["student"]["accuracy"] > 0.5

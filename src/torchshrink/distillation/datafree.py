@@ -18,6 +18,13 @@ The student learns from the teacher on synthetic inputs only. Four sources of in
   inverted from the teacher (each optimised from noise until the teacher names its target class;
   smoothness and batch-norm statistics as priors), then sampled for fresh inputs the pool does not
   hold.
+* ``conditional``: a generator given a class as well as noise (``G(z, c)``), trained so the teacher
+  names the requested class (cross-entropy to ``c``), with the batch-norm statistics prior and a
+  diversity term (mode seeking, Mao et al. 2019: different codes of one class must give different
+  inputs); the student's batches hold every class equally, or more of the classes where student and
+  teacher disagree most.
+* ``vae`` with real inputs: the VAE is fitted to a few real unlabelled inputs instead of the
+  inverted pool; ``real``: those inputs alone (the baseline that shows what the VAE adds).
 * ``noise``: Gaussian noise in the input range, the floor every generator must beat.
 
 Every optimisation here (generator, student, inverted inputs, VAE) runs in the one training loop;
@@ -39,6 +46,10 @@ from torchshrink.train import Batch
 
 __all__ = [
     "Generator",
+    "ConditionalGenerator",
+    "class_draw",
+    "mode_seeking",
+    "InputPool",
     "GradientReversal",
     "reverse_gradient",
     "dafl_terms",
@@ -112,6 +123,61 @@ class Generator(nn.Module):
         return to_range(h, self.input_range)
 
 
+class ConditionalGenerator(nn.Module):
+    """``(z, class) -> input``: a :class:`Generator` whose code is ``z`` followed by the class one-hot."""
+
+    def __init__(
+        self,
+        latent_dim: int,
+        num_classes: int,
+        input_shape: Sequence[int],
+        width: int = 64,
+        input_range: tuple[float, float] | None = (0.0, 1.0),
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.generator = Generator(latent_dim + num_classes, input_shape, width, input_range)
+
+    def forward(self, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        one_hot = F.one_hot(classes, self.num_classes).to(z.dtype)
+        return self.generator(torch.cat([z, one_hot], dim=1))
+
+
+def class_draw(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` class indices in the proportions ``weights`` (need not sum to 1), exact up to one per
+    class: stratified inverse-CDF sampling at ``(i + 1/2) / n``, so uniform weights give a balanced
+    batch and the draw needs no random numbers (resumes repeat it)."""
+    cdf = (weights / weights.sum()).cumsum(0)
+    points = (torch.arange(n, dtype=cdf.dtype, device=cdf.device) + 0.5) / n
+    return torch.searchsorted(cdf, points).clamp_max(len(weights) - 1)
+
+
+def mode_seeking(x: torch.Tensor, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Mode-seeking diversity term (Mao et al. 2019), to be minimised: for neighbouring samples of
+    the same class, the inverse of (mean absolute input difference / mean absolute code
+    difference). It grows without bound when different codes give the same input (mode collapse)."""
+    same = classes == classes.roll(1)
+    if not bool(same.any()):
+        return x.new_zeros(())
+    dx = (x - x.roll(1, 0)).abs().flatten(1).mean(1)[same]
+    dz = (z - z.roll(1, 0)).abs().mean(1)[same]
+    return 1.0 / ((dx / dz.clamp_min(1e-8)).mean() + 1e-5)
+
+
+class InputPool(nn.Module):
+    """A fixed pool of real inputs (a buffer, never trained); ``forward(indices)`` returns those."""
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("inputs", inputs)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.inputs[indices]
+
+
 class GradientReversal(torch.autograd.Function):
     """The identity forward; the gradient negated and scaled backward (what descends for the
     networks after it ascends, ``scale`` times, for the generator before it)."""
@@ -181,9 +247,12 @@ class PenultimateTap:
 class LatentBatches:
     """``steps`` batches of latent codes ``z ~ N(0, I)`` per epoch, the same for the same
     (seed, epoch, rank) whatever came before, so an interrupted run resumes exactly; each rank draws
-    its own share of the global ``batch_size``."""
+    its own share of the global ``batch_size``. With ``pool`` > 0 each batch also carries as many
+    random indices into a pool of that many real inputs: ``(z, indices)``."""
 
-    def __init__(self, latent_shape: Sequence[int], batch_size: int, steps: int, seed: int = 0) -> None:
+    def __init__(
+        self, latent_shape: Sequence[int], batch_size: int, steps: int, seed: int = 0, pool: int = 0
+    ) -> None:
         info = ddp.current()
         if batch_size % info.world_size:
             raise TrainingError(
@@ -191,7 +260,7 @@ class LatentBatches:
             )
         self.latent_shape = tuple(latent_shape)
         self.per_rank = batch_size // info.world_size
-        self.steps, self.seed, self.rank = steps, seed, info.rank
+        self.steps, self.seed, self.rank, self.pool = steps, seed, info.rank, pool
 
     def __len__(self) -> int:
         return self.steps
@@ -199,7 +268,11 @@ class LatentBatches:
     def epoch(self, epoch: int) -> Iterable[Batch]:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_009 + self.rank)
         for _ in range(self.steps):
-            yield (torch.randn(self.per_rank, *self.latent_shape, generator=generator),)
+            z = torch.randn(self.per_rank, *self.latent_shape, generator=generator)
+            if self.pool:
+                yield (z, torch.randint(self.pool, (self.per_rank,), generator=generator))
+            else:
+                yield (z,)
 
 
 class InvertedInputs(nn.Module):

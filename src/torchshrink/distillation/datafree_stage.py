@@ -1,8 +1,11 @@
-"""Stage ``datafree``: distil the teacher(s) into a student without one training input.
+"""Stage ``datafree``: distil the teacher(s) into a student without the training data.
 
 The student never sees the dataset's training split: its inputs come from a generator (``dafl``,
-``adversarial``), from a VAE fitted to inputs inverted from the teacher (``vae``), or from noise
-(``noise``, the floor). The dataset's test split is used only to measure, as in every stage.
+``adversarial``, ``conditional``), from a VAE fitted to inputs inverted from the teacher (``vae``),
+or from noise (``noise``, the floor). With ``inputs: N`` the stage reads N unlabelled inputs of the
+training split (a seeded random choice, no label): the VAE is fitted to them instead (``vae``), or
+the student learns from them alone (``real``, the baseline). The dataset's test split is used only to
+measure, as in every stage.
 Teachers, student, adapters and the objective are the ``distill`` stage's (one objective, with the
 teacher's argmax as the label of the ``ce`` term); every optimisation runs in the one training loop.
 See :mod:`torchshrink.distillation.datafree` for the methods.
@@ -14,7 +17,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +29,16 @@ from torchshrink.augment import AugmentConfig, random_shift
 from torchshrink.distillation.datafree import (
     VAE,
     BatchNormStatistics,
+    ConditionalGenerator,
     Encoder,
     Generator,
+    InputPool,
     InvertedInputs,
     LatentBatches,
     PenultimateTap,
+    class_draw,
     dafl_terms,
+    mode_seeking,
     reverse_gradient,
     smoothness,
     to_range,
@@ -46,6 +53,7 @@ from torchshrink.distillation.stage import (
     finish_distillation,
     prepare_distillation,
 )
+from torchshrink.errors import TrainingError
 from torchshrink.io import load_tensors, save_tensors
 from torchshrink.modes import switched
 from torchshrink.parallel import ddp
@@ -56,25 +64,35 @@ from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataFreeConfig", "DataFreeLearner", "datafree_stage"]
+__all__ = ["DataFreeConfig", "DataFreeLearner", "Generated", "choose_real_inputs", "datafree_stage"]
 
-Method = Literal["dafl", "adversarial", "vae", "noise"]
+Method = Literal["dafl", "adversarial", "conditional", "vae", "real", "noise"]
 
 
 class GeneratorLoss(BaseModel, extra="forbid"):
-    """Weights of the generator's terms: DAFL's three, and ``adversarial``, the scale of the
-    discrepancy the generator ascends (through the gradient reversal)."""
+    """Weights of the generator's terms: DAFL's three; ``adversarial``, the scale of the discrepancy
+    the generator ascends (through the gradient reversal); ``class_ce`` (the teacher names the
+    requested class) and ``diversity`` (mode seeking), for the conditional generator;
+    ``bn_statistics``, the teacher's batch-norm statistics prior (teachers with batch-norm)."""
 
     one_hot: float = Field(0.0, ge=0)
     activation: float = Field(0.0, ge=0)
     entropy: float = Field(0.0, ge=0)
     adversarial: float = Field(0.0, ge=0)
+    class_ce: float = Field(0.0, ge=0)
+    diversity: float = Field(0.0, ge=0)
+    bn_statistics: float = Field(0.0, ge=0)
+    smoothness: float = Field(0.0, ge=0, description="the neighbouring-pixel prior (images and signals)")
 
 
 GENERATOR_LOSS_DEFAULTS = {
     "dafl": GeneratorLoss(one_hot=1.0, activation=0.1, entropy=5.0),  # DAFL's MNIST weights
     "adversarial": GeneratorLoss(adversarial=1.0),
+    # the adversarial term keeps looking for what the student has not learnt yet, within the class asked for
+    "conditional": GeneratorLoss(class_ce=1.0, diversity=0.1, bn_statistics=0.1, adversarial=1.0),
 }
+CONDITIONAL_TERMS = ("class_ce", "diversity")
+"""Generator terms that need a requested class: only the conditional generator has one."""
 
 
 class InversionConfig(BaseModel, extra="forbid"):
@@ -122,6 +140,20 @@ class DataFreeConfig(DistillConfig):
     generator_loss: GeneratorLoss | None = Field(
         None, description="dafl / adversarial: weights of the generator's terms (default: the method's)"
     )
+    inputs: int = Field(
+        0,
+        ge=0,
+        description="vae / real: how many real unlabelled inputs of the training split to read (a seeded "
+        "random choice; labels never read); vae: 0 fits the VAE to inputs inverted from the teacher",
+    )
+    real_share: float = Field(
+        0.5, ge=0, le=1, description="vae with inputs: the share of each batch taken from the real inputs"
+    )
+    classes: Literal["balanced", "disagreement"] = Field(
+        "balanced",
+        description="conditional: the classes of each batch: every class equally, or half equally and half "
+        "in proportion to the student's running disagreement with the teacher on that class",
+    )
     inversion: InversionConfig = Field(default_factory=InversionConfig)
     vae: VaeConfig = Field(default_factory=VaeConfig)
 
@@ -139,7 +171,22 @@ class DataFreeConfig(DistillConfig):
             raise ValueError(
                 "generator_loss: every weight is 0, so the generator would never learn; give one a weight"
             )
-        if self.generator == "adversarial":  # B5's settings, unless given
+        conditional = [t for t in CONDITIONAL_TERMS if getattr(self.generator_weights, t)]
+        if conditional and self.generator != "conditional":
+            raise ValueError(
+                f"generator_loss.{conditional[0]} scores a requested class; only generator: conditional "
+                "is given one"
+            )
+        if self.classes != "balanced" and self.generator != "conditional":
+            raise ValueError("classes: only generator: conditional draws the classes of its batches")
+        if self.generator == "real" and not self.inputs:
+            raise ValueError("generator: real trains on real inputs: say how many with inputs: N (N > 0)")
+        if self.inputs and self.generator not in ("vae", "real"):
+            raise ValueError(
+                f"inputs: {self.inputs} real inputs feed generator: vae or real; generator: "
+                f"{self.generator} reads none (set inputs: 0)"
+            )
+        if self.generator in ("adversarial", "conditional"):  # B5's settings, unless given
             if "match" not in self.model_fields_set:
                 self.match = "mae"
             if "generator_lr" not in self.model_fields_set:
@@ -154,13 +201,27 @@ class DataFreeConfig(DistillConfig):
         return self.generator_loss or GENERATOR_LOSS_DEFAULTS.get(self.generator, GeneratorLoss())
 
 
-class DataFreeLearner(nn.Module):
-    """What the training loop optimises: the student (with its adapters) and, for ``dafl`` and
-    ``adversarial``, the generator; ``forward(z)`` makes the inputs and runs the student on them.
+class Generated(NamedTuple):
+    """One step's inputs: ``inputs`` as made (with the generator's gradient), the student's ``view``
+    of them (shifted when asked; through the gradient reversal when the generator ascends the
+    discrepancy, else detached), the student's ``logits``, and the requested ``classes`` (conditional
+    generator; else None)."""
 
-    Returns ``(generated, view, student_logits)``: the generated inputs (with the generator's
-    gradient), the student's view of them (shifted when asked; through a gradient reversal scaled by
-    ``adversarial`` when the generator ascends the discrepancy, else detached) and the logits.
+    inputs: torch.Tensor
+    view: torch.Tensor
+    logits: torch.Tensor
+    classes: torch.Tensor | None
+
+
+class DataFreeLearner(nn.Module):
+    """What the training loop optimises: the student (with its adapters) and, for ``dafl``,
+    ``adversarial`` and ``conditional``, the generator; ``forward(z, indices)`` makes the inputs
+    (``indices`` pick real inputs from ``pool``, for ``real`` and the VAE with inputs) and runs the
+    student on them, returning :class:`Generated`.
+
+    The conditional generator's classes follow ``disagreement`` (a buffer, so checkpoints keep it):
+    uniform for ``classes: balanced``; else half uniform, half in proportion to the running
+    student-teacher divergence per class, which :meth:`note_disagreement` updates.
     """
 
     def __init__(
@@ -171,13 +232,20 @@ class DataFreeLearner(nn.Module):
         input_range: tuple[float, float] | None,
         shift: int = 0,
         adversarial: float = 0.0,
+        *,
+        num_classes: int = 0,
+        classes: str = "balanced",
+        pool: InputPool | None = None,
+        real_share: float = 0.0,
     ) -> None:
         super().__init__()
-        self.distill, self.method, self.generator = distill, method, generator
+        self.distill, self.method, self.generator, self.pool = distill, method, generator, pool
         self.input_range, self.shift, self.adversarial = input_range, shift, adversarial
+        self.real_share, self.classes = real_share, classes
         self.trains_generator = method in GENERATOR_LOSS_DEFAULTS
         if generator is not None and not self.trains_generator:
             generator.requires_grad_(False)
+        self.register_buffer("disagreement", torch.ones(max(num_classes, 1)))
 
     def train(self, mode: bool = True) -> DataFreeLearner:
         super().train(mode)
@@ -185,20 +253,55 @@ class DataFreeLearner(nn.Module):
             self.generator.eval()  # a fitted decoder keeps its batch-norm statistics
         return self
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def class_weights(self) -> torch.Tensor:
+        """The share of each class in the conditional generator's next batch."""
+        uniform = torch.full_like(self.disagreement, 1.0 / len(self.disagreement))
+        if self.classes == "balanced":
+            return uniform
+        return 0.5 * uniform + 0.5 * self.disagreement / self.disagreement.sum()
+
+    @torch.no_grad()
+    def note_disagreement(
+        self, classes: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> None:
+        """Move each class's running divergence (KL of the student from the teacher, a 0.9 moving
+        average over steps) towards this batch's mean for that class."""
+        kl = F.kl_div(
+            F.log_softmax(student_logits.float(), 1), F.log_softmax(teacher_logits.float(), 1),
+            reduction="none", log_target=True,
+        ).sum(1)  # fmt: skip
+        count = torch.zeros_like(self.disagreement).index_add_(0, classes, torch.ones_like(kl))
+        total = torch.zeros_like(self.disagreement).index_add_(0, classes, kl)
+        seen = count > 0
+        self.disagreement[seen] = 0.9 * self.disagreement[seen] + 0.1 * total[seen] / count[seen]
+        self.disagreement.clamp_(min=1e-6)
+
+    def _make(
+        self, z: torch.Tensor, indices: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.method == "noise":
-            generated = to_range(z, self.input_range)
-        elif self.trains_generator:
-            generated = self.generator(z)
-        else:
-            with torch.no_grad():
-                generated = self.generator(z)
+            return to_range(z, self.input_range), None
+        if self.method == "real":
+            return self.pool(indices), None
+        if self.method == "conditional":
+            classes = class_draw(self.class_weights(), len(z))
+            return self.generator(z, classes), classes
+        if self.trains_generator:
+            return self.generator(z), None
+        with torch.no_grad():
+            if self.pool is None:
+                return self.generator(z), None
+            real = round(self.real_share * len(z))  # the VAE fitted to real inputs: a share is those
+            return torch.cat([self.pool(indices[:real]), self.generator(z[real:])]), None
+
+    def forward(self, z: torch.Tensor, indices: torch.Tensor | None = None) -> Generated:
+        generated, classes = self._make(z, indices)
         if self.trains_generator and self.adversarial:
             view = reverse_gradient(generated, self.adversarial)
         else:
             view = generated.detach()
         view = random_shift(view, self.shift)
-        return generated, view, self.distill(view)
+        return Generated(generated, view, self.distill(view), classes)
 
 
 def _teachers(teacher: nn.Module) -> list[nn.Module]:
@@ -259,26 +362,66 @@ def _invert(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext, checkpoint
     return pool
 
 
-def _fitted_decoder(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) -> Generator:
-    """The ``vae`` route's generator: a VAE fitted to the inverted pool; phases finished by an
-    interrupted run are kept in the stage's work folder and reused by ``--resume``."""
-    shape = ctx.data.input_shape
-    # Files and checkpoints named by what made them (teacher, seed, settings): a resumed run with
-    # another teacher or other settings starts afresh instead of reusing a stale pool.
+def choose_real_inputs(available: int, count: int, seed: int) -> torch.Tensor:
+    """The indices of the ``count`` training inputs the ``inputs: N`` routes read (a seeded random
+    choice of ``available``), sorted; benchmarks use it to blank out every other input."""
+    if count > available:
+        raise TrainingError(
+            f"inputs: {count} real inputs asked for, but the training split holds {available}; "
+            f"set inputs to at most {available}"
+        )
+    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
+def _real_inputs(cfg: DataFreeConfig, ctx: RunContext) -> torch.Tensor:
+    """The ``inputs`` real training inputs, read one by one (their labels are never looked at)."""
+    train = ctx.data.train
+    chosen = [train[int(i)][0] for i in choose_real_inputs(len(train), cfg.inputs, ctx.seed)]
+    if not all(isinstance(x, torch.Tensor) and tuple(x.shape) == ctx.data.input_shape for x in chosen):
+        raise TrainingError(
+            f"{ctx.stage_name}.inputs: the training split's inputs must be single tensors of shape "
+            f"{list(ctx.data.input_shape)} for the vae / real routes"
+        )
+    inputs = torch.stack(chosen).float()
+    if not bool(torch.isfinite(inputs).all()):
+        raise TrainingError(f"{ctx.stage_name}.inputs: a chosen training input holds NaN or inf")
+    return inputs
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         digest.update(
             name.encode() + tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
         )
+    return digest.hexdigest()
+
+
+def _fitted_decoder(
+    teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext, real: torch.Tensor | None
+) -> Generator:
+    """The ``vae`` route's generator: a VAE fitted to the ``real`` inputs, or without them to a pool
+    inverted from the teacher; phases finished by an interrupted run are kept in the stage's work
+    folder and reused by ``--resume``."""
+    shape = ctx.data.input_shape
+    # Files and checkpoints named by what made them (teacher or real inputs, seed, settings): a resumed
+    # run with another teacher or other settings starts afresh instead of reusing a stale pool.
+    source = (
+        {"real": _digest({"inputs": real})}
+        if real is not None
+        else {"teacher": _digest(teacher.state_dict())}
+    )
     settings = cfg.model_dump(include={"inversion", "latent_dim", "generator_width", "input_range"})
-    made_by = json.dumps({"teacher": digest.hexdigest(), "seed": ctx.seed, **settings}, sort_keys=True)
+    made_by = json.dumps({**source, "seed": ctx.seed, **settings}, sort_keys=True)
     tag = hashlib.sha256(made_by.encode()).hexdigest()[:12]
     vae_tag = hashlib.sha256(
         (made_by + json.dumps(cfg.vae.model_dump(), sort_keys=True)).encode()
     ).hexdigest()[:12]
     pool_file = ctx.work_dir / f"inverted-pool-{tag}.safetensors"
     vae_file = ctx.work_dir / f"vae-{vae_tag}.safetensors"
-    if pool_file.is_file():
+    if real is not None:
+        pool = real
+    elif pool_file.is_file():
         pool = load_tensors(pool_file)["pool"]
     else:
         pool = _invert(teacher, cfg, ctx, ctx.work_dir / f"inversion-{tag}")
@@ -304,50 +447,103 @@ def _fitted_decoder(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) ->
     return decoder.eval()
 
 
-def _generator(teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext) -> nn.Module | None:
-    if cfg.generator == "noise":
+def _generator(
+    teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext, real: torch.Tensor | None
+) -> nn.Module | None:
+    if cfg.generator in ("noise", "real"):
         return None
     if cfg.generator == "vae":
-        return _fitted_decoder(teacher, cfg, ctx)
+        return _fitted_decoder(teacher, cfg, ctx, real)
     torch.manual_seed(ctx.seed)
-    return Generator(cfg.latent_dim, ctx.data.input_shape, cfg.generator_width, cfg.input_range)
+    shape = ctx.data.input_shape
+    if cfg.generator == "conditional":
+        return ConditionalGenerator(
+            cfg.latent_dim, ctx.data.num_classes, shape, cfg.generator_width, cfg.input_range
+        )
+    return Generator(cfg.latent_dim, shape, cfg.generator_width, cfg.input_range)
+
+
+def _training_inputs(cfg: DataFreeConfig, available: int) -> str:
+    """What the student's inputs were, for the report."""
+    if not cfg.inputs:
+        return "none: generated only"
+    if cfg.generator == "real":
+        return f"{cfg.inputs} real unlabelled training inputs (of {available}), nothing generated"
+    return (
+        f"{cfg.inputs} real unlabelled training inputs (of {available}): {cfg.real_share:.0%} of each batch, "
+        "the rest sampled from a VAE fitted to them"
+    )
 
 
 @register_stage("datafree", DataFreeConfig, role="transform")
 def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> ModelState:
-    """Train ``cfg.student`` from the teacher(s) on generated inputs only; it becomes the pipeline's model."""
+    """Train ``cfg.student`` from the teacher(s) on generated inputs (and, with ``inputs``, a few real
+    unlabelled ones); it becomes the pipeline's model."""
     shape = ctx.data.input_shape
     setup: Distillation = prepare_distillation(state, cfg, ctx, torch.zeros(2, *shape))
     teacher = setup.teacher
-    generator = _generator(teacher, cfg, ctx)
+    real = _real_inputs(cfg, ctx) if cfg.inputs else None
+    generator = _generator(teacher, cfg, ctx, real)
     weights = cfg.generator_weights
     learner = DataFreeLearner(
-        setup.learner, cfg.generator, generator, cfg.input_range, cfg.augment.shift, weights.adversarial
+        setup.learner,
+        cfg.generator,
+        generator,
+        cfg.input_range,
+        cfg.augment.shift,
+        weights.adversarial,
+        num_classes=ctx.data.num_classes,
+        classes=cfg.classes,
+        pool=InputPool(real) if real is not None else None,
+        real_share=cfg.real_share if cfg.generator == "vae" else 1.0,
     )
-    dafl = {"one_hot": weights.one_hot, "activation": weights.activation, "entropy": weights.entropy}
-    scores_generated = learner.trains_generator and any(dafl.values())
+    scoring = {
+        name: getattr(weights, name)
+        for name in ("one_hot", "activation", "entropy", "class_ce", "bn_statistics")
+        if getattr(weights, name)
+    }
+    scores_generated = learner.trains_generator and bool(scoring)
     penultimate = PenultimateTap(_teachers(teacher)) if scores_generated and weights.activation else None
+    statistics = (
+        [BatchNormStatistics(m) for m in _teachers(teacher)]
+        if scores_generated and weights.bn_statistics
+        else []
+    )
 
     def loss_fn(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        generated, view, student_logits = model(batch[0])
+        out: Generated = model(*batch)
         terms: dict[str, torch.Tensor] = {}
         scored = None
         if scores_generated:
-            scored = teacher(generated)  # the generator's gradient flows through the frozen teacher
+            scored = teacher(out.inputs)  # the generator's gradient flows through the frozen teacher
             features = penultimate.take() if penultimate else []
-            for name, value in dafl_terms(scored, features).items():
-                if dafl[name]:
-                    terms[f"generator_{name}"] = dafl[name] * value
+            dafl = dafl_terms(scored, features)
+            for name in ("one_hot", "activation", "entropy"):
+                if name in scoring:
+                    terms[f"generator_{name}"] = scoring[name] * dafl[name]
+            if "class_ce" in scoring:
+                terms["generator_class_ce"] = scoring["class_ce"] * F.cross_entropy(scored, out.classes)
+            distances = [d for d in (s.take() for s in statistics) if d is not None]
+            if distances:
+                terms["generator_bn_statistics"] = scoring["bn_statistics"] * torch.stack(distances).mean()
+        if learner.trains_generator and weights.smoothness and len(shape) > 1:
+            terms["generator_smoothness"] = weights.smoothness * smoothness(out.inputs)
+        if learner.trains_generator and weights.diversity:
+            terms["generator_diversity"] = weights.diversity * mode_seeking(out.inputs, batch[0], out.classes)
         if learner.adversarial:
-            teacher_logits = teacher(view)  # the reversal sends the discrepancy's ascent to the generator
+            teacher_logits = teacher(out.view)  # the reversal sends the discrepancy's ascent to the generator
         elif scored is not None and not (cfg.augment.shift or cfg.features):
             teacher_logits = scored.detach()  # the student's view is the generated batch itself
         else:
             with torch.no_grad():
-                teacher_logits = teacher(view)
+                teacher_logits = teacher(out.view)
         if penultimate:
             penultimate.take()  # only the generator's scoring pass counts
-        terms.update(setup.terms(student_logits, teacher_logits.detach().argmax(1), teacher_logits))
+        for s in statistics:
+            s.take()
+        if out.classes is not None and cfg.classes == "disagreement":
+            learner.note_disagreement(out.classes, out.logits.detach(), teacher_logits.detach())
+        terms.update(setup.terms(out.logits, teacher_logits.detach().argmax(1), teacher_logits))
         return terms
 
     latent = shape if cfg.generator == "noise" else (cfg.latent_dim,)
@@ -356,10 +552,11 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
     train_cfg.num_classes = None
     if learner.trains_generator:
         train_cfg.lr_groups = {"generator.": cfg.generator_lr}
+    pool = len(real) if real is not None else 0
     try:
         result = fit(
             learner,
-            LatentBatches(latent, cfg.batch_size, cfg.steps_per_epoch, seed=ctx.seed),
+            LatentBatches(latent, cfg.batch_size, cfg.steps_per_epoch, seed=ctx.seed, pool=pool),
             loss_fn,
             train_cfg,
             checkpoint_dir=ctx.work_dir,
@@ -368,10 +565,30 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
         setup.remove_taps()
         if penultimate:
             penultimate.remove()
+        for s in statistics:
+            s.remove()
     ctx.details["generator"] = cfg.generator
-    ctx.details["training_inputs"] = "none: generated only"
-    _picture_samples(learner, teacher, latent, cfg, ctx)
+    ctx.details["training_inputs"] = _training_inputs(cfg, len(ctx.data.train))
+    if cfg.generator == "conditional":
+        ctx.details["class_weights"] = [round(float(w), 4) for w in learner.class_weights()]
+        ctx.details["class_agreement"] = _class_agreement(learner, teacher, cfg, ctx)
+    _picture_samples(learner, teacher, latent, pool, cfg, ctx)
     return finish_distillation(state, setup, result, ctx)
+
+
+def _class_agreement(
+    learner: DataFreeLearner, teacher: nn.Module, cfg: DataFreeConfig, ctx: RunContext
+) -> float:
+    """The share of the conditional generator's samples (balanced over the classes, a fresh seeded
+    draw) that the teacher assigns to the class they were made for."""
+    classes = torch.arange(ctx.data.num_classes).repeat_interleave(max(1, 1000 // ctx.data.num_classes))
+    device = next(teacher.parameters()).device
+    z = torch.randn(len(classes), cfg.latent_dim, generator=torch.Generator().manual_seed(ctx.seed + 1))
+    with switched(learner), torch.no_grad():
+        made = torch.cat([learner.generator(z[i : i + 250].to(device), classes[i : i + 250].to(device))
+                          for i in range(0, len(z), 250)])  # fmt: skip
+        assigned = torch.cat([teacher(made[i : i + 250]).argmax(1).cpu() for i in range(0, len(made), 250)])
+    return round(float((assigned == classes).float().mean()), 4)
 
 
 GRID_CLASSES = 20
@@ -382,6 +599,7 @@ def _picture_samples(
     learner: DataFreeLearner,
     teacher: nn.Module,
     latent: tuple[int, ...],
+    pool: int,
     cfg: DataFreeConfig,
     ctx: RunContext,
 ) -> None:
@@ -391,8 +609,10 @@ def _picture_samples(
     device = next(teacher.parameters()).device
 
     def draw(n: int) -> torch.Tensor:
+        z = torch.randn(n, *latent, generator=seeded).to(device)
+        indices = torch.randint(pool, (n,), generator=seeded).to(device) if pool else None
         with switched(learner):
-            return learner(torch.randn(n, *latent, generator=seeded).to(device))[0]
+            return learner(z, indices).inputs
 
     rows = sample_rows(draw, teacher, min(ctx.data.num_classes, GRID_CLASSES))
     name = f"samples-{ctx.stage_index:02d}.png"
