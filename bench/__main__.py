@@ -50,6 +50,9 @@ def main() -> None:
         action="store_true",
         help="b7: keep the stored BERT-base scale row instead of rerunning it",
     )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="b5: torch threads (1 to run two b5 --only at once)"
+    )
     args = parser.parse_args()
     unknown = [t for t in args.tables if t not in TABLES]
     if unknown:
@@ -59,7 +62,11 @@ def main() -> None:
         if name == "b3" and args.only:
             TABLES[name](command=f"python -m bench b3 --only {' '.join(args.only)}", only=tuple(args.only))
         elif name == "b5" and args.only:
-            TABLES[name](command=f"python -m bench b5 --only {' '.join(args.only)}", only=tuple(args.only))
+            TABLES[name](
+                command=f"python -m bench b5 --only {' '.join(args.only)}",
+                only=tuple(args.only),
+                threads=args.threads,
+            )
         elif name == "b7" and args.keep_scale:
             TABLES[name](command="python -m bench b7 --keep-scale", scale=False)
         else:

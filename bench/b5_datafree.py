@@ -139,12 +139,17 @@ def _stored(only: tuple[str, ...], seeds: tuple[int, ...]) -> list[dict[str, dic
 
 
 def run_all(
-    seeds: tuple[int, ...] = (0, 1, 2), command: str = "python -m bench b5", only: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0, 1, 2),
+    command: str = "python -m bench b5",
+    only: tuple[str, ...] = (),
+    threads: int = 2,
 ) -> dict:
+    """Every row (or ``only`` these, keeping the stored others) for every seed. Accuracy only, so two
+    runs of other rows may share the machine (``threads`` 1 each: more threads than cores is slow)."""
     unknown = [k for k in only if k not in METHODS]
     if unknown:
         raise SystemExit(f"b5 --only: unknown rows {unknown}; rows: {', '.join(METHODS)}")
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     data = load_data("mnist5k")
     machine = machine_line()
     measured = []
