@@ -1,0 +1,372 @@
+"""Stage ``search``: the best compression plan within an accuracy budget, and the Pareto front.
+
+Cheap to expensive (successive refinement):
+
+1. **look**: every plan of the space is built without recovery (pruned, quantized or packed, no
+   fine-tuning). Its latency, size and MACs are then already exact (fine-tuning changes none of
+   them), and its held-out accuracy says how much the plan hurts before any training.
+2. **short**: in order of the objective (best first), plans get a short fine-tune
+   (``short_epochs``) while the time budget allows.
+3. **full**: the plans on the short round's Pareto front (accuracy against the objective) whose
+   drop is within reach (``max_drop + slack``) get the full fine-tune (``epochs``), again best
+   objective first; the first that stays within ``max_drop`` is the best plan of the front, since
+   none after it can be faster or smaller. Up to ``finalists`` full fine-tunes.
+
+The accuracy budget is measured on a held-out share of the training split (``holdout``) that no
+candidate trains on; the pipeline then measures the chosen model once on the test split, so the
+report keeps the two apart. Every evaluation is kept in the stage's work folder (keyed by the input
+model, data, seed and settings): a resumed run reuses them. The chosen model becomes the pipeline's
+model, with its files; ``details.search`` lists every candidate with the recipe stages that
+reproduce it, and report.md shows the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+from torch import nn
+
+from torchshrink.data import DatasetBundle
+from torchshrink.digests import model_digest
+from torchshrink.errors import TrainingError
+from torchshrink.inputs import samples, take
+from torchshrink.io import write_json_atomic
+from torchshrink.measure import accuracy, count_macs, serialized_size, timing_pass
+from torchshrink.onnx_export import OnnxRuntimeModel
+from torchshrink.recipe import stage_config
+from torchshrink.registry import get_stage, register_stage
+from torchshrink.search.front import pareto_front
+from torchshrink.search.space import Plan, SearchSpace, plans
+from torchshrink.seeding import seed_everything
+from torchshrink.state import ModelState, RunContext
+from torchshrink.tables import markdown_table
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SearchConfig", "search_stage", "Candidate"]
+
+Objective = Literal["latency", "size", "macs"]
+LEVELS = ("look", "short", "full")
+
+
+class SearchConfig(BaseModel, extra="forbid"):
+    """Options of the ``search`` stage."""
+
+    max_drop: float = Field(
+        0.5, ge=0, description="accuracy points the chosen model may lose (held-out split)"
+    )
+    objective: Objective = Field("latency", description="what the chosen model minimises")
+    budget_minutes: float = Field(20.0, gt=0, description="wall-clock time for the whole search")
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    holdout: float = Field(0.1, gt=0, lt=0.5, description="share of the training split kept out to judge")
+    short_epochs: int = Field(1, ge=1, description="fine-tune epochs of the short round")
+    epochs: int = Field(5, ge=1, description="fine-tune epochs of the full round (the chosen model's)")
+    lr: float = Field(3e-4, gt=0, description="fine-tune learning rate")
+    slack: float = Field(
+        1.0, ge=0, description="points beyond max_drop a short-round candidate may miss by and still go on"
+    )
+    finalists: int = Field(3, ge=1, description="full fine-tunes at most")
+    latency_batch: int = Field(32, ge=1, description="batch size of the latency objective")
+    latency_repeats: int = Field(10, ge=3, description="interleaved timing rounds per candidate")
+
+    @model_validator(mode="after")
+    def _some_plan(self) -> SearchConfig:
+        plans(self.space)  # an empty or contradictory space is an error before anything runs
+        return self
+
+
+@dataclass
+class Candidate:
+    """One plan evaluated at one level, on the held-out split."""
+
+    plan: Plan
+    level: str
+    accuracy: float
+    latency_ms: float
+    size_bytes: int
+    macs: int
+    minutes: float
+
+    def cost(self, objective: Objective) -> float:
+        return {"latency": self.latency_ms, "size": float(self.size_bytes), "macs": float(self.macs)}[
+            objective
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["plan"] = self.plan.key
+        return out
+
+
+class _Store:
+    """Evaluations on disk, one JSON per (plan, level), so a resumed search skips them."""
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.folder, self.key = folder, key
+
+    def _path(self, plan: Plan, level: str) -> Path:
+        return self.folder / f"{plan.key}-{level}.json"
+
+    def get(self, plan: Plan, level: str) -> Candidate | None:
+        path = self._path(plan, level)
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # a torn or foreign file: evaluate again
+        if record.get("key") != self.key:
+            return None
+        values = {k: record[k] for k in ("accuracy", "latency_ms", "size_bytes", "macs", "minutes")}
+        return Candidate(plan, level, **values)
+
+    def put(self, candidate: Candidate) -> None:
+        record = candidate.to_dict() | {"key": self.key, "plan_options": candidate.plan.as_dict()}
+        write_json_atomic(self._path(candidate.plan, candidate.level), record)
+
+
+def _split(data: DatasetBundle, fraction: float, seed: int) -> DatasetBundle:
+    """The data with a held-out share of the training split as its "test" split."""
+    train = data.train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    cut = int(round(fraction * len(train)))
+    if cut < 1 or cut >= len(train):
+        raise TrainingError(
+            f"search.holdout {fraction} leaves no held-out or no training sample of {len(train)}"
+        )
+    rest, held_out = (samples(*(take(t, idx) for t in train.tensors)) for idx in (order[cut:], order[:cut]))
+    return dataclasses.replace(data, train=rest, test=held_out)
+
+
+class _Searcher:
+    """Builds and judges plans for one search."""
+
+    def __init__(self, state: ModelState, cfg: SearchConfig, ctx: RunContext, data: DatasetBundle) -> None:
+        self.state, self.cfg, self.ctx, self.data = state, cfg, ctx, data
+        self.folder = ctx.work_dir / "candidates"
+        digest = hashlib.sha256(
+            json.dumps(
+                {
+                    "model": model_digest(state.model, state.architecture),
+                    "data": data.digest(),
+                    "seed": ctx.seed,
+                    "settings": cfg.model_dump(
+                        include={"holdout", "short_epochs", "epochs", "lr", "latency_batch"}
+                    ),
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:16]
+        self.store = _Store(self.folder, digest)
+        self.states: dict[tuple[str, str], ModelState] = {}
+        self.given = self._runtime(state)
+
+    def epochs(self, level: str) -> int:
+        return {"look": 0, "short": self.cfg.short_epochs, "full": self.cfg.epochs}[level]
+
+    @staticmethod
+    def _runtime(state: ModelState) -> nn.Module:
+        return state.runtime if state.runtime is not None else state.model
+
+    def build(self, plan: Plan, level: str) -> ModelState:
+        """Run the plan's stages on a copy of the input model, into a folder of its own."""
+        out = self.folder / f"{plan.key}-{level}"
+        out.mkdir(parents=True, exist_ok=True)
+        seed_everything(self.ctx.seed)
+        state = self.state.replace(model=copy.deepcopy(self.state.model))
+        for index, spec in enumerate(plan.stages(self.epochs(level), self.cfg.lr)):
+            kind, options = next(iter(spec.items()))
+            cfg = stage_config(kind, options, where=f"search.{plan.key}.{kind}", source=self.ctx.stage_name)
+            sub = RunContext(
+                data=self.data,
+                out_dir=out,
+                seed=self.ctx.seed,
+                stage_index=index,
+                stage_name=kind,
+                dist=self.ctx.dist,
+                baseline=self.state.model,
+            )
+            state = get_stage(kind).handler(state, cfg, sub)
+            state = state.replace(attachments={**state.attachments, "search_files": dict(sub.artefacts)})
+        return state
+
+    def judge(self, plan: Plan, level: str, state: ModelState, minutes: float) -> Candidate:
+        runtime = self._runtime(state)
+        held_out = self.data.test
+        acc = accuracy(runtime, held_out)
+        batch = self.cfg.latency_batch
+        timed = timing_pass(
+            {"given": {"rt": self.given}, "candidate": {"rt": runtime}},
+            self.data.inputs,
+            (batch,),
+            rounds=self.cfg.latency_repeats,
+        )
+        latency = timed.rows["candidate"]["rt"][batch].paired
+        size = state.artefact.stat().st_size if state.artefact is not None else serialized_size(state.model)
+        macs = count_macs(state.model, self.data.inputs)
+        return Candidate(plan, level, acc, latency, size, macs, minutes)
+
+    def evaluate(self, plan: Plan, level: str) -> Candidate:
+        known = self.store.get(plan, level)
+        if known is not None:
+            return known
+        started = time.monotonic()
+        state = self.build(plan, level)
+        candidate = self.judge(plan, level, state, (time.monotonic() - started) / 60)
+        if self.ctx.dist.is_main:
+            self.store.put(candidate)
+        if level != "look":
+            self.states[(plan.key, level)] = state
+        return candidate
+
+
+def _table(rows: list[Candidate], front: set[tuple[str, str]], chosen: Candidate | None, base: float) -> str:
+    body = [
+        [
+            c.plan.key + (" (chosen)" if chosen is not None and c is chosen else ""),
+            c.level,
+            f"{c.accuracy * 100:.2f}%",
+            f"{(c.accuracy - base) * 100:+.2f}",
+            f"{c.latency_ms:.3f}",
+            f"{c.size_bytes / 1000:.1f}",
+            f"{c.macs:,}",
+            "yes" if (c.plan.key, c.level) in front else "",
+            f"{c.minutes:.2f}",
+        ]
+        for c in rows
+    ]
+    header = [
+        "plan",
+        "level",
+        "held-out accuracy",
+        "drop (points)",
+        "latency ms",
+        "size kB",
+        "MACs",
+        "front",
+        "minutes",
+    ]
+    return markdown_table(header, body)
+
+
+@register_stage("search", SearchConfig, role="transform")
+def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> ModelState:
+    """Search ``cfg.space`` for the plan that minimises ``cfg.objective`` within ``cfg.max_drop``;
+    the chosen model (fully fine-tuned) becomes the pipeline's model."""
+    deadline = time.monotonic() + cfg.budget_minutes * 60
+    data = _split(ctx.data, cfg.holdout, ctx.seed)
+    searcher = _Searcher(state, cfg, ctx, data)
+    base = accuracy(searcher.given, data.test)
+    allowed = base - cfg.max_drop / 100
+    every = plans(cfg.space)
+    results: dict[str, list[Candidate]] = {level: [] for level in LEVELS}
+    stopped: str | None = None
+
+    def in_time(level: str) -> bool:
+        spent = [c.minutes for c in results[level]] or [c.minutes for c in results["look"]]
+        need = (max(spent) if spent else 0.0) * 60
+        return time.monotonic() + need <= deadline
+
+    for plan in every:
+        if results["look"] and not in_time("look"):
+            stopped = (
+                f"the time budget ended the first look after {len(results['look'])} of {len(every)} plans"
+            )
+            break
+        results["look"].append(searcher.evaluate(plan, "look"))
+        if len(results["look"]) == 1 and time.monotonic() > deadline:
+            raise TrainingError(
+                f"search.budget_minutes {cfg.budget_minutes:g} is too small for one candidate: building and "
+                f"judging the plan {plan.key!r} without training took {results['look'][0].minutes:.2f} minutes; "
+                f"give at least {max(1.0, 10 * results['look'][0].minutes):.1f} (--resume keeps what was done)"
+            )
+    by_cost = sorted(results["look"], key=lambda c: (c.cost(cfg.objective), -c.accuracy))
+    for look in by_cost:
+        if not look.plan.pruned:  # nothing to fine-tune: the look is the result
+            continue
+        if not in_time("short"):
+            stopped = stopped or f"the time budget ended the short round after {len(results['short'])} plans"
+            break
+        results["short"].append(searcher.evaluate(look.plan, "short"))
+    # the short round's view: fine-tuned plans, and plans with nothing to fine-tune as they are
+    judged = results["short"] + [c for c in results["look"] if not c.plan.pruned]
+    front = [judged[i] for i in pareto_front([(c.cost(cfg.objective), c.accuracy) for c in judged])]
+    hopeful = [c for c in front if c.accuracy >= allowed - cfg.slack / 100]
+    chosen: Candidate | None = None
+    for candidate in sorted(hopeful, key=lambda c: c.cost(cfg.objective)):
+        if len(results["full"]) >= cfg.finalists:
+            break
+        if candidate.plan.pruned:
+            if not in_time("full") and results["full"]:
+                stopped = stopped or "the time budget ended the full round"
+                break
+            candidate = searcher.evaluate(candidate.plan, "full")
+            results["full"].append(candidate)
+        if candidate.accuracy >= allowed:
+            chosen = candidate
+            break
+    final_level = {c.plan.key: c for level in LEVELS for c in results[level]}  # the deepest level wins
+    evaluated = list(final_level.values())
+    front_all = {
+        (evaluated[i].plan.key, evaluated[i].level)
+        for i in pareto_front([(c.cost(cfg.objective), c.accuracy) for c in evaluated])
+    }
+    if chosen is None:
+        chosen = max(evaluated, key=lambda c: (c.accuracy, -c.cost(cfg.objective)))
+        ctx.warn(
+            f"no candidate stayed within max_drop {cfg.max_drop:g} points on the held-out split; the most "
+            f"accurate one ({chosen.plan.key}, {chosen.level}) loses {(base - chosen.accuracy) * 100:.2f}"
+        )
+    if stopped:
+        ctx.warn(f"{stopped}; the result is the best found so far")
+    final = searcher.states.get((chosen.plan.key, chosen.level))
+    if final is None:  # resumed: the evaluation is on disk, the model is rebuilt (same seed, same model)
+        final = searcher.build(chosen.plan, chosen.level)
+    final = _shipped(final, ctx)
+    rows = sorted(evaluated, key=lambda c: c.cost(cfg.objective))
+    ctx.details["search"] = {
+        "objective": cfg.objective,
+        "max_drop": cfg.max_drop,
+        "held_out": {"samples": len(data.test), "given_accuracy": base},
+        "chosen": chosen.to_dict() | {"drop": round((base - chosen.accuracy) * 100, 3)},
+        "recipe": chosen.plan.stages(searcher.epochs(chosen.level), cfg.lr),
+        "candidates": [
+            c.to_dict()
+            | {
+                "front": (c.plan.key, c.level) in front_all,
+                "recipe": c.plan.stages(searcher.epochs(c.level), cfg.lr),
+            }
+            for c in rows
+        ],
+        "rounds": {level: len(results[level]) for level in LEVELS},
+        "stopped_early": stopped,
+        "minutes": round(cfg.budget_minutes - max(0.0, deadline - time.monotonic()) / 60, 3),
+    }
+    ctx.details["candidates_table"] = _table(rows, front_all, chosen, base)
+    return final.replace(lineage=(*state.lineage, ctx.stage_name))
+
+
+def _shipped(state: ModelState, ctx: RunContext) -> ModelState:
+    """The chosen candidate's files copied from the work folder into the run's folder."""
+    files = dict(state.attachments.get("search_files", {}))
+    attachments = {k: v for k, v in state.attachments.items() if k != "search_files"}
+    if state.artefact is None:
+        return state.replace(attachments=attachments)
+    target = ctx.out_dir / state.artefact.name
+    shutil.copyfile(state.artefact, target)
+    for name, file in files.items():
+        if Path(file).name == state.artefact.name:
+            ctx.artefacts[name] = state.artefact.name
+    runtime = OnnxRuntimeModel(target) if isinstance(state.runtime, OnnxRuntimeModel) else state.runtime
+    return state.replace(artefact=target, runtime=runtime, attachments=attachments)

@@ -1,0 +1,186 @@
+"""Accuracy-aware search: the plans a space holds and the stages that build them, Pareto fronts, and
+the ``search`` stage end to end on the digits: the chosen plan meets the budget on the held-out
+split, the front is non-dominated, a resumed search reuses what it evaluated, the time budget ends
+it, clear errors for spaces and budgets that cannot work."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from pydantic import ValidationError
+from testkit import DIGITS_CNN, digits_recipe
+
+import torchshrink.search.stage as search_module
+from torchshrink import run
+from torchshrink.errors import RecipeError, TrainingError
+from torchshrink.models import open_model
+from torchshrink.search.front import pareto_front
+from torchshrink.search.space import Plan, SearchSpace, plans
+from torchshrink.search.stage import SearchConfig
+
+
+def test_plans_cover_the_space_without_contradictions_or_duplicates() -> None:
+    space = SearchSpace(
+        macs_reduction=[1, 2], sparsity=[0, 0.5], bits=[None, 8], encode_bits=[None, 5], distill=[False, True]
+    )
+    found = plans(space)
+    keys = [p.key for p in found]
+    assert len(keys) == len(set(keys))
+    assert not any(p.bits is not None and p.encode_bits is not None for p in found)  # ONNX int8 is not packed
+    assert not any(p.distill and not p.pruned for p in found)  # nothing to recover: the plain plan
+    # 2 x 2 pruning choices; distill doubles the three pruned ones; x 3 (float, w8, enc5)
+    assert len(found) == (1 + 3 * 2) * 3
+    assert "macs2-sp0.5-kd-w8" in keys and "float" in keys
+
+
+def test_a_plan_builds_its_stages_in_the_pipeline_order() -> None:
+    plan = Plan(macs_reduction=2.0, sparsity=0.5, bits=8, distill=True)
+    assert plan.stages(epochs=3, lr=1e-3) == [
+        {"prune": {"granularity": "structured", "macs_reduction": 2.0}},
+        {"prune": {"granularity": "unstructured", "sparsity": 0.5}},
+        {"distill": {"student": "current", "epochs": 3, "lr": 1e-3}},
+        {"quantize": {"mode": "static", "bits": 8, "activation_bits": 8}},
+    ]
+    # the first look: built without recovery
+    assert [next(iter(s)) for s in plan.stages(epochs=0)] == ["prune", "prune", "quantize"]
+    assert Plan(encode_bits=5).stages(epochs=2) == [{"encode": {"bits": 5, "finetune_epochs": 1}}]
+
+
+def test_pareto_front_keeps_exactly_the_non_dominated_points() -> None:
+    rng = random.Random(0)
+    points = [(rng.randint(0, 20), rng.randint(0, 20)) for _ in range(60)]
+    front = pareto_front(points)
+
+    def dominated(i: int) -> bool:
+        (c, a) = points[i]
+        return any(
+            (c2 <= c and a2 >= a and (c2, a2) != (c, a)) or ((c2, a2) == (c, a) and j < i)
+            for j, (c2, a2) in enumerate(points)
+            if j != i
+        )
+
+    assert set(front) == {i for i in range(len(points)) if not dominated(i)}
+    costs = [points[i][0] for i in front]
+    assert costs == sorted(costs)
+    assert all(points[a][1] < points[b][1] for a, b in itertools.pairwise(front))
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"macs_reduction": []}, "macs_reduction: an empty list leaves nothing to search"),
+        ({"macs_reduction": [0.5]}, "would add MACs"),
+        ({"sparsity": [1.0]}, r"not a share of zeros in \[0, 1\)"),
+        ({"bits": [8], "encode_bits": [5]}, r"every one both quantizes \(bits\) and packs \(encode_bits\)"),
+    ],
+)
+def test_spaces_that_cannot_work_are_refused_clearly(space, message) -> None:
+    with pytest.raises(ValidationError, match=message):
+        SearchConfig(space=space)
+
+
+def _recipe(search: dict) -> dict:
+    return digits_recipe({"train": {"epochs": 6, "lr": 0.003}}, {"search": search}, model=DIGITS_CNN)
+
+
+SEARCH = {
+    "max_drop": 4.0,
+    "objective": "macs",
+    "budget_minutes": 10,
+    "epochs": 3,
+    "latency_repeats": 3,
+    "space": {"macs_reduction": [1, 1.5, 3], "bits": [None, 8]},
+}
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    return out, run(_recipe(SEARCH), out)
+
+
+def test_the_chosen_plan_is_the_cheapest_on_the_front_within_the_budget(searched) -> None:
+    out, report = searched
+    stage = report.stages[-1]
+    search = stage["details"]["search"]
+    base = search["held_out"]["given_accuracy"]
+    chosen = search["chosen"]
+    assert chosen["accuracy"] >= base - SEARCH["max_drop"] / 100  # on the held-out split
+    assert chosen["level"] != "short"  # a trained plan is chosen only after the full fine-tune
+    candidates = search["candidates"]
+    # non-dominated front, and nothing cheaper than the chosen one both meets the budget and was trained fully
+    points = [(c["macs"], c["accuracy"]) for c in candidates]
+    assert {i for i in pareto_front(points)} == {i for i, c in enumerate(candidates) if c["front"]}
+    assert not any(
+        c["macs"] < chosen["macs"]
+        and c["accuracy"] >= base - SEARCH["max_drop"] / 100
+        and c["level"] != "short"
+        for c in candidates
+    )
+    assert chosen["macs"] < candidates[-1]["macs"]  # a plan that prunes, not the model as given
+    assert search["held_out"]["samples"] == round(0.1 * 1437)
+    # the pipeline measured the chosen model once more, on the test split: the two stay apart
+    model = open_model(out / "model.safetensors").module
+    assert stage["metrics"]["macs"] == chosen["macs"] == search_module.count_macs(model, (1, 8, 8))
+    assert "held-out accuracy" in stage["details"]["candidates_table"]
+    assert "candidates" in (out / "report.md").read_text()
+    # every candidate says how to reproduce it
+    assert all(isinstance(c["recipe"], list) for c in candidates)
+
+
+def test_a_resumed_search_reuses_every_evaluation(searched, tmp_path, monkeypatch) -> None:
+    out, report = searched
+    judged: list[str] = []
+    built: list[str] = []
+    judge, build = search_module._Searcher.judge, search_module._Searcher.build
+
+    def spy_judge(self, plan, level, state, minutes):
+        judged.append(f"{plan.key}-{level}")
+        return judge(self, plan, level, state, minutes)
+
+    def spy_build(self, plan, level):
+        built.append(f"{plan.key}-{level}")
+        return build(self, plan, level)
+
+    monkeypatch.setattr(search_module._Searcher, "judge", spy_judge)
+    monkeypatch.setattr(search_module._Searcher, "build", spy_build)
+    # as if killed before the search stage finished: its checkpoint gone, its work folder kept
+    (out / ".checkpoints" / "stage-01-search.safetensors").unlink()
+    rerun = run(_recipe(SEARCH), out, resume=True)
+    chosen = report.stages[-1]["details"]["search"]["chosen"]
+    assert judged == []  # every evaluation came from the work folder
+    assert built == [f"{chosen['plan']}-{chosen['level']}"]  # only the chosen model is rebuilt
+    again = rerun.stages[-1]
+    assert again["details"]["search"]["chosen"] == chosen
+    assert again["metrics"]["accuracy"] == report.stages[-1]["metrics"]["accuracy"]  # the same model
+
+
+def test_the_time_budget_ends_the_search_with_the_best_so_far(tmp_path) -> None:
+    search = SEARCH | {
+        "budget_minutes": 0.25,
+        "space": {"macs_reduction": [1, 1.2, 1.5, 2, 3], "bits": [None, 8]},
+    }
+    report = run(_recipe(search), tmp_path)
+    details = report.stages[-1]["details"]
+    result = details["search"]
+    assert result["stopped_early"] and "time budget" in result["stopped_early"]
+    assert any("time budget" in w for w in details["warnings"])
+    slowest = max(c["minutes"] for c in result["candidates"])
+    assert result["minutes"] <= 0.25 + slowest + 0.05  # over by at most the evaluation under way
+
+
+def test_a_budget_too_small_for_one_candidate_and_an_unmet_drop_are_said(tmp_path) -> None:
+    with pytest.raises(TrainingError, match="too small for one candidate"):
+        run(_recipe(SEARCH | {"budget_minutes": 0.0001}), tmp_path / "tiny")
+    hard = SEARCH | {"max_drop": 0.0, "space": {"macs_reduction": [3], "bits": [None]}}
+    report = run(_recipe(hard), tmp_path / "hard")
+    details = report.stages[-1]["details"]
+    assert any("no candidate stayed within max_drop 0" in w for w in details["warnings"])
+    assert details["search"]["chosen"]["plan"] == "macs3"
+
+
+def test_a_contradictory_space_in_a_recipe_is_a_recipe_error(tmp_path) -> None:
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.search .*space: no consistent plan"):
+        run(_recipe(SEARCH | {"space": {"bits": [8], "encode_bits": [4]}}), tmp_path)
