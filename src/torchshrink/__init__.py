@@ -9,6 +9,7 @@ Public API::
     print(int8.summary())                                       # quality, size, MACs before -> after
     report = ts.run("examples/recipes/lenet5_basic.yaml", out_dir="out/lenet5")  # a whole recipe
     done = ts.sweep(["a.yaml", "b.yaml"], "out/sweep", jobs=2)   # recipes side by side (or on Ray)
+    best = ts.search(my_model, data, max_drop=0.5, objective="latency")  # the fastest within 0.5 points
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torchshrink.api import (  # noqa: E402
     finetune,
     prune,
     quantize,
+    search,
 )
 from torchshrink.data import DataSpec, load_data  # noqa: E402
 from torchshrink.measure import measure  # noqa: E402
@@ -44,6 +46,7 @@ __all__ = [
     "finetune",
     "prune",
     "quantize",
+    "search",
     "DataSpec",
     "ModelSpec",
     "Recipe",

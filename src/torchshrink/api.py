@@ -50,6 +50,7 @@ __all__ = [
     "finetune",
     "prune",
     "quantize",
+    "search",
     "train",
 ]
 
@@ -221,6 +222,16 @@ def encode(
     """Deep-Compression storage: k-means weight sharing (+ fine-tuning) and Huffman coding into a
     packed ``.tshrink`` file (``result.artefacts['packed']``)."""
     return apply_stage("encode", model, data, config, **options)
+
+
+def search(
+    model: ModelLike, data: DataLike, config: BaseModel | dict | None = None, **options: Any
+) -> Result:
+    """Search compression plans for the fastest (``objective: latency``), smallest (``size``) or
+    cheapest (``macs``) model within ``max_drop`` accuracy points on a held-out split; the chosen
+    model, fully fine-tuned, is ``result.model``; ``result.details['search']`` lists every candidate
+    with the recipe stages that reproduce it (docs/search.md)."""
+    return apply_stage("search", model, data, config, **options)
 
 
 def export(

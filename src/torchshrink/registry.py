@@ -33,7 +33,7 @@ BUILTIN_STAGE_MODULES = (
     "torchshrink.distillation.stage",
     "torchshrink.distillation.ensemble_stage",
     "torchshrink.distillation.datafree_stage",
-    "torchshrink.search.stage",
+    "torchshrink.plan_search.stage",
 )
 
 

@@ -245,6 +245,22 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
     return front
 
 
+def _plot_candidates(ax: Any, report: Report, key: str) -> None:
+    """A search stage's candidates (held-out accuracy), grey, with their own front dotted."""
+    for stage in report.stages:
+        candidates = ((stage.get("details") or {}).get("search") or {}).get("candidates") or []
+        field = "size_bytes" if key == "size_bytes" else "latency_ms"
+        points = [
+            (c[field] / (1000 if field == "size_bytes" else 1), c["accuracy"] * 100) for c in candidates
+        ]
+        if not points:
+            continue
+        ax.scatter(*zip(*points, strict=True), color="0.6", marker="x", zorder=2,
+                   label=f"{stage['name']} candidates (held-out)")  # fmt: skip
+        front = _pareto_front(points)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="0.5", linestyle=":")
+
+
 def _plot(report: Report, path: Path) -> None:
     import matplotlib
 
@@ -267,6 +283,7 @@ def _plot(report: Report, path: Path) -> None:
         ax.scatter(xs[:1], ys[:1], color="tab:red", zorder=4, label="baseline")
         for (name, _), x, y in zip(named, xs, ys, strict=True):
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        _plot_candidates(ax, report, key)
         front = _pareto_front(list(zip(xs, ys, strict=True)))
         ax.plot(
             [p[0] for p in front],

@@ -12,13 +12,13 @@ import pytest
 from pydantic import ValidationError
 from testkit import DIGITS_CNN, digits_recipe
 
-import torchshrink.search.stage as search_module
+import torchshrink.plan_search.stage as search_module
 from torchshrink import run
 from torchshrink.errors import RecipeError, TrainingError
 from torchshrink.models import open_model
-from torchshrink.search.front import pareto_front
-from torchshrink.search.space import Plan, SearchSpace, plans
-from torchshrink.search.stage import SearchConfig
+from torchshrink.plan_search.front import pareto_front
+from torchshrink.plan_search.space import Plan, SearchSpace, plans
+from torchshrink.plan_search.stage import SearchConfig
 
 
 def test_plans_cover_the_space_without_contradictions_or_duplicates() -> None:
@@ -184,3 +184,25 @@ def test_a_budget_too_small_for_one_candidate_and_an_unmet_drop_are_said(tmp_pat
 def test_a_contradictory_space_in_a_recipe_is_a_recipe_error(tmp_path) -> None:
     with pytest.raises(RecipeError, match=r"stages\[1\]\.search .*space: no consistent plan"):
         run(_recipe(SEARCH | {"space": {"bits": [8], "encode_bits": [4]}}), tmp_path)
+
+
+def test_the_python_api_searches_for_the_smallest_model(digits) -> None:
+    import torchshrink as ts
+
+    trained = ts.apply_stage("train", DIGITS_CNN, digits, epochs=6, lr=0.003).model
+    result = ts.search(
+        trained,
+        digits,
+        max_drop=3.0,
+        objective="size",
+        epochs=2,
+        latency_repeats=3,
+        space={"macs_reduction": [1, 2], "bits": [None], "encode_bits": [None, 5]},
+    )
+    search = result.details["search"]
+    chosen = search["chosen"]
+    assert chosen["plan"] != "float" and chosen["size_bytes"] < result.baseline["size_bytes"]
+    assert chosen["accuracy"] >= search["held_out"]["given_accuracy"] - 0.03
+    if chosen["plan"].endswith("enc5"):  # the packed file is the run's, measured as shipped
+        assert result.artefacts["packed"].is_file()
+        assert result.metrics["size_bytes"] == result.artefacts["packed"].stat().st_size

@@ -44,10 +44,10 @@ from torchshrink.inputs import samples, take
 from torchshrink.io import write_json_atomic
 from torchshrink.measure import accuracy, count_macs, serialized_size, timing_pass
 from torchshrink.onnx_export import OnnxRuntimeModel
+from torchshrink.plan_search.front import pareto_front
+from torchshrink.plan_search.space import Plan, SearchSpace, plans
 from torchshrink.recipe import stage_config
 from torchshrink.registry import get_stage, register_stage
-from torchshrink.search.front import pareto_front
-from torchshrink.search.space import Plan, SearchSpace, plans
 from torchshrink.seeding import seed_everything
 from torchshrink.state import ModelState, RunContext
 from torchshrink.tables import markdown_table
