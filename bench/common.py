@@ -15,6 +15,7 @@ from torch import nn
 from torchshrink.augment import AugmentConfig
 from torchshrink.data import DatasetBundle
 from torchshrink.inputs import ModelInput, call
+from torchshrink.io import write_text_atomic
 from torchshrink.measure import interleaved_medians
 from torchshrink.models import open_model, save_model
 from torchshrink.stages.training import training_loss
@@ -119,7 +120,7 @@ def time_rows(
 def write_section(key: str, markdown: str, payload: dict) -> None:
     """Store one table's JSON and replace its section (between markers) in docs/benchmarks.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{key}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    write_text_atomic(RESULTS / f"{key}.json", json.dumps(payload, indent=2, default=float) + "\n")
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     block = f"{begin}\n{markdown.strip()}\n{end}"
@@ -128,4 +129,4 @@ def write_section(key: str, markdown: str, payload: dict) -> None:
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_text_atomic(DOC, text)  # a reader (or a table run beside this one) never sees half a file

@@ -248,7 +248,10 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
 def _plot_candidates(ax: Any, report: Report, key: str) -> None:
     """A search stage's candidates (held-out accuracy), grey, with their own front dotted."""
     for stage in report.stages:
-        candidates = ((stage.get("details") or {}).get("search") or {}).get("candidates") or []
+        search = (stage.get("details") or {}).get("search") or {}
+        candidates = search.get("candidates") or []
+        if key != "size_bytes" and search.get("latency_batch") != batch_sizes(report)[1]:
+            continue  # timed at another batch size than this axis
         field = "size_bytes" if key == "size_bytes" else "latency_ms"
         points = [
             (c[field] / (1000 if field == "size_bytes" else 1), c["accuracy"] * 100) for c in candidates

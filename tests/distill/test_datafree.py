@@ -25,6 +25,7 @@ from torchshrink.distillation.datafree import (
     LatentBatches,
     class_draw,
     dafl_terms,
+    draw_offset,
     mode_seeking,
     reverse_gradient,
     to_range,
@@ -265,6 +266,8 @@ def test_options_that_cannot_work_are_refused_clearly() -> None:
         DataFreeConfig(student=STUDENT, generator="dafl", inputs=100)
     with pytest.raises(ValidationError, match="only generator: conditional draws the classes"):
         DataFreeConfig(student=STUDENT, generator="adversarial", classes="disagreement")
+    with pytest.raises(ValidationError, match="real_share splits the batches of generator: vae with inputs"):
+        DataFreeConfig(student=STUDENT, generator="vae", real_share=0.3)
     with pytest.raises(ValidationError, match="class_ce scores a requested class"):
         DataFreeConfig(student=STUDENT, generator="adversarial", generator_loss={"class_ce": 1.0})
     conditional = DataFreeConfig(student=STUDENT, generator="conditional")
@@ -287,6 +290,15 @@ def test_class_draw_gives_exact_proportions_without_random_numbers() -> None:
     assert skewed.tolist() == [75, 25]
     torch.manual_seed(5)
     assert torch.equal(class_draw(torch.ones(10), 128), balanced)
+    # successive offsets spread the remainders, and more classes than samples, over the batches
+    over_batches = torch.cat([class_draw(torch.ones(100), 64, draw_offset(step)) for step in range(50)])
+    counts = torch.bincount(over_batches, minlength=100)
+    assert counts.min() >= 30 and counts.max() <= 34  # 3,200 draws, 32 each up to the rotation's spread
+    small = torch.stack(
+        [torch.bincount(class_draw(torch.ones(10), 16, draw_offset(s)), minlength=10) for s in range(40)]
+    ).sum(0)
+    assert small.max() - small.min() <= 2  # not a fixed 2:1 split of 16 over 10 classes
+    assert draw_offset(3, rank=1, world_size=2) != draw_offset(3, rank=0, world_size=2)
 
 
 def test_mode_seeking_punishes_codes_that_collapse_onto_one_input() -> None:
@@ -390,6 +402,8 @@ def test_the_real_input_routes_read_only_the_inputs_they_were_given(
     state, ctx = _datafree(digits_teacher, data, tmp_path, **options)
     assert spy.read == set(keep.tolist())
     assert ctx.details["training_inputs"].startswith("100 real unlabelled training inputs (of ")
+    # no real training input goes into the report's picture
+    assert (generator == "real") == ("samples-01.png" not in ctx.artefacts.values())
     if generator == "vae":
         seen = torch.cat(fitted)
         assert len(seen) == 30 * 100 and "inversion" not in ctx.details  # fitted to the 100, not inverted

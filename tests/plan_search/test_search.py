@@ -45,7 +45,8 @@ def test_a_plan_builds_its_stages_in_the_pipeline_order() -> None:
     ]
     # the first look: built without recovery
     assert [next(iter(s)) for s in plan.stages(epochs=0)] == ["prune", "prune", "quantize"]
-    assert Plan(encode_bits=5).stages(epochs=2) == [{"encode": {"bits": 5, "finetune_epochs": 1}}]
+    assert Plan(encode_bits=5).stages(epochs=2) == [{"encode": {"bits": 5, "finetune_epochs": 2}}]
+    assert Plan(encode_bits=5).trains and not Plan(bits=8).trains  # packed centroids are fine-tuned
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated_points() -> None:
@@ -136,9 +137,9 @@ def test_a_resumed_search_reuses_every_evaluation(searched, tmp_path, monkeypatc
     built: list[str] = []
     judge, build = search_module._Searcher.judge, search_module._Searcher.build
 
-    def spy_judge(self, plan, level, state, minutes):
+    def spy_judge(self, plan, level, state):
         judged.append(f"{plan.key}-{level}")
-        return judge(self, plan, level, state, minutes)
+        return judge(self, plan, level, state)
 
     def spy_build(self, plan, level):
         built.append(f"{plan.key}-{level}")

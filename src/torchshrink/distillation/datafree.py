@@ -48,6 +48,7 @@ __all__ = [
     "Generator",
     "ConditionalGenerator",
     "class_draw",
+    "draw_offset",
     "mode_seeking",
     "InputPool",
     "GradientReversal",
@@ -143,13 +144,24 @@ class ConditionalGenerator(nn.Module):
         return self.generator(torch.cat([z, one_hot], dim=1))
 
 
-def class_draw(weights: torch.Tensor, n: int) -> torch.Tensor:
+GOLDEN = 0.6180339887498949
+"""The offset step of successive class draws (a low-discrepancy rotation)."""
+
+
+def class_draw(weights: torch.Tensor, n: int, offset: float = 0.5) -> torch.Tensor:
     """``n`` class indices in the proportions ``weights`` (need not sum to 1), exact up to one per
-    class: stratified inverse-CDF sampling at ``(i + 1/2) / n``, so uniform weights give a balanced
-    batch and the draw needs no random numbers (resumes repeat it)."""
+    class: stratified inverse-CDF sampling at ``(i + offset) / n``. Uniform weights give a balanced
+    batch; moving ``offset`` between batches (see :func:`draw_offset`) spreads the remainders (and,
+    with more classes than samples, the classes themselves) evenly over the batches, with no random
+    numbers, so a resumed run repeats the draws."""
     cdf = (weights / weights.sum()).cumsum(0)
-    points = (torch.arange(n, dtype=cdf.dtype, device=cdf.device) + 0.5) / n
+    points = (torch.arange(n, dtype=cdf.dtype, device=cdf.device) + offset % 1.0) / n
     return torch.searchsorted(cdf, points).clamp_max(len(weights) - 1)
+
+
+def draw_offset(step: int, rank: int = 0, world_size: int = 1) -> float:
+    """The offset of draw ``step`` on ``rank``: golden-ratio steps, the ranks spread in between."""
+    return (step * GOLDEN + rank / world_size) % 1.0
 
 
 def mode_seeking(x: torch.Tensor, z: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -165,17 +177,19 @@ def mode_seeking(x: torch.Tensor, z: torch.Tensor, classes: torch.Tensor) -> tor
 
 
 class InputPool(nn.Module):
-    """A fixed pool of real inputs (a buffer, never trained); ``forward(indices)`` returns those."""
+    """A fixed pool of real inputs, never trained; ``forward(indices)`` returns those (on the
+    indices' device). A plain attribute, not a buffer: data-parallel training would otherwise
+    broadcast the whole pool every step, and checkpoints would copy it."""
 
     def __init__(self, inputs: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("inputs", inputs)
+        self.inputs = inputs
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.inputs[indices]
+        return self.inputs[indices.cpu()].to(indices.device)
 
 
 class GradientReversal(torch.autograd.Function):

@@ -38,6 +38,7 @@ from torchshrink.distillation.datafree import (
     PenultimateTap,
     class_draw,
     dafl_terms,
+    draw_offset,
     mode_seeking,
     reverse_gradient,
     smoothness,
@@ -138,7 +139,8 @@ class DataFreeConfig(DistillConfig):
         1.0, ge=0, le=1, description="weight of the soft-target term; 1 - alpha on the teacher's argmax"
     )
     generator_loss: GeneratorLoss | None = Field(
-        None, description="dafl / adversarial: weights of the generator's terms (default: the method's)"
+        None,
+        description="dafl / adversarial / conditional: weights of the generator's terms (default: the method's)",
     )
     inputs: int = Field(
         0,
@@ -181,6 +183,10 @@ class DataFreeConfig(DistillConfig):
             raise ValueError("classes: only generator: conditional draws the classes of its batches")
         if self.generator == "real" and not self.inputs:
             raise ValueError("generator: real trains on real inputs: say how many with inputs: N (N > 0)")
+        if "real_share" in self.model_fields_set and not (self.generator == "vae" and self.inputs):
+            raise ValueError(
+                "real_share splits the batches of generator: vae with inputs: N; it has no use here"
+            )
         if self.inputs and self.generator not in ("vae", "real"):
             raise ValueError(
                 f"inputs: {self.inputs} real inputs feed generator: vae or real; generator: "
@@ -245,7 +251,11 @@ class DataFreeLearner(nn.Module):
         self.trains_generator = method in GENERATOR_LOSS_DEFAULTS
         if generator is not None and not self.trains_generator:
             generator.requires_grad_(False)
+        # buffers, so checkpoints keep them (under torchrun, rank 0's are broadcast each step)
         self.register_buffer("disagreement", torch.ones(max(num_classes, 1)))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        info = ddp.current()
+        self.rank, self.world_size = info.rank, info.world_size
 
     def train(self, mode: bool = True) -> DataFreeLearner:
         super().train(mode)
@@ -284,7 +294,10 @@ class DataFreeLearner(nn.Module):
         if self.method == "real":
             return self.pool(indices), None
         if self.method == "conditional":
-            classes = class_draw(self.class_weights(), len(z))
+            offset = draw_offset(int(self.draws), self.rank, self.world_size)
+            if self.training:
+                self.draws += 1
+            classes = class_draw(self.class_weights(), len(z), offset)
             return self.generator(z, classes), classes
         if self.trains_generator:
             return self.generator(z), None
@@ -572,7 +585,7 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
     if cfg.generator == "conditional":
         ctx.details["class_weights"] = [round(float(w), 4) for w in learner.class_weights()]
         ctx.details["class_agreement"] = _class_agreement(learner, teacher, cfg, ctx)
-    _picture_samples(learner, teacher, latent, pool, cfg, ctx)
+    _picture_samples(learner, teacher, latent, cfg, ctx)
     return finish_distillation(state, setup, result, ctx)
 
 
@@ -599,20 +612,24 @@ def _picture_samples(
     learner: DataFreeLearner,
     teacher: nn.Module,
     latent: tuple[int, ...],
-    pool: int,
     cfg: DataFreeConfig,
     ctx: RunContext,
 ) -> None:
     """Write the generator's samples as a PNG grid, one row per class the teacher assigns (see
-    :mod:`sample_grid`), and list it with the run's files."""
+    :mod:`sample_grid`), and list it with the run's files. Only generated inputs are drawn: a real
+    training input never goes into the report (the ``real`` route, which generates none, draws none)."""
+    if cfg.generator == "real":
+        ctx.details["samples"] = "none: the real route generates nothing (and shows no training input)"
+        return
     seeded = torch.Generator().manual_seed(ctx.seed)
     device = next(teacher.parameters()).device
 
     def draw(n: int) -> torch.Tensor:
         z = torch.randn(n, *latent, generator=seeded).to(device)
-        indices = torch.randint(pool, (n,), generator=seeded).to(device) if pool else None
-        with switched(learner):
-            return learner(z, indices).inputs
+        with switched(learner), torch.no_grad():
+            if learner.pool is not None:  # the VAE's own samples, not the real inputs beside them
+                return learner.generator(z)
+            return learner(z).inputs
 
     rows = sample_rows(draw, teacher, min(ctx.data.num_classes, GRID_CLASSES))
     name = f"samples-{ctx.stage_index:02d}.png"

@@ -80,6 +80,11 @@ class Plan:
         return self.macs_reduction > 1 or self.sparsity > 0
 
     @property
+    def trains(self) -> bool:
+        """Whether the plan has something to fine-tune (pruned weights, or packed centroids)."""
+        return self.pruned or self.encode_bits is not None
+
+    @property
     def key(self) -> str:
         """A short stable name: ``macs2-sp0.5-w8-enc5-kd`` (``float`` for the model as given)."""
         parts = []
@@ -114,8 +119,7 @@ class Plan:
         if self.bits is not None:
             out.append({"quantize": {"mode": "static", "bits": self.bits, "activation_bits": self.bits}})
         if self.encode_bits is not None:
-            encode: dict[str, Any] = {"bits": self.encode_bits, "finetune_epochs": min(epochs, 1)}
-            out.append({"encode": encode})
+            out.append({"encode": {"bits": self.encode_bits, "finetune_epochs": epochs}})
         return out
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from torchshrink.data import DatasetBundle
 from torchshrink.digests import model_digest
-from torchshrink.errors import TrainingError
+from torchshrink.errors import RecipeError, TrainingError
 from torchshrink.inputs import samples, take
 from torchshrink.io import write_json_atomic
 from torchshrink.measure import accuracy, count_macs, serialized_size, timing_pass
@@ -139,6 +139,8 @@ class _Store:
 def _split(data: DatasetBundle, fraction: float, seed: int) -> DatasetBundle:
     """The data with a held-out share of the training split as its "test" split."""
     train = data.train
+    if not hasattr(train, "tensors"):
+        raise TrainingError("search: the training split must be in-memory tensors to keep a held-out share")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     cut = int(round(fraction * len(train)))
     if cut < 1 or cut >= len(train):
@@ -154,7 +156,9 @@ class _Searcher:
 
     def __init__(self, state: ModelState, cfg: SearchConfig, ctx: RunContext, data: DatasetBundle) -> None:
         self.state, self.cfg, self.ctx, self.data = state, cfg, ctx, data
-        self.folder = ctx.work_dir / "candidates"
+        # kept between runs into the same folder (a changed budget or space must not discard them);
+        # each evaluation is keyed by what made it, so a stale one is never reused
+        self.folder = ctx.cache_dir / "search"
         digest = hashlib.sha256(
             json.dumps(
                 {
@@ -170,6 +174,8 @@ class _Searcher:
         ).hexdigest()[:16]
         self.store = _Store(self.folder, digest)
         self.states: dict[tuple[str, str], ModelState] = {}
+        self.latencies: dict[str, float] = {}
+        self.given_ms: float | None = None
         self.given = self._runtime(state)
 
     def epochs(self, level: str) -> int:
@@ -184,7 +190,7 @@ class _Searcher:
         out = self.folder / f"{plan.key}-{level}"
         out.mkdir(parents=True, exist_ok=True)
         seed_everything(self.ctx.seed)
-        state = self.state.replace(model=copy.deepcopy(self.state.model))
+        state = self.state.replace(model=copy.deepcopy(self.state.model), artefact=None, runtime=None)
         for index, spec in enumerate(plan.stages(self.epochs(level), self.cfg.lr)):
             kind, options = next(iter(spec.items()))
             cfg = stage_config(kind, options, where=f"search.{plan.key}.{kind}", source=self.ctx.stage_name)
@@ -201,10 +207,11 @@ class _Searcher:
             state = state.replace(attachments={**state.attachments, "search_files": dict(sub.artefacts)})
         return state
 
-    def judge(self, plan: Plan, level: str, state: ModelState, minutes: float) -> Candidate:
-        runtime = self._runtime(state)
-        held_out = self.data.test
-        acc = accuracy(runtime, held_out)
+    def latency_ms(self, plan: Plan, runtime: nn.Module) -> float:
+        """The plan's latency, timed interleaved with the given model at the look; later rounds reuse
+        it (fine-tuning changes no shape or operator, and one timing per plan is less noise)."""
+        if plan.key in self.latencies:
+            return self.latencies[plan.key]
         batch = self.cfg.latency_batch
         timed = timing_pass(
             {"given": {"rt": self.given}, "candidate": {"rt": runtime}},
@@ -212,22 +219,34 @@ class _Searcher:
             (batch,),
             rounds=self.cfg.latency_repeats,
         )
-        latency = timed.rows["candidate"]["rt"][batch].paired
+        rows = timed.rows
+        ratio = rows["candidate"]["rt"][batch].paired / rows["given"]["rt"][batch].paired
+        if self.given_ms is None:  # one time for the given model: passes drift, ratios do not
+            self.given_ms = rows["given"]["rt"][batch].paired
+        return ratio * self.given_ms
+
+    def judge(self, plan: Plan, level: str, state: ModelState) -> Candidate:
+        """Held-out accuracy, latency, size and MACs of a built plan (minutes filled in by the caller)."""
+        runtime = self._runtime(state)
+        acc = accuracy(runtime, self.data.test)
         size = state.artefact.stat().st_size if state.artefact is not None else serialized_size(state.model)
         macs = count_macs(state.model, self.data.inputs)
-        return Candidate(plan, level, acc, latency, size, macs, minutes)
+        return Candidate(plan, level, acc, self.latency_ms(plan, runtime), size, macs, 0.0)
 
     def evaluate(self, plan: Plan, level: str) -> Candidate:
-        known = self.store.get(plan, level)
-        if known is not None:
-            return known
-        started = time.monotonic()
-        state = self.build(plan, level)
-        candidate = self.judge(plan, level, state, (time.monotonic() - started) / 60)
-        if self.ctx.dist.is_main:
-            self.store.put(candidate)
-        if level != "look":
-            self.states[(plan.key, level)] = state
+        """The plan at this level: from the work folder when a run (this or an earlier one) judged it."""
+        candidate = self.store.get(plan, level)
+        if candidate is None:
+            started = time.monotonic()
+            state = self.build(plan, level)
+            candidate = self.judge(plan, level, state)
+            candidate.minutes = (time.monotonic() - started) / 60
+            if self.ctx.dist.is_main:
+                self.store.put(candidate)
+            if level == "full":  # kept for the result; others are rebuilt if chosen (memory)
+                self.states[(plan.key, level)] = state
+        if level == "look":
+            self.latencies[plan.key] = candidate.latency_ms
         return candidate
 
 
@@ -260,11 +279,49 @@ def _table(rows: list[Candidate], front: set[tuple[str, str]], chosen: Candidate
     return markdown_table(header, body)
 
 
+class _Clock:
+    """The search's time budget: how long an evaluation of each round is expected to take, and
+    whether it still fits."""
+
+    def __init__(self, minutes: float, cfg: SearchConfig) -> None:
+        self.started = time.monotonic()
+        self.deadline = self.started + minutes * 60
+        self.cfg = cfg
+
+    def elapsed(self) -> float:
+        return (time.monotonic() - self.started) / 60
+
+    def over(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def fits(self, level: str, results: dict[str, list[Candidate]]) -> bool:
+        """Whether one more evaluation at ``level`` ends before the deadline: the slowest of the
+        round so far, or the previous round's scaled by the epochs (the first fine-tune of a search
+        has nothing to go by and may overrun)."""
+        expected = max((c.minutes for c in results[level]), default=0.0)
+        if not results[level] and level == "full" and results["short"]:
+            per_epoch = max(c.minutes for c in results["short"]) / self.cfg.short_epochs
+            expected = per_epoch * self.cfg.epochs
+        if not results[level] and not expected:
+            expected = max((c.minutes for c in results["look"]), default=0.0)
+        return time.monotonic() + expected * 60 <= self.deadline
+
+
 @register_stage("search", SearchConfig, role="transform")
 def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> ModelState:
     """Search ``cfg.space`` for the plan that minimises ``cfg.objective`` within ``cfg.max_drop``;
     the chosen model (fully fine-tuned) becomes the pipeline's model."""
-    deadline = time.monotonic() + cfg.budget_minutes * 60
+    if ctx.dist.distributed:
+        raise RecipeError(
+            f"{ctx.stage_name}: the search runs in one process (its timings and choices are per process); "
+            "run it without torchrun"
+        )
+    if state.runtime is not None:
+        raise RecipeError(
+            f"{ctx.stage_name}: the model already runs from a compressed file ({state.artefact}); put the "
+            "search before quantize / encode / export stages, on the float model"
+        )
+    clock = _Clock(cfg.budget_minutes, cfg)
     data = _split(ctx.data, cfg.holdout, ctx.seed)
     searcher = _Searcher(state, cfg, ctx, data)
     base = accuracy(searcher.given, data.test)
@@ -273,44 +330,42 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
     results: dict[str, list[Candidate]] = {level: [] for level in LEVELS}
     stopped: str | None = None
 
-    def in_time(level: str) -> bool:
-        spent = [c.minutes for c in results[level]] or [c.minutes for c in results["look"]]
-        need = (max(spent) if spent else 0.0) * 60
-        return time.monotonic() + need <= deadline
-
     for plan in every:
-        if results["look"] and not in_time("look"):
+        if results["look"] and not clock.fits("look", results):
             stopped = (
                 f"the time budget ended the first look after {len(results['look'])} of {len(every)} plans"
             )
             break
         results["look"].append(searcher.evaluate(plan, "look"))
-        if len(results["look"]) == 1 and time.monotonic() > deadline:
+        if len(results["look"]) == 1 and clock.over():
             raise TrainingError(
                 f"search.budget_minutes {cfg.budget_minutes:g} is too small for one candidate: building and "
                 f"judging the plan {plan.key!r} without training took {results['look'][0].minutes:.2f} minutes; "
-                f"give at least {max(1.0, 10 * results['look'][0].minutes):.1f} (--resume keeps what was done)"
+                f"give at least {max(1.0, 10 * results['look'][0].minutes):.1f} (a rerun into the same folder "
+                "reuses what was judged)"
             )
     by_cost = sorted(results["look"], key=lambda c: (c.cost(cfg.objective), -c.accuracy))
     for look in by_cost:
-        if not look.plan.pruned:  # nothing to fine-tune: the look is the result
+        if not look.plan.trains:  # nothing to fine-tune: the look is the result
             continue
-        if not in_time("short"):
+        if not clock.fits("short", results):
             stopped = stopped or f"the time budget ended the short round after {len(results['short'])} plans"
             break
         results["short"].append(searcher.evaluate(look.plan, "short"))
     # the short round's view: fine-tuned plans, and plans with nothing to fine-tune as they are
-    judged = results["short"] + [c for c in results["look"] if not c.plan.pruned]
+    judged = results["short"] + [c for c in results["look"] if not c.plan.trains]
     front = [judged[i] for i in pareto_front([(c.cost(cfg.objective), c.accuracy) for c in judged])]
     hopeful = [c for c in front if c.accuracy >= allowed - cfg.slack / 100]
     chosen: Candidate | None = None
     for candidate in sorted(hopeful, key=lambda c: c.cost(cfg.objective)):
-        if len(results["full"]) >= cfg.finalists:
-            break
-        if candidate.plan.pruned:
-            if not in_time("full") and results["full"]:
-                stopped = stopped or "the time budget ended the full round"
-                break
+        if candidate.plan.trains:
+            if len(results["full"]) >= cfg.finalists:
+                continue  # no more full fine-tunes; a plan that needs none may still pass
+            if not clock.fits("full", results):
+                stopped = (
+                    stopped or f"the time budget ended the full round after {len(results['full'])} plans"
+                )
+                continue
             candidate = searcher.evaluate(candidate.plan, "full")
             results["full"].append(candidate)
         if candidate.accuracy >= allowed:
@@ -323,21 +378,26 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
         for i in pareto_front([(c.cost(cfg.objective), c.accuracy) for c in evaluated])
     }
     if chosen is None:
-        chosen = max(evaluated, key=lambda c: (c.accuracy, -c.cost(cfg.objective)))
-        ctx.warn(
-            f"no candidate stayed within max_drop {cfg.max_drop:g} points on the held-out split; the most "
-            f"accurate one ({chosen.plan.key}, {chosen.level}) loses {(base - chosen.accuracy) * 100:.2f}"
-        )
+        passing = [c for c in evaluated if c.accuracy >= allowed]
+        if passing:  # e.g. the time ran out before the full round: the cheapest that passes as judged
+            chosen = min(passing, key=lambda c: (c.cost(cfg.objective), -c.accuracy))
+        else:
+            chosen = max(evaluated, key=lambda c: (c.accuracy, -c.cost(cfg.objective)))
+            ctx.warn(
+                f"no candidate stayed within max_drop {cfg.max_drop:g} points on the held-out split; the most "
+                f"accurate one ({chosen.plan.key}, {chosen.level}) loses {(base - chosen.accuracy) * 100:.2f}"
+            )
     if stopped:
         ctx.warn(f"{stopped}; the result is the best found so far")
     final = searcher.states.get((chosen.plan.key, chosen.level))
-    if final is None:  # resumed: the evaluation is on disk, the model is rebuilt (same seed, same model)
+    if final is None:  # resumed, or not kept: rebuilt from the plan (same seed, same model)
         final = searcher.build(chosen.plan, chosen.level)
     final = _shipped(final, ctx)
     rows = sorted(evaluated, key=lambda c: c.cost(cfg.objective))
     ctx.details["search"] = {
         "objective": cfg.objective,
         "max_drop": cfg.max_drop,
+        "latency_batch": cfg.latency_batch,
         "held_out": {"samples": len(data.test), "given_accuracy": base},
         "chosen": chosen.to_dict() | {"drop": round((base - chosen.accuracy) * 100, 3)},
         "recipe": chosen.plan.stages(searcher.epochs(chosen.level), cfg.lr),
@@ -351,7 +411,7 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
         ],
         "rounds": {level: len(results[level]) for level in LEVELS},
         "stopped_early": stopped,
-        "minutes": round(cfg.budget_minutes - max(0.0, deadline - time.monotonic()) / 60, 3),
+        "minutes": round(clock.elapsed(), 3),
     }
     ctx.details["candidates_table"] = _table(rows, front_all, chosen, base)
     return final.replace(lineage=(*state.lineage, ctx.stage_name))
