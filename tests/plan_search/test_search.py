@@ -102,6 +102,7 @@ def searched(tmp_path_factory):
     return out, run(_recipe(SEARCH), out)
 
 
+@pytest.mark.slow
 def test_the_chosen_plan_is_the_cheapest_on_the_front_within_the_budget(searched) -> None:
     out, report = searched
     stage = report.stages[-1]
@@ -131,6 +132,7 @@ def test_the_chosen_plan_is_the_cheapest_on_the_front_within_the_budget(searched
     assert all(isinstance(c["recipe"], list) for c in candidates)
 
 
+@pytest.mark.slow
 def test_a_resumed_search_reuses_every_evaluation(searched, tmp_path, monkeypatch) -> None:
     out, report = searched
     judged: list[str] = []
@@ -158,6 +160,7 @@ def test_a_resumed_search_reuses_every_evaluation(searched, tmp_path, monkeypatc
     assert again["metrics"]["accuracy"] == report.stages[-1]["metrics"]["accuracy"]  # the same model
 
 
+@pytest.mark.slow
 def test_the_time_budget_ends_the_search_with_the_best_so_far(tmp_path) -> None:
     search = SEARCH | {
         "budget_minutes": 0.25,
@@ -172,6 +175,7 @@ def test_the_time_budget_ends_the_search_with_the_best_so_far(tmp_path) -> None:
     assert result["minutes"] <= 0.25 + slowest + 0.05  # over by at most the evaluation under way
 
 
+@pytest.mark.slow
 def test_a_budget_too_small_for_one_candidate_and_an_unmet_drop_are_said(tmp_path) -> None:
     with pytest.raises(TrainingError, match="too small for one candidate"):
         run(_recipe(SEARCH | {"budget_minutes": 0.0001}), tmp_path / "tiny")
@@ -187,6 +191,7 @@ def test_a_contradictory_space_in_a_recipe_is_a_recipe_error(tmp_path) -> None:
         run(_recipe(SEARCH | {"space": {"bits": [8], "encode_bits": [4]}}), tmp_path)
 
 
+@pytest.mark.slow
 def test_the_python_api_searches_for_the_smallest_model(digits) -> None:
     import torchshrink as ts
 
@@ -207,3 +212,19 @@ def test_the_python_api_searches_for_the_smallest_model(digits) -> None:
     if chosen["plan"].endswith("enc5"):  # the packed file is the run's, measured as shipped
         assert result.artefacts["packed"].is_file()
         assert result.metrics["size_bytes"] == result.artefacts["packed"].stat().st_size
+
+
+@pytest.mark.slow
+def test_random_search_fully_trains_plans_in_a_seeded_order_and_keeps_the_cheapest_passing(tmp_path) -> None:
+    search = SEARCH | {
+        "strategy": "random",
+        "epochs": 2,
+        "space": {"macs_reduction": [1, 1.5, 3], "bits": [None]},
+    }
+    result = run(_recipe(search), tmp_path).stages[-1]["details"]["search"]
+    candidates = result["candidates"]
+    assert {c["level"] for c in candidates if c["plan"] != "float"} == {"full"}  # no look, no short round
+    allowed = result["held_out"]["given_accuracy"] - SEARCH["max_drop"] / 100
+    passing = [c for c in candidates if c["accuracy"] >= allowed]
+    assert result["chosen"]["plan"] == min(passing, key=lambda c: c["macs"])["plan"]
+    assert result["strategy"] == "random" and result["rounds"]["short"] == 0

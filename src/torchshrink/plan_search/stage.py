@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ class SearchConfig(BaseModel, extra="forbid"):
     finalists: int = Field(3, ge=1, description="full fine-tunes at most")
     latency_batch: int = Field(32, ge=1, description="batch size of the latency objective")
     latency_repeats: int = Field(10, ge=3, description="interleaved timing rounds per candidate")
+    strategy: Literal["rounds", "random"] = Field(
+        "rounds",
+        description="rounds: look, short, full (cheap to expensive); random: plans in random order, each "
+        "fully fine-tuned (the baseline B8 compares against)",
+    )
 
     @model_validator(mode="after")
     def _some_plan(self) -> SearchConfig:
@@ -307,6 +313,88 @@ class _Clock:
         return time.monotonic() + expected * 60 <= self.deadline
 
 
+def _too_small(cfg: SearchConfig, first: Candidate) -> TrainingError:
+    return TrainingError(
+        f"search.budget_minutes {cfg.budget_minutes:g} is too small for one candidate: building and judging "
+        f"the plan {first.plan.key!r} ({first.level}) took {first.minutes:.2f} minutes; give at least "
+        f"{max(1.0, 10 * first.minutes):.1f} (a rerun into the same folder reuses what was judged)"
+    )
+
+
+def _rounds(
+    every: list[Plan],
+    searcher: _Searcher,
+    clock: _Clock,
+    results: dict[str, list[Candidate]],
+    allowed: float,
+    cfg: SearchConfig,
+    seed: int,
+) -> tuple[Candidate | None, str | None]:
+    """Look, short, full (module docstring): the chosen candidate (None when none passed) and why
+    the budget stopped the search early, if it did."""
+    stopped: str | None = None
+    for plan in every:
+        if results["look"] and not clock.fits("look", results):
+            stopped = (
+                f"the time budget ended the first look after {len(results['look'])} of {len(every)} plans"
+            )
+            break
+        results["look"].append(searcher.evaluate(plan, "look"))
+        if len(results["look"]) == 1 and clock.over():
+            raise _too_small(cfg, results["look"][0])
+    by_cost = sorted(results["look"], key=lambda c: (c.cost(cfg.objective), -c.accuracy))
+    for look in by_cost:
+        if not look.plan.trains:  # nothing to fine-tune: the look is the result
+            continue
+        if not clock.fits("short", results):
+            stopped = stopped or f"the time budget ended the short round after {len(results['short'])} plans"
+            break
+        results["short"].append(searcher.evaluate(look.plan, "short"))
+    # the short round's view: fine-tuned plans, and plans with nothing to fine-tune as they are
+    judged = results["short"] + [c for c in results["look"] if not c.plan.trains]
+    front = [judged[i] for i in pareto_front([(c.cost(cfg.objective), c.accuracy) for c in judged])]
+    hopeful = [c for c in front if c.accuracy >= allowed - cfg.slack / 100]
+    for candidate in sorted(hopeful, key=lambda c: c.cost(cfg.objective)):
+        if candidate.plan.trains:
+            if len(results["full"]) >= cfg.finalists:
+                continue  # no more full fine-tunes; a plan that needs none may still pass
+            if not clock.fits("full", results):
+                stopped = (
+                    stopped or f"the time budget ended the full round after {len(results['full'])} plans"
+                )
+                continue
+            candidate = searcher.evaluate(candidate.plan, "full")
+            results["full"].append(candidate)
+        if candidate.accuracy >= allowed:
+            return candidate, stopped
+    return None, stopped
+
+
+def _random_search(
+    every: list[Plan],
+    searcher: _Searcher,
+    clock: _Clock,
+    results: dict[str, list[Candidate]],
+    allowed: float,
+    cfg: SearchConfig,
+    seed: int,
+) -> tuple[Candidate | None, str | None]:
+    """The baseline a search must beat: plans in a seeded random order, each built and fully
+    fine-tuned, until the budget ends; the cheapest that passes."""
+    stopped: str | None = None
+    order = random.Random(seed).sample(every, len(every))
+    for plan in order:
+        level = "full" if plan.trains else "look"
+        if any(results.values()) and not clock.fits(level, results):
+            stopped = f"the time budget ended the random search after {sum(map(len, results.values()))} plans"
+            break
+        results[level].append(searcher.evaluate(plan, level))
+        if sum(map(len, results.values())) == 1 and clock.over():
+            raise _too_small(cfg, results[level][0])
+    passing = [c for level in LEVELS for c in results[level] if c.accuracy >= allowed]
+    return (min(passing, key=lambda c: c.cost(cfg.objective)) if passing else None), stopped
+
+
 @register_stage("search", SearchConfig, role="transform")
 def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> ModelState:
     """Search ``cfg.space`` for the plan that minimises ``cfg.objective`` within ``cfg.max_drop``;
@@ -328,49 +416,8 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
     allowed = base - cfg.max_drop / 100
     every = plans(cfg.space)
     results: dict[str, list[Candidate]] = {level: [] for level in LEVELS}
-    stopped: str | None = None
-
-    for plan in every:
-        if results["look"] and not clock.fits("look", results):
-            stopped = (
-                f"the time budget ended the first look after {len(results['look'])} of {len(every)} plans"
-            )
-            break
-        results["look"].append(searcher.evaluate(plan, "look"))
-        if len(results["look"]) == 1 and clock.over():
-            raise TrainingError(
-                f"search.budget_minutes {cfg.budget_minutes:g} is too small for one candidate: building and "
-                f"judging the plan {plan.key!r} without training took {results['look'][0].minutes:.2f} minutes; "
-                f"give at least {max(1.0, 10 * results['look'][0].minutes):.1f} (a rerun into the same folder "
-                "reuses what was judged)"
-            )
-    by_cost = sorted(results["look"], key=lambda c: (c.cost(cfg.objective), -c.accuracy))
-    for look in by_cost:
-        if not look.plan.trains:  # nothing to fine-tune: the look is the result
-            continue
-        if not clock.fits("short", results):
-            stopped = stopped or f"the time budget ended the short round after {len(results['short'])} plans"
-            break
-        results["short"].append(searcher.evaluate(look.plan, "short"))
-    # the short round's view: fine-tuned plans, and plans with nothing to fine-tune as they are
-    judged = results["short"] + [c for c in results["look"] if not c.plan.trains]
-    front = [judged[i] for i in pareto_front([(c.cost(cfg.objective), c.accuracy) for c in judged])]
-    hopeful = [c for c in front if c.accuracy >= allowed - cfg.slack / 100]
-    chosen: Candidate | None = None
-    for candidate in sorted(hopeful, key=lambda c: c.cost(cfg.objective)):
-        if candidate.plan.trains:
-            if len(results["full"]) >= cfg.finalists:
-                continue  # no more full fine-tunes; a plan that needs none may still pass
-            if not clock.fits("full", results):
-                stopped = (
-                    stopped or f"the time budget ended the full round after {len(results['full'])} plans"
-                )
-                continue
-            candidate = searcher.evaluate(candidate.plan, "full")
-            results["full"].append(candidate)
-        if candidate.accuracy >= allowed:
-            chosen = candidate
-            break
+    search = _random_search if cfg.strategy == "random" else _rounds
+    chosen, stopped = search(every, searcher, clock, results, allowed, cfg, ctx.seed)
     final_level = {c.plan.key: c for level in LEVELS for c in results[level]}  # the deepest level wins
     evaluated = list(final_level.values())
     front_all = {
@@ -396,6 +443,7 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
     rows = sorted(evaluated, key=lambda c: c.cost(cfg.objective))
     ctx.details["search"] = {
         "objective": cfg.objective,
+        "strategy": cfg.strategy,
         "max_drop": cfg.max_drop,
         "latency_batch": cfg.latency_batch,
         "held_out": {"samples": len(data.test), "given_accuracy": base},
