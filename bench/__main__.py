@@ -1,6 +1,6 @@
 """``python -m bench [TABLE ...]``: run benchmark tables (all by default) and rewrite their sections
 of docs/benchmarks.md. Tables: b0 (float references), b1 (Deep Compression), b2 (int8 on ONNX Runtime), b2e (EfficientNet-Lite0 int8), b3 (structured
-pruning), b3u (unstructured), b4 (distillation and ensembles), b4d (distill defaults vs the student alone), b5 (data-free distillation), b6 (parallelism), b7 (all-MiniLM-L6-v2 compressed)."""
+pruning), b3u (unstructured), b4 (distillation and ensembles), b4d (distill defaults vs the student alone), b5 (data-free distillation), b6 (parallelism), b7 (all-MiniLM-L6-v2 compressed), b8 (accuracy-aware search)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from bench import (
     b5_datafree,
     b6_parallel,
     b7_minilm,
+    b8_search,
 )
 
 TABLES = {
@@ -33,6 +34,7 @@ TABLES = {
     "b5": b5_datafree.run_all,
     "b6": b6_parallel.run_all,
     "b7": b7_minilm.run_all,
+    "b8": b8_search.run_all,
 }
 
 
@@ -43,13 +45,14 @@ def main() -> None:
         "--only",
         nargs="*",
         default=[],
-        help="b3: rerun only these models; b5: only these rows; keep the others",
+        help="b3: rerun only these models; b5: only these rows (keep the others); b8: only these models",
     )
     parser.add_argument(
         "--keep-scale",
         action="store_true",
         help="b7: keep the stored BERT-base scale row instead of rerunning it",
     )
+    parser.add_argument("--budget", type=float, default=10.0, help="b8: minutes of every search")
     parser.add_argument(
         "--threads", type=int, default=2, help="b5: torch threads (1 to run two b5 --only at once)"
     )
@@ -66,6 +69,13 @@ def main() -> None:
                 command=f"python -m bench b5 --only {' '.join(args.only)}",
                 only=tuple(args.only),
                 threads=args.threads,
+            )
+        elif name == "b8":
+            only = f" --only {' '.join(args.only)}" if args.only else ""
+            TABLES[name](
+                budget=args.budget,
+                only=tuple(args.only),
+                command=f"python -m bench b8 --budget {args.budget:g}{only}",
             )
         elif name == "b7" and args.keep_scale:
             TABLES[name](command="python -m bench b7 --keep-scale", scale=False)
