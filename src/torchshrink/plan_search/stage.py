@@ -321,78 +321,78 @@ def _too_small(cfg: SearchConfig, first: Candidate) -> TrainingError:
     )
 
 
-def _rounds(
-    every: list[Plan],
-    searcher: _Searcher,
-    clock: _Clock,
-    results: dict[str, list[Candidate]],
-    allowed: float,
-    cfg: SearchConfig,
-    seed: int,
-) -> tuple[Candidate | None, str | None]:
+@dataclass
+class _Search:
+    """What a search strategy works with: the plans, the builder, the clock, the results by round
+    (filled in), the lowest held-out accuracy that passes, the settings and the seed."""
+
+    every: list[Plan]
+    searcher: _Searcher
+    clock: _Clock
+    results: dict[str, list[Candidate]]
+    allowed: float
+    cfg: SearchConfig
+    seed: int
+
+
+def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
     """Look, short, full (module docstring): the chosen candidate (None when none passed) and why
     the budget stopped the search early, if it did."""
     stopped: str | None = None
-    for plan in every:
-        if results["look"] and not clock.fits("look", results):
-            stopped = (
-                f"the time budget ended the first look after {len(results['look'])} of {len(every)} plans"
-            )
+    for plan in run.every:
+        if run.results["look"] and not run.clock.fits("look", run.results):
+            stopped = f"the time budget ended the first look after {len(run.results['look'])} of {len(run.every)} plans"
             break
-        results["look"].append(searcher.evaluate(plan, "look"))
-        if len(results["look"]) == 1 and clock.over():
-            raise _too_small(cfg, results["look"][0])
-    by_cost = sorted(results["look"], key=lambda c: (c.cost(cfg.objective), -c.accuracy))
+        run.results["look"].append(run.searcher.evaluate(plan, "look"))
+        if len(run.results["look"]) == 1 and run.clock.over():
+            raise _too_small(run.cfg, run.results["look"][0])
+    by_cost = sorted(run.results["look"], key=lambda c: (c.cost(run.cfg.objective), -c.accuracy))
     for look in by_cost:
         if not look.plan.trains:  # nothing to fine-tune: the look is the result
             continue
-        if not clock.fits("short", results):
-            stopped = stopped or f"the time budget ended the short round after {len(results['short'])} plans"
+        if not run.clock.fits("short", run.results):
+            stopped = (
+                stopped or f"the time budget ended the short round after {len(run.results['short'])} plans"
+            )
             break
-        results["short"].append(searcher.evaluate(look.plan, "short"))
+        run.results["short"].append(run.searcher.evaluate(look.plan, "short"))
     # the short round's view: fine-tuned plans, and plans with nothing to fine-tune as they are
-    judged = results["short"] + [c for c in results["look"] if not c.plan.trains]
-    front = [judged[i] for i in pareto_front([(c.cost(cfg.objective), c.accuracy) for c in judged])]
-    hopeful = [c for c in front if c.accuracy >= allowed - cfg.slack / 100]
-    for candidate in sorted(hopeful, key=lambda c: c.cost(cfg.objective)):
+    judged = run.results["short"] + [c for c in run.results["look"] if not c.plan.trains]
+    front = [judged[i] for i in pareto_front([(c.cost(run.cfg.objective), c.accuracy) for c in judged])]
+    hopeful = [c for c in front if c.accuracy >= run.allowed - run.cfg.slack / 100]
+    for candidate in sorted(hopeful, key=lambda c: c.cost(run.cfg.objective)):
         if candidate.plan.trains:
-            if len(results["full"]) >= cfg.finalists:
+            if len(run.results["full"]) >= run.cfg.finalists:
                 continue  # no more full fine-tunes; a plan that needs none may still pass
-            if not clock.fits("full", results):
+            if not run.clock.fits("full", run.results):
                 stopped = (
-                    stopped or f"the time budget ended the full round after {len(results['full'])} plans"
+                    stopped or f"the time budget ended the full round after {len(run.results['full'])} plans"
                 )
                 continue
-            candidate = searcher.evaluate(candidate.plan, "full")
-            results["full"].append(candidate)
-        if candidate.accuracy >= allowed:
+            candidate = run.searcher.evaluate(candidate.plan, "full")
+            run.results["full"].append(candidate)
+        if candidate.accuracy >= run.allowed:
             return candidate, stopped
     return None, stopped
 
 
-def _random_search(
-    every: list[Plan],
-    searcher: _Searcher,
-    clock: _Clock,
-    results: dict[str, list[Candidate]],
-    allowed: float,
-    cfg: SearchConfig,
-    seed: int,
-) -> tuple[Candidate | None, str | None]:
+def _random_search(run: _Search) -> tuple[Candidate | None, str | None]:
     """The baseline a search must beat: plans in a seeded random order, each built and fully
     fine-tuned, until the budget ends; the cheapest that passes."""
     stopped: str | None = None
-    order = random.Random(seed).sample(every, len(every))
+    order = random.Random(run.seed).sample(run.every, len(run.every))
     for plan in order:
         level = "full" if plan.trains else "look"
-        if any(results.values()) and not clock.fits(level, results):
-            stopped = f"the time budget ended the random search after {sum(map(len, results.values()))} plans"
+        if any(run.results.values()) and not run.clock.fits(level, run.results):
+            stopped = (
+                f"the time budget ended the random search after {sum(map(len, run.results.values()))} plans"
+            )
             break
-        results[level].append(searcher.evaluate(plan, level))
-        if sum(map(len, results.values())) == 1 and clock.over():
-            raise _too_small(cfg, results[level][0])
-    passing = [c for level in LEVELS for c in results[level] if c.accuracy >= allowed]
-    return (min(passing, key=lambda c: c.cost(cfg.objective)) if passing else None), stopped
+        run.results[level].append(run.searcher.evaluate(plan, level))
+        if sum(map(len, run.results.values())) == 1 and run.clock.over():
+            raise _too_small(run.cfg, run.results[level][0])
+    passing = [c for level in LEVELS for c in run.results[level] if c.accuracy >= run.allowed]
+    return (min(passing, key=lambda c: c.cost(run.cfg.objective)) if passing else None), stopped
 
 
 @register_stage("search", SearchConfig, role="transform")
@@ -417,7 +417,7 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
     every = plans(cfg.space)
     results: dict[str, list[Candidate]] = {level: [] for level in LEVELS}
     search = _random_search if cfg.strategy == "random" else _rounds
-    chosen, stopped = search(every, searcher, clock, results, allowed, cfg, ctx.seed)
+    chosen, stopped = search(_Search(every, searcher, clock, results, allowed, cfg, ctx.seed))
     final_level = {c.plan.key: c for level in LEVELS for c in results[level]}  # the deepest level wins
     evaluated = list(final_level.values())
     front_all = {
