@@ -307,11 +307,13 @@ def _time_rows(
                 metrics[f"torch_latency_ms_b{b}"] = row["torch"][b].paired
             if "onnx" in row and "onnx" in base:
                 metrics[f"speedup_onnx_fp32_b{b}"] = base["onnx"][b].paired / row["onnx"][b].paired
-    previous: dict[str, Any] | None = None  # a stage that only looked at the model: its latency
+    # a stage that only looked at the model has the latency of the model it looked at: the last timed
+    # stage's, or the model as given when none came before (a recipe of evaluate alone)
+    previous: dict[str, Any] = baseline
     for r in records:
         if r["name"] in timed:
             previous = r["metrics"] if not r.get("branch") else previous
-        elif previous is not None:
+        else:
             r["metrics"].update({k: v for k, v in previous.items() if "latency" in k or "speedup" in k})
     return result.to_dict()
 
