@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 
 import pytest
+import torch
 from pydantic import ValidationError
 from testkit import DIGITS_CNN, digits_recipe
 
@@ -17,6 +19,7 @@ from torchshrink import run
 from torchshrink.errors import RecipeError, TrainingError
 from torchshrink.models import open_model
 from torchshrink.plan_search.front import pareto_front
+from torchshrink.plan_search.holdout import held_out_split, seen_in_training
 from torchshrink.plan_search.space import Plan, SearchSpace, plans
 from torchshrink.plan_search.stage import SearchConfig
 
@@ -66,6 +69,29 @@ def test_pareto_front_keeps_exactly_the_non_dominated_points() -> None:
     costs = [points[i][0] for i in front]
     assert costs == sorted(costs)
     assert all(points[a][1] < points[b][1] for a, b in itertools.pairwise(front))
+
+
+def test_the_held_out_share_is_seeded_disjoint_and_complete(digits) -> None:
+    split = held_out_split(digits, 0.1, seed=3)
+    again = held_out_split(digits, 0.1, seed=3)
+    other = held_out_split(digits, 0.1, seed=4)
+    n = len(digits.train)
+    assert len(split.test) == round(0.1 * n) and len(split.train) == n - len(split.test)
+    assert torch.equal(split.test.tensors[0], again.test.tensors[0])  # a model can be trained on the rest
+    assert not torch.equal(split.test.tensors[0], other.test.tensors[0])
+
+    def rows(part) -> Counter:
+        return Counter(tuple(x.flatten().tolist()) + (int(y),) for x, y in zip(*part.tensors, strict=True))
+
+    assert rows(split.test) + rows(split.train) == rows(digits.train)  # every sample once, none twice
+    with pytest.raises(TrainingError, match="leaves no held-out"):
+        held_out_split(digits, 1e-6, seed=0)
+
+
+def test_memorised_held_out_points_are_told_from_sampling_noise() -> None:
+    assert seen_in_training(0.9975, 0.969, 400, 1000)  # B8's LeNet-5 trained on every training image
+    assert not seen_in_training(0.975, 0.969, 400, 1000)  # within the noise of 400 points
+    assert not seen_in_training(0.90, 0.95, 400, 1000)  # worse on the share: nothing memorised
 
 
 @pytest.mark.parametrize(
@@ -123,6 +149,11 @@ def test_the_chosen_plan_is_the_cheapest_on_the_front_within_the_budget(searched
     )
     assert chosen["macs"] < candidates[-1]["macs"]  # a plan that prunes, not the model as given
     assert search["held_out"]["samples"] == round(0.1 * 1437)
+    # the model was trained on every training image, the held-out share included: the stage says so
+    held = search["held_out"]
+    memorised = seen_in_training(held["given_accuracy"], held["given_test_accuracy"], held["samples"], 360)
+    warned = any("trained on those points" in w for w in stage["details"].get("warnings", []))
+    assert warned == memorised
     # the pipeline measured the chosen model once more, on the test split: the two stay apart
     model = open_model(out / "model.safetensors").module
     assert stage["metrics"]["macs"] == chosen["macs"] == search_module.count_macs(model, (1, 8, 8))
@@ -158,6 +189,24 @@ def test_a_resumed_search_reuses_every_evaluation(searched, tmp_path, monkeypatc
     again = rerun.stages[-1]
     assert again["details"]["search"]["chosen"] == chosen
     assert again["metrics"]["accuracy"] == report.stages[-1]["metrics"]["accuracy"]  # the same model
+
+
+@pytest.mark.slow
+def test_a_plan_that_distils_shares_its_look_with_the_plan_that_fine_tunes(tmp_path, monkeypatch) -> None:
+    built: list[str] = []
+    build = search_module._Searcher.build
+
+    def spy_build(self, plan, level):
+        built.append(f"{plan.key}-{level}")
+        return build(self, plan, level)
+
+    monkeypatch.setattr(search_module._Searcher, "build", spy_build)
+    space = {"macs_reduction": [2], "bits": [None], "distill": [False, True]}
+    report = run(_recipe(SEARCH | {"space": space, "max_drop": 100, "epochs": 1}), tmp_path)
+    search = report.stages[-1]["details"]["search"]
+    assert [b for b in built if b.endswith("-look")] == ["macs2-look"]  # one untrained model, judged once
+    assert {"macs2-short", "macs2-kd-short"} <= set(built)  # then each recovers its own way
+    assert {c["plan"] for c in search["candidates"]} == {"macs2", "macs2-kd"}
 
 
 @pytest.mark.slow

@@ -34,18 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
 from torchshrink.data import DatasetBundle
 from torchshrink.digests import model_digest
 from torchshrink.errors import RecipeError, TrainingError
-from torchshrink.inputs import samples, take
 from torchshrink.io import write_json_atomic
 from torchshrink.measure import accuracy, count_macs, serialized_size, timing_pass
 from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.plan_search.front import pareto_front
+from torchshrink.plan_search.holdout import held_out_split, seen_in_training
 from torchshrink.plan_search.space import Plan, SearchSpace, plans
 from torchshrink.recipe import stage_config
 from torchshrink.registry import get_stage, register_stage
@@ -142,21 +141,6 @@ class _Store:
         write_json_atomic(self._path(candidate.plan, candidate.level), record)
 
 
-def _split(data: DatasetBundle, fraction: float, seed: int) -> DatasetBundle:
-    """The data with a held-out share of the training split as its "test" split."""
-    train = data.train
-    if not hasattr(train, "tensors"):
-        raise TrainingError("search: the training split must be in-memory tensors to keep a held-out share")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    cut = int(round(fraction * len(train)))
-    if cut < 1 or cut >= len(train):
-        raise TrainingError(
-            f"search.holdout {fraction} leaves no held-out or no training sample of {len(train)}"
-        )
-    rest, held_out = (samples(*(take(t, idx) for t in train.tensors)) for idx in (order[cut:], order[:cut]))
-    return dataclasses.replace(data, train=rest, test=held_out)
-
-
 class _Searcher:
     """Builds and judges plans for one search."""
 
@@ -240,17 +224,21 @@ class _Searcher:
         return Candidate(plan, level, acc, self.latency_ms(plan, runtime), size, macs, 0.0)
 
     def evaluate(self, plan: Plan, level: str) -> Candidate:
-        """The plan at this level: from the work folder when a run (this or an earlier one) judged it."""
-        candidate = self.store.get(plan, level)
+        """The plan at this level: from the work folder when a run (this or an earlier one) judged it.
+        At the look, a plan that distils is the same model as its twin that fine-tunes (nothing is
+        trained yet): one evaluation serves both."""
+        built = dataclasses.replace(plan, distill=False) if level == "look" else plan
+        candidate = self.store.get(built, level)
         if candidate is None:
             started = time.monotonic()
-            state = self.build(plan, level)
-            candidate = self.judge(plan, level, state)
+            state = self.build(built, level)
+            candidate = self.judge(built, level, state)
             candidate.minutes = (time.monotonic() - started) / 60
             if self.ctx.dist.is_main:
                 self.store.put(candidate)
             if level == "full":  # kept for the result; others are rebuilt if chosen (memory)
                 self.states[(plan.key, level)] = state
+        candidate = dataclasses.replace(candidate, plan=plan)
         if level == "look":
             self.latencies[plan.key] = candidate.latency_ms
         return candidate
@@ -300,9 +288,9 @@ class _Clock:
     def over(self) -> bool:
         return time.monotonic() > self.deadline
 
-    def fits(self, level: str, results: dict[str, list[Candidate]]) -> bool:
-        """Whether one more evaluation at ``level`` ends before the deadline: the slowest of the
-        round so far, or the previous round's scaled by the epochs (the first fine-tune of a search
+    def fits(self, level: str, results: dict[str, list[Candidate]], share: float = 1.0) -> bool:
+        """Whether one more evaluation at ``level`` ends within ``share`` of the budget: the slowest of
+        the round so far, or the previous round's scaled by the epochs (the first fine-tune of a search
         has nothing to go by and may overrun)."""
         expected = max((c.minutes for c in results[level]), default=0.0)
         if not results[level] and level == "full" and results["short"]:
@@ -310,7 +298,7 @@ class _Clock:
             expected = per_epoch * self.cfg.epochs
         if not results[level] and not expected:
             expected = max((c.minutes for c in results["look"]), default=0.0)
-        return time.monotonic() + expected * 60 <= self.deadline
+        return time.monotonic() + expected * 60 <= self.started + share * (self.deadline - self.started)
 
 
 def _too_small(cfg: SearchConfig, first: Candidate) -> TrainingError:
@@ -335,13 +323,21 @@ class _Search:
     seed: int
 
 
+LOOK_SHARE = 0.4
+"""The share of the budget the first look may take; the rest is for fine-tuning."""
+
+
 def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
     """Look, short, full (module docstring): the chosen candidate (None when none passed) and why
-    the budget stopped the search early, if it did."""
+    the budget stopped the search early, if it did. Plans are looked at in a seeded random order, so
+    a look the budget cuts short still sees every part of the space."""
     stopped: str | None = None
-    for plan in run.every:
-        if run.results["look"] and not run.clock.fits("look", run.results):
-            stopped = f"the time budget ended the first look after {len(run.results['look'])} of {len(run.every)} plans"
+    for plan in random.Random(run.seed).sample(run.every, len(run.every)):
+        if run.results["look"] and not run.clock.fits("look", run.results, LOOK_SHARE):
+            stopped = (
+                f"the first look took its {LOOK_SHARE:.0%} of the time budget after {len(run.results['look'])} "
+                f"of {len(run.every)} plans (a seeded random sample of the space)"
+            )
             break
         run.results["look"].append(run.searcher.evaluate(plan, "look"))
         if len(run.results["look"]) == 1 and run.clock.over():
@@ -410,9 +406,17 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
             "search before quantize / encode / export stages, on the float model"
         )
     clock = _Clock(cfg.budget_minutes, cfg)
-    data = _split(ctx.data, cfg.holdout, ctx.seed)
+    data = held_out_split(ctx.data, cfg.holdout, ctx.seed)
     searcher = _Searcher(state, cfg, ctx, data)
     base = accuracy(searcher.given, data.test)
+    given_test = accuracy(searcher.given, ctx.data.test)  # only to warn, never to choose
+    if seen_in_training(base, given_test, len(data.test), len(ctx.data.test)):
+        ctx.warn(
+            f"the model as given scores {base * 100:.2f}% on the held-out share but {given_test * 100:.2f}% on "
+            "the test split: it was trained on those points, so the search judges drops on memorised "
+            "samples. Train it without them (plan_search.held_out_split with the same holdout and seed "
+            "gives the share) for a budget that tracks unseen data"
+        )
     allowed = base - cfg.max_drop / 100
     every = plans(cfg.space)
     results: dict[str, list[Candidate]] = {level: [] for level in LEVELS}
@@ -446,7 +450,7 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
         "strategy": cfg.strategy,
         "max_drop": cfg.max_drop,
         "latency_batch": cfg.latency_batch,
-        "held_out": {"samples": len(data.test), "given_accuracy": base},
+        "held_out": {"samples": len(data.test), "given_accuracy": base, "given_test_accuracy": given_test},
         "chosen": chosen.to_dict() | {"drop": round((base - chosen.accuracy) * 100, 3)},
         "recipe": chosen.plan.stages(searcher.epochs(chosen.level), cfg.lr),
         "candidates": [
