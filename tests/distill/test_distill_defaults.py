@@ -67,3 +67,32 @@ def test_distilling_memorised_outputs_without_augmentation_is_flagged(tmp_path):
     details = default.stages[1]["details"]
     assert "warnings" not in details and details["teacher_outputs"].startswith("live")
     assert details["augment"]["shift"] == 1 and details["augment"]["chosen"].startswith("auto")
+
+
+@pytest.mark.slow
+def test_the_defaults_distil_a_student_at_least_as_good_as_training_it_alone(tmp_path):
+    """Issue 20's short setting on MNIST-1D (B4 defaults' third row, 30 epochs): a 3-member ensemble
+    teaches a half-width 1-D CNN; with every distill option at its default the student is, on the
+    mean of three seeds, at least as accurate as the same student trained alone for as many epochs."""
+    student = {"zoo": "cnn1d", "kwargs": {"channels": 12}}
+    base = {"data": {"name": "mnist1d"}, "measure": {"latency_repeats": 3, "onnx_fp32": False}}
+    ensemble = {"ensemble": {"members": 3, "epochs": 30}}
+    run({**base, "seed": 0, "model": {"zoo": "cnn1d"}, "stages": [ensemble]}, tmp_path / "teacher")
+    teachers = [{"path": str(tmp_path / "teacher" / "model.safetensors")}]
+    gains = []
+    for seed in (0, 1, 2):
+        alone = run(
+            {**base, "seed": seed, "model": student, "stages": [{"train": {"epochs": 30}}]},
+            tmp_path / f"alone-{seed}",
+        )
+        distilled = run(
+            {
+                **base,
+                "seed": seed,
+                "model": {"zoo": "cnn1d"},
+                "stages": [{"distill": {"student": student, "teachers": teachers, "epochs": 30}}],
+            },
+            tmp_path / f"distilled-{seed}",
+        )
+        gains.append(distilled.final["accuracy"] - alone.final["accuracy"])
+    assert sum(gains) / len(gains) >= 0, gains

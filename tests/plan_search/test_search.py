@@ -210,6 +210,22 @@ def test_a_plan_that_distils_shares_its_look_with_the_plan_that_fine_tunes(tmp_p
 
 
 @pytest.mark.slow
+def test_short_fine_tunes_in_worker_processes_match_the_ones_in_this_process(searched, tmp_path) -> None:
+    _, report = searched
+    apart = run(_recipe(SEARCH | {"jobs": 2}), tmp_path)
+
+    def short(rep) -> dict[str, tuple]:
+        rows = rep.stages[-1]["details"]["search"]["candidates"]
+        return {c["plan"]: (c["accuracy"], c["size_bytes"], c["macs"]) for c in rows if c["level"] == "short"}
+
+    assert short(apart) and short(apart) == short(report)  # the same plans, the same models
+    assert (
+        apart.stages[-1]["details"]["search"]["chosen"]["plan"]
+        == report.stages[-1]["details"]["search"]["chosen"]["plan"]
+    )
+
+
+@pytest.mark.slow
 def test_the_time_budget_ends_the_search_with_the_best_so_far(tmp_path) -> None:
     search = SEARCH | {
         "budget_minutes": 0.25,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ from torchshrink.errors import RecipeError, TrainingError
 from torchshrink.io import write_json_atomic
 from torchshrink.measure import accuracy, count_macs, serialized_size, timing_pass
 from torchshrink.onnx_export import OnnxRuntimeModel
+from torchshrink.parallel.tasks import run_in_processes
 from torchshrink.plan_search.front import pareto_front
 from torchshrink.plan_search.holdout import held_out_split, seen_in_training
 from torchshrink.plan_search.space import Plan, SearchSpace, plans
@@ -79,6 +81,12 @@ class SearchConfig(BaseModel, extra="forbid"):
     finalists: int = Field(3, ge=1, description="full fine-tunes at most")
     latency_batch: int = Field(32, ge=1, description="batch size of the latency objective")
     latency_repeats: int = Field(10, ge=3, description="interleaved timing rounds per candidate")
+    jobs: int = Field(
+        1,
+        ge=1,
+        description="short-round fine-tunes run this many at a time in worker processes (the cores shared "
+        "out); the look, which times every plan, and the full round stay in this process",
+    )
     strategy: Literal["rounds", "random"] = Field(
         "rounds",
         description="rounds: look, short, full (cheap to expensive); random: plans in random order, each "
@@ -167,6 +175,12 @@ class _Searcher:
         self.latencies: dict[str, float] = {}
         self.given_ms: float | None = None
         self.given = self._runtime(state)
+
+    def portable(self) -> _Searcher:
+        """A copy to send to a worker process: the models and data, without the states kept here."""
+        twin = copy.copy(self)
+        twin.states = {}
+        return twin
 
     def epochs(self, level: str) -> int:
         return {"look": 0, "short": self.cfg.short_epochs, "full": self.cfg.epochs}[level]
@@ -343,15 +357,10 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
         if len(run.results["look"]) == 1 and run.clock.over():
             raise _too_small(run.cfg, run.results["look"][0])
     by_cost = sorted(run.results["look"], key=lambda c: (c.cost(run.cfg.objective), -c.accuracy))
-    for look in by_cost:
-        if not look.plan.trains:  # nothing to fine-tune: the look is the result
-            continue
-        if not run.clock.fits("short", run.results):
-            stopped = (
-                stopped or f"the time budget ended the short round after {len(run.results['short'])} plans"
-            )
-            break
-        run.results["short"].append(run.searcher.evaluate(look.plan, "short"))
+    trainable = [look.plan for look in by_cost if look.plan.trains]  # else the look is the result
+    short = _short_round_apart if run.cfg.jobs > 1 else _short_round
+    if not short(run, trainable):
+        stopped = stopped or f"the time budget ended the short round after {len(run.results['short'])} plans"
     # the short round's view: fine-tuned plans, and plans with nothing to fine-tune as they are
     judged = run.results["short"] + [c for c in run.results["look"] if not c.plan.trains]
     front = [judged[i] for i in pareto_front([(c.cost(run.cfg.objective), c.accuracy) for c in judged])]
@@ -370,6 +379,59 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
         if candidate.accuracy >= run.allowed:
             return candidate, stopped
     return None, stopped
+
+
+def _short_round(run: _Search, queue: list[Plan]) -> bool:
+    """Short fine-tunes in this process, in the given order, while the budget allows; whether every
+    plan got one."""
+    for plan in queue:
+        if not run.clock.fits("short", run.results):
+            return False
+        run.results["short"].append(run.searcher.evaluate(plan, "short"))
+    return True
+
+
+_previous_seconds = 0.0
+"""In a worker process: how long its previous short fine-tune took (what the next one is expected to)."""
+
+
+def _short_in_worker(searcher: _Searcher, plan: Plan, deadline: float) -> Candidate | None:
+    """One short fine-tune in a worker process, or None when it would not end by ``deadline`` (wall
+    clock, seconds since the epoch) going by this worker's previous one."""
+    global _previous_seconds
+    if time.time() + _previous_seconds > deadline:
+        return None
+    started = time.time()
+    candidate = searcher.evaluate(plan, "short")  # latency from the look: nothing is timed here
+    _previous_seconds = time.time() - started
+    return candidate
+
+
+def _short_round_apart(run: _Search, queue: list[Plan]) -> bool:
+    """Short fine-tunes ``jobs`` at a time in worker processes (task parallelism), in waves of a few
+    per worker (each call carries the model and the data); each worker skips a plan it would not
+    finish in the budget. Whether every plan got one."""
+    jobs = run.cfg.jobs
+    wave = 4 * jobs
+    searcher = run.searcher.portable()
+    for start in range(0, len(queue), wave):
+        if not run.clock.fits("short", run.results):
+            return False
+        deadline = time.time() + (run.clock.deadline - time.monotonic())
+        batch = queue[start : start + wave]
+        calls = [functools.partial(_short_in_worker, searcher, plan, deadline) for plan in batch]
+        outcomes = run_in_processes(calls, jobs, names=[p.key for p in batch], desc="search: short round")
+        done = True
+        for plan, outcome in zip(batch, outcomes, strict=True):
+            if not outcome.ok:
+                raise TrainingError(f"search: plan {plan.key} (short round): {outcome.error}")
+            if outcome.value is None:
+                done = False
+            else:
+                run.results["short"].append(outcome.value)
+        if not done:
+            return False
+    return True
 
 
 def _random_search(run: _Search) -> tuple[Candidate | None, str | None]:
