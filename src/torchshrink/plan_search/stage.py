@@ -395,11 +395,12 @@ _previous_seconds = 0.0
 """In a worker process: how long its previous short fine-tune took (what the next one is expected to)."""
 
 
-def _short_in_worker(searcher: _Searcher, plan: Plan, deadline: float) -> Candidate | None:
+def _short_in_worker(searcher: _Searcher, plan: Plan, deadline: float, expected: float) -> Candidate | None:
     """One short fine-tune in a worker process, or None when it would not end by ``deadline`` (wall
-    clock, seconds since the epoch) going by this worker's previous one."""
+    clock, seconds since the epoch) going by ``expected`` seconds (the slowest of the round before this
+    wave) or this worker's previous one, whichever is longer."""
     global _previous_seconds
-    if time.time() + _previous_seconds > deadline:
+    if time.time() + max(expected, _previous_seconds) > deadline:
         return None
     started = time.time()
     candidate = searcher.evaluate(plan, "short")  # latency from the look: nothing is timed here
@@ -419,7 +420,8 @@ def _short_round_apart(run: _Search, queue: list[Plan]) -> bool:
             return False
         deadline = time.time() + (run.clock.deadline - time.monotonic())
         batch = queue[start : start + wave]
-        calls = [functools.partial(_short_in_worker, searcher, plan, deadline) for plan in batch]
+        expected = 60 * max((c.minutes for c in run.results["short"]), default=0.0)
+        calls = [functools.partial(_short_in_worker, searcher, plan, deadline, expected) for plan in batch]
         outcomes = run_in_processes(calls, jobs, names=[p.key for p in batch], desc="search: short round")
         done = True
         for plan, outcome in zip(batch, outcomes, strict=True):
