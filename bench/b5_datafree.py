@@ -52,7 +52,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 LABELS = {
     "dafl": "DAFL generator (one-hot, activation, entropy)",
-    "adversarial": "adversarial generator (DFAD, logit MAE)",
+    "adversarial": "adversarial generator (DFAD, logit MAE; DAFL class-balance entropy term)",
     "conditional": "conditional generator (class CE, diversity, adversarial; balanced classes)",
     "conditional-disagreement": "conditional generator, half the classes drawn by disagreement",
     "vae": "VAE route (VAE fitted to 2,048 inverted inputs)",

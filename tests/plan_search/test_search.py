@@ -52,6 +52,33 @@ def test_a_plan_builds_its_stages_in_the_pipeline_order() -> None:
     assert Plan(encode_bits=5).trains and not Plan(bits=8).trains  # packed centroids are fine-tuned
 
 
+def test_quantization_kinds_are_plans_of_their_own_and_share_the_look_where_they_can() -> None:
+    found = {
+        p.key: p
+        for p in plans(
+            SearchSpace(macs_reduction=[1], bits=[None, 8], quantize=["static", "qat", "mixed"]), 0.7
+        )
+    }
+    assert set(found) == {"float", "w8", "w8-qat", "w8-mix0.7"}  # a float plan has no quantization kind
+    qat, mixed = found["w8-qat"], found["w8-mix0.7"]
+    assert qat.trains and not found["w8"].trains and not mixed.trains  # QAT is trained; mixed is measured
+    assert qat.stages(epochs=2, lr=1e-3) == [
+        {"quantize": {"mode": "qat", "bits": 8, "activation_bits": 8, "epochs": 2, "lr": 1e-3}}
+    ]
+    assert qat.untrained() == found["w8"] and qat.stages(epochs=0) == found["w8"].stages(epochs=0)
+    assert mixed.untrained() == mixed  # the look builds the mixed plan itself
+    assert mixed.stages(epochs=0) == [
+        {
+            "quantize": {
+                "mode": "static",
+                "bits": 8,
+                "activation_bits": 8,
+                "mixed": {"max_drop": 0.7, "candidates": [8]},
+            }
+        }
+    ]
+
+
 def test_pareto_front_keeps_exactly_the_non_dominated_points() -> None:
     rng = random.Random(0)
     points = [(rng.randint(0, 20), rng.randint(0, 20)) for _ in range(60)]
@@ -207,6 +234,36 @@ def test_a_plan_that_distils_shares_its_look_with_the_plan_that_fine_tunes(tmp_p
     assert [b for b in built if b.endswith("-look")] == ["macs2-look"]  # one untrained model, judged once
     assert {"macs2-short", "macs2-kd-short"} <= set(built)  # then each recovers its own way
     assert {c["plan"] for c in search["candidates"]} == {"macs2", "macs2-kd"}
+
+
+@pytest.mark.slow
+def test_qat_and_mixed_precision_plans_are_built_and_judged_on_the_held_out_share(
+    tmp_path, monkeypatch
+) -> None:
+    built: list[str] = []
+    build = search_module._Searcher.build
+
+    def spy_build(self, plan, level):
+        built.append(f"{plan.key}-{level}")
+        return build(self, plan, level)
+
+    monkeypatch.setattr(search_module._Searcher, "build", spy_build)
+    space = {"macs_reduction": [1], "bits": [8], "quantize": ["static", "qat", "mixed"]}
+    # max_drop 0: the mixed plan must leave as many layers float as it takes to lose nothing
+    report = run(
+        _recipe(SEARCH | {"space": space, "max_drop": 0.0, "epochs": 1, "objective": "size"}), tmp_path
+    )
+    search = report.stages[-1]["details"]["search"]
+    assert sorted(b for b in built if b.endswith("-look")) == ["w8-look", "w8-mix0-look"]  # QAT shares w8's
+    assert "w8-qat-short" in built  # then QAT trains its own way
+    rows = {(c["plan"], c["level"]): c for c in search["candidates"]}
+    mixed = rows[("w8-mix0", "look")]
+    assert (
+        mixed["accuracy"] >= search["held_out"]["given_accuracy"]
+    )  # its budget, judged on the held-out share
+    assert mixed["size_bytes"] >= rows[("w8", "look")]["size_bytes"]  # float layers cost bytes
+    qat = next(c for c in search["candidates"] if c["plan"] == "w8-qat")
+    assert [s["quantize"]["mode"] for s in qat["recipe"] if "quantize" in s] == ["qat"]
 
 
 @pytest.mark.slow

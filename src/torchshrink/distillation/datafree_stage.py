@@ -88,7 +88,9 @@ class GeneratorLoss(BaseModel, extra="forbid"):
 
 GENERATOR_LOSS_DEFAULTS = {
     "dafl": GeneratorLoss(one_hot=1.0, activation=0.1, entropy=5.0),  # DAFL's MNIST weights
-    "adversarial": GeneratorLoss(adversarial=1.0),
+    # DAFL's class-balance (entropy) term beside the adversarial one: without it a seed's generator can
+    # collapse onto a few classes (B5, 3 seeds: lowest seed 81.0% alone, 92.8% with it; median 93.8 / 94.1)
+    "adversarial": GeneratorLoss(adversarial=1.0, entropy=5.0),
     # the adversarial term keeps looking for what the student has not learnt yet, within the class asked for
     "conditional": GeneratorLoss(class_ce=1.0, diversity=0.1, bn_statistics=0.1, adversarial=1.0),
 }

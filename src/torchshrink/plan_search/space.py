@@ -5,12 +5,14 @@ and the recipe stages that build each one."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 __all__ = ["SearchSpace", "Plan", "plans"]
+
+QuantizeKind = Literal["static", "qat", "mixed"]
 
 
 def _unique(values: list[Any]) -> list[Any]:
@@ -29,6 +31,11 @@ class SearchSpace(BaseModel, extra="forbid"):
         default_factory=lambda: [None, 8],
         description="static quantization of weights and activations (8: int8 on ONNX Runtime)",
     )
+    quantize: list[QuantizeKind] = Field(
+        default_factory=lambda: ["static"],
+        description="how a plan with bits quantizes: static (post-training), qat (trained with fake-quant), "
+        "mixed (static, the fewest layers left float so that quantizing loses at most max_drop)",
+    )
     encode_bits: list[int | None] = Field(
         default_factory=lambda: [None], description="Deep-Compression weight-sharing bits (packed file)"
     )
@@ -37,7 +44,7 @@ class SearchSpace(BaseModel, extra="forbid"):
         description="after pruning, distil back from the input model instead of fine-tuning on labels",
     )
 
-    @field_validator("macs_reduction", "sparsity", "bits", "encode_bits", "distill")
+    @field_validator("macs_reduction", "sparsity", "bits", "quantize", "encode_bits", "distill")
     @classmethod
     def _not_empty(cls, values: list[Any], info: Any) -> list[Any]:
         if not values:
@@ -74,6 +81,8 @@ class Plan:
     bits: int | None = None
     encode_bits: int | None = None
     distill: bool = False
+    quantize: QuantizeKind = "static"
+    mixed_drop: float = 0.0  # quantize mixed: points quantizing alone may lose (the search's max_drop)
 
     @property
     def pruned(self) -> bool:
@@ -81,12 +90,22 @@ class Plan:
 
     @property
     def trains(self) -> bool:
-        """Whether the plan has something to fine-tune (pruned weights, or packed centroids)."""
-        return self.pruned or self.encode_bits is not None
+        """Whether the plan has something to fine-tune (pruned weights, packed centroids, or QAT)."""
+        return self.pruned or self.encode_bits is not None or self.qat
+
+    @property
+    def qat(self) -> bool:
+        return self.bits is not None and self.quantize == "qat"
+
+    def untrained(self) -> Plan:
+        """The plan as built at the look, before any training: distilling and fine-tuning, QAT and
+        static quantization give the same model there (one look serves the twins)."""
+        return replace(self, distill=False, quantize="static" if self.qat else self.quantize)
 
     @property
     def key(self) -> str:
-        """A short stable name: ``macs2-sp0.5-w8-enc5-kd`` (``float`` for the model as given)."""
+        """A short stable name: ``macs2-sp0.5-kd-w8``, ``w8-qat``, ``w8-mix0.5``, ``enc5`` (``float`` for
+        the model as given)."""
         parts = []
         if self.macs_reduction > 1:
             parts.append(f"macs{self.macs_reduction:g}")
@@ -96,6 +115,10 @@ class Plan:
             parts.append("kd")
         if self.bits is not None:
             parts.append(f"w{self.bits}")
+            if self.quantize == "qat":
+                parts.append("qat")
+            elif self.quantize == "mixed":
+                parts.append(f"mix{self.mixed_drop:g}")
         if self.encode_bits is not None:
             parts.append(f"enc{self.encode_bits}")
         return "-".join(parts) or "float"
@@ -117,22 +140,37 @@ class Plan:
             else:
                 out.append({"finetune": {"epochs": epochs, "lr": lr}})
         if self.bits is not None:
-            out.append({"quantize": {"mode": "static", "bits": self.bits, "activation_bits": self.bits}})
+            quantize: dict[str, Any] = {"mode": "static", "bits": self.bits, "activation_bits": self.bits}
+            if self.qat and epochs:
+                quantize |= {"mode": "qat", "epochs": epochs, "lr": lr}
+            elif self.quantize == "mixed":
+                # on the search's data the test split is the held-out share: the budget is judged there
+                quantize["mixed"] = {"max_drop": self.mixed_drop, "candidates": [self.bits]}
+            out.append({"quantize": quantize})
         if self.encode_bits is not None:
             out.append({"encode": {"bits": self.encode_bits, "finetune_epochs": epochs}})
         return out
 
 
-def plans(space: SearchSpace) -> list[Plan]:
-    """Every consistent plan of the space: a quantized (ONNX) model cannot be packed as well, and
-    distilling without pruning recovers nothing (that combination is the plain one)."""
+def plans(space: SearchSpace, max_drop: float = 0.5) -> list[Plan]:
+    """Every consistent plan of the space: a quantized (ONNX) model cannot be packed as well,
+    distilling without pruning recovers nothing (that combination is the plain one), and a float plan
+    has no quantization kind. ``max_drop`` is the budget of ``quantize: mixed`` plans."""
     found: dict[str, Plan] = {}
-    for macs, sparsity, bits, encode, distill in itertools.product(
-        space.macs_reduction, space.sparsity, space.bits, space.encode_bits, space.distill
+    for macs, sparsity, bits, kind, encode, distill in itertools.product(
+        space.macs_reduction, space.sparsity, space.bits, space.quantize, space.encode_bits, space.distill
     ):
         if bits is not None and encode is not None:
             continue
-        plan = Plan(macs, sparsity, bits, encode, distill and (macs > 1 or sparsity > 0))
+        plan = Plan(
+            macs,
+            sparsity,
+            bits,
+            encode,
+            distill and (macs > 1 or sparsity > 0),
+            kind if bits is not None else "static",
+            max_drop if bits is not None and kind == "mixed" else 0.0,
+        )
         found.setdefault(plan.key, plan)
     if not found:
         raise ValueError(

@@ -95,7 +95,7 @@ class SearchConfig(BaseModel, extra="forbid"):
 
     @model_validator(mode="after")
     def _some_plan(self) -> SearchConfig:
-        plans(self.space)  # an empty or contradictory space is an error before anything runs
+        plans(self.space, self.max_drop)  # an empty or contradictory space is an error before anything runs
         return self
 
 
@@ -239,9 +239,9 @@ class _Searcher:
 
     def evaluate(self, plan: Plan, level: str) -> Candidate:
         """The plan at this level: from the work folder when a run (this or an earlier one) judged it.
-        At the look, a plan that distils is the same model as its twin that fine-tunes (nothing is
-        trained yet): one evaluation serves both."""
-        built = dataclasses.replace(plan, distill=False) if level == "look" else plan
+        At the look, a plan that distils is the same model as its twin that fine-tunes, and a QAT plan
+        the same as its static twin (nothing is trained yet): one evaluation serves both."""
+        built = plan.untrained() if level == "look" else plan
         candidate = self.store.get(built, level)
         if candidate is None:
             started = time.monotonic()
@@ -482,7 +482,7 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
             "gives the share) for a budget that tracks unseen data"
         )
     allowed = base - cfg.max_drop / 100
-    every = plans(cfg.space)
+    every = plans(cfg.space, cfg.max_drop)
     results: dict[str, list[Candidate]] = {level: [] for level in LEVELS}
     search = _random_search if cfg.strategy == "random" else _rounds
     chosen, stopped = search(_Search(every, searcher, clock, results, allowed, cfg, ctx.seed))
