@@ -9,12 +9,14 @@ file's size, and latency in one interleaved timing pass at batch 32 against the 
 accuracy the budget was judged on, and minutes spent.
 
 ``python -m bench b8 [--budget MINUTES] [--only lenet5|resnet]``: the budget of every search
-(default 10, so the whole table stays well inside the 30 minutes a search may take on 2 cores).
+(default 10, so the whole table stays well inside the 30 minutes a search may take on 2 cores);
+``--only`` reruns those models and keeps the others' rows from the stored run (same budget), saying so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,14 +24,14 @@ from typing import Any
 
 import torch
 
-from bench.common import machine_line, trained, write_section
+from bench.common import RESULTS, machine_line, trained, write_section
 from torchshrink import run
 from torchshrink.data import load_data
 from torchshrink.plan_search.holdout import held_out_split
 
 EPOCHS, LR = 8, 1e-3  # the B2 / B3 trained models
 MAX_DROP = 0.5
-HOLDOUT = 0.1  # the search's default share, with the recipes' seed 0
+HOLDOUT = 0.1  # the search's default share and holdout_seed (0)
 # spaces as a user would write them: fine steps, so a random search cannot try every plan in the budget
 SPACE = {
     "latency": {"macs_reduction": [1, 1.25, 1.5, 2, 2.5, 3, 4], "bits": [None, 8], "distill": [False, True]},
@@ -93,7 +95,7 @@ def _run(weights: Path, name: str, stages: list[dict[str, Any]], out: Path) -> d
 def run_case(name: str, budget: float, work: Path) -> dict[str, dict[str, Any]]:
     data = load_data("mnist5k")
     # trained without the search's held-out share, so the accuracy budget is judged on unseen images
-    rest = held_out_split(data, HOLDOUT, seed=0)
+    rest = held_out_split(data, HOLDOUT, seed=0)  # = the search's: holdout 0.1, holdout_seed 0
     _, weights = trained(
         name, dataclasses.replace(data, name="mnist5k-rest", train=rest.train), EPOCHS, 0, lr=LR
     )
@@ -147,19 +149,50 @@ def _verdicts(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return out
 
 
+CASES = ("lenet5", "resnet")
+
+
+def _stored(cases: list[str], budget: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """The stored run's rows of the models not rerun now (``--only``), and per model the command and
+    machine that measured them."""
+    path = RESULTS / "b8_search.json"
+    kept_names = [c for c in CASES if c not in cases]
+    if not kept_names or not path.is_file():
+        return {}, {}
+    stored = json.loads(path.read_text())
+    if stored.get("budget") != budget:
+        raise SystemExit(
+            f"b8 --only: the stored run ({path}) used budget {stored.get('budget')}, not {budget:g}; rerun every model"
+        )
+    kept = {name: stored["results"][name] for name in kept_names if name in stored["results"]}
+    command = stored.get("command", f"python -m bench b8 --budget {budget:g}")
+    sources = {
+        name: stored.get("sources", {}).get(name, f"`{command}` on {stored['machine']}") for name in kept
+    }
+    return kept, sources
+
+
 def run_all(
     budget: float = 10.0, only: tuple[str, ...] = (), command: str = "python -m bench b8"
 ) -> dict[str, Any]:
     torch.set_num_threads(2)
-    cases = [c for c in ("lenet5", "resnet") if not only or c in only]
+    cases = [c for c in CASES if not only or c in only]
+    kept, source = _stored(cases, budget)  # per kept model: where it was measured
     with tempfile.TemporaryDirectory(prefix="b8-") as tmp:
-        results = {name: run_case(name, budget, Path(tmp)) for name in cases}
+        measured = {name: run_case(name, budget, Path(tmp)) for name in cases}
+    results = {
+        name: measured[name] if name in measured else kept[name]
+        for name in CASES
+        if name in measured or name in kept
+    }
+    sources = {name: f"`{command}` on {machine_line()}" for name in measured} | source
     lines = [
         "## B8  Accuracy-aware search",
         "",
-        f"Command: `{command}`. Machine: {machine_line()}.",
+        f"Command: `{command}`. Machine: {machine_line()}."
+        + "".join(f" Rows of {name} are kept from an earlier run: {source[name]}." for name in kept),
         f"MNIST-5k; models trained {EPOCHS} epochs (Adam {LR:g}, cosine; B2 / B3's) on the training split less the "
-        f"search's held-out share ({HOLDOUT:.0%}, seed 0), so the budget is judged on images the model never saw. `search` with `max_drop: "
+        f"search's held-out share ({HOLDOUT:.0%}, `holdout_seed` 0), so the budget is judged on images the model never saw. `search` with `max_drop: "
         f"{MAX_DROP}` (held-out points), `budget_minutes: {budget:g}`, spaces {SPACE}; `strategy: random` with the "
         "same budget and space; the hand-written recipe is the best of docs/benchmarks.md for the objective "
         "(latency: B3 structured 2x + 8-epoch fine-tune + B2 static int8; size: B1 unstructured 80% + 5-bit "
@@ -189,6 +222,14 @@ def run_all(
                 )
     lines += ["", *_verdicts(results)]
     write_section(
-        "b8_search", "\n".join(lines), {"machine": machine_line(), "budget": budget, "results": results}
+        "b8_search",
+        "\n".join(lines),
+        {
+            "machine": machine_line(),
+            "command": command,
+            "budget": budget,
+            "results": results,
+            "sources": sources,
+        },
     )
     return results

@@ -37,6 +37,7 @@ from torchshrink.distillation.datafree_stage import (
     datafree_stage,
 )
 from torchshrink.distillation.losses import logit_mae
+from torchshrink.distillation.restarts import cross_agreement, pick_restart
 from torchshrink.distillation.stage import StudentWithAdapters
 from torchshrink.errors import TrainingError
 from torchshrink.measure import accuracy
@@ -244,6 +245,56 @@ def test_the_same_seed_gives_the_same_student(digits_teacher, digits, tmp_path) 
     )
 
 
+def test_restarts_are_scored_on_the_other_restarts_samples_only() -> None:
+    teacher = nn.Identity()
+    teacher.register_parameter("anchor", nn.Parameter(torch.zeros(1)))  # a device to run on
+
+    class Constant(nn.Module):
+        def __init__(self, label: int) -> None:
+            super().__init__()
+            self.label = label
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.one_hot(torch.full((len(x),), self.label), 2).float()
+
+    def of_class(label: int):
+        def draw(n: int, seed: int) -> torch.Tensor:
+            x = torch.rand(n, 2, generator=torch.Generator().manual_seed(seed))
+            x[:, label] += 1.0  # the teacher (argmax of x) names this class
+            return x
+
+        return draw
+
+    # each constant student is right on all of its own generator's samples and none of the other's:
+    # scored on its own samples too, both would score 0.5
+    draws = [of_class(0), of_class(1)]
+    assert cross_agreement([Constant(0), Constant(1)], draws, teacher, 64, seed=0) == [0.0, 0.0]
+    scores = cross_agreement([Constant(0), nn.Identity(), Constant(1)], [*draws, of_class(0)], teacher, 64, 0)
+    assert scores == [0.5, 1.0, 0.5]
+    assert pick_restart(scores) == 1 and pick_restart([0.5, 0.5]) == 0  # equals: the lowest seed
+
+
+def test_the_kept_restart_is_the_picked_one_and_the_same_as_its_seed_run_alone(
+    digits_teacher, digits, tmp_path
+) -> None:
+    options = {"generator": "adversarial", "epochs": 1, "steps_per_epoch": 5, "pick_samples": 64}
+    state, ctx = _datafree(digits_teacher, digits, tmp_path / "two", restarts=2, **options)
+    restarts = ctx.details["restarts"]
+    assert restarts["seeds"] == [0, 1000] and len(restarts["cross_agreement"]) == 2
+    assert restarts["picked"] == pick_restart(restarts["cross_agreement"])
+    # the kept student is the one that seed trains on its own
+    cfg = DataFreeConfig(student=STUDENT, lr=0.003, batch_size=64, checkpoint_every=0, **options)
+    seed = restarts["seeds"][restarts["picked"]]
+    alone_ctx = RunContext(
+        data=digits, out_dir=tmp_path / "alone", seed=seed, stage_index=1, stage_name="datafree"
+    )
+    alone = datafree_stage(ModelState(model=digits_teacher, architecture=None), cfg, alone_ctx)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(state.model.state_dict().values(), alone.model.state_dict().values(), strict=True)
+    )
+
+
 def test_options_that_cannot_work_are_refused_clearly() -> None:
     with pytest.raises(ValidationError, match="augment.mixup blends labelled training inputs"):
         DataFreeConfig(student=STUDENT, augment={"mixup": 1.0})
@@ -270,6 +321,10 @@ def test_options_that_cannot_work_are_refused_clearly() -> None:
         DataFreeConfig(student=STUDENT, generator="vae", real_share=0.3)
     with pytest.raises(ValidationError, match="class_ce scores a requested class"):
         DataFreeConfig(student=STUDENT, generator="adversarial", generator_loss={"class_ce": 1.0})
+    with pytest.raises(
+        ValidationError, match="restarts: 3 retrains a generator with its student; generator: vae"
+    ):
+        DataFreeConfig(student=STUDENT, generator="vae", restarts=3)
     conditional = DataFreeConfig(student=STUDENT, generator="conditional")
     assert conditional.generator_weights.class_ce == conditional.generator_weights.adversarial == 1.0
     assert (conditional.match, conditional.generator_lr) == ("mae", 2e-4)

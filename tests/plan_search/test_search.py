@@ -79,6 +79,22 @@ def test_quantization_kinds_are_plans_of_their_own_and_share_the_look_where_they
     ]
 
 
+def test_the_short_round_leaves_time_for_the_full_fine_tunes() -> None:
+    cfg = SearchConfig(budget_minutes=10, epochs=5, short_epochs=1, finalists=3)
+    clock = search_module._Clock(cfg.budget_minutes, cfg)
+    results = {"look": [], "short": [], "full": []}
+    assert clock.short_share(results) == 1.0  # nothing to go by yet
+    results["short"] = [
+        search_module.Candidate(Plan(macs_reduction=2.0), "short", 0.9, 1.0, 100, 10, minutes)
+        for minutes in (0.05, 0.1)
+    ]
+    # 3 finalists x 5 epochs x 0.1 minutes per epoch = 1.5 of 10 minutes kept for the full round
+    assert clock.short_share(results) == pytest.approx(0.85)
+    assert clock.at(0.85) == pytest.approx(clock.started + 0.85 * 600)
+    results["short"][1].minutes = 1.0  # 15 minutes of full fine-tunes cannot be kept: half the budget is
+    assert clock.short_share(results) == 0.5
+
+
 def test_pareto_front_keeps_exactly_the_non_dominated_points() -> None:
     rng = random.Random(0)
     points = [(rng.randint(0, 20), rng.randint(0, 20)) for _ in range(60)]
@@ -113,6 +129,24 @@ def test_the_held_out_share_is_seeded_disjoint_and_complete(digits) -> None:
     assert rows(split.test) + rows(split.train) == rows(digits.train)  # every sample once, none twice
     with pytest.raises(TrainingError, match="leaves no held-out"):
         held_out_split(digits, 1e-6, seed=0)
+
+
+@pytest.mark.slow
+def test_the_held_out_share_does_not_move_with_the_recipe_seed_or_the_stage_place(digits, tmp_path) -> None:
+    import torchshrink as ts
+    from torchshrink.measure import accuracy
+
+    model = ts.apply_stage("train", DIGITS_CNN, digits, epochs=2, lr=0.003).model
+    share = held_out_split(digits, 0.1, seed=0).test  # what a user trains without, beforehand
+    only_float = SEARCH | {"space": {"macs_reduction": [1], "bits": [None]}}
+    only_float = {k: v for k, v in only_float.items() if k != "latency_repeats"}
+    given = {}
+    for seed in (0, 5):  # the stage's seed was the share's before (a model trained without it still met it)
+        result = ts.search(
+            model, digits, seed=seed, latency_repeats=3, out_dir=tmp_path / f"s{seed}", **only_float
+        )
+        given[seed] = result.details["search"]["held_out"]["given_accuracy"]
+    assert given[0] == given[5] == accuracy(model, share)
 
 
 def test_memorised_held_out_points_are_told_from_sampling_noise() -> None:

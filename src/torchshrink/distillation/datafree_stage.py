@@ -13,6 +13,7 @@ See :mod:`torchshrink.distillation.datafree` for the methods.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ from torchshrink.distillation.datafree import (
     vae_terms,
 )
 from torchshrink.distillation.ensemble import Ensemble
+from torchshrink.distillation.restarts import Draw, cross_agreement, pick_restart
 from torchshrink.distillation.sample_grid import sample_rows, write_sample_grid
 from torchshrink.distillation.stage import (
     Distillation,
@@ -61,7 +63,7 @@ from torchshrink.parallel import ddp
 from torchshrink.registry import register_stage
 from torchshrink.stages.training import train_config
 from torchshrink.state import ModelState, RunContext
-from torchshrink.train import Batch, DatasetBatches, TrainConfig, fit
+from torchshrink.train import Batch, DatasetBatches, TrainConfig, TrainResult, fit
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,14 @@ class DataFreeConfig(DistillConfig):
         description="conditional: the classes of each batch: every class equally, or half equally and half "
         "in proportion to the student's running disagreement with the teacher on that class",
     )
+    restarts: int = Field(
+        1,
+        ge=1,
+        description="dafl / adversarial / conditional: train this many generator-student pairs (seeds "
+        "seed, seed + 1000, ...) and keep the student that agrees best with the teacher on the other "
+        "restarts' generated inputs (no real input decides)",
+    )
+    pick_samples: int = Field(512, ge=16, description="restarts: generated inputs per restart to pick on")
     inversion: InversionConfig = Field(default_factory=InversionConfig)
     vae: VaeConfig = Field(default_factory=VaeConfig)
 
@@ -186,6 +196,11 @@ class DataFreeConfig(DistillConfig):
             raise ValueError(
                 f"generator_loss.{conditional[0]} scores a requested class; only generator: conditional "
                 "is given one"
+            )
+        if self.restarts > 1 and self.generator not in GENERATOR_LOSS_DEFAULTS:
+            raise ValueError(
+                f"restarts: {self.restarts} retrains a generator with its student; generator: {self.generator} "
+                f"trains none (use dafl, adversarial or conditional, or restarts: 1)"
             )
         if self.classes != "balanced" and self.generator != "conditional":
             raise ValueError("classes: only generator: conditional draws the classes of its batches")
@@ -496,14 +511,95 @@ def _training_inputs(cfg: DataFreeConfig, available: int) -> str:
     )
 
 
+RESTART_SEED_STEP = 1000
+"""Restart k trains with seed ``seed + k * RESTART_SEED_STEP`` (restart 0 is the single run)."""
+
+
+class _Restart(NamedTuple):
+    """One trained generator-student pair."""
+
+    setup: Distillation
+    learner: DataFreeLearner
+    result: TrainResult
+    seed: int
+
+
 @register_stage("datafree", DataFreeConfig, role="transform")
 def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> ModelState:
     """Train ``cfg.student`` from the teacher(s) on generated inputs (and, with ``inputs``, a few real
-    unlabelled ones); it becomes the pipeline's model."""
+    unlabelled ones); it becomes the pipeline's model. With ``restarts``, several pairs are trained
+    and the one picked without real inputs (:mod:`restarts`) is kept."""
+    shape = ctx.data.input_shape
+    real = _real_inputs(cfg, ctx) if cfg.inputs else None
+    latent = shape if cfg.generator == "noise" else (cfg.latent_dim,)
+    runs = []
+    for k in range(cfg.restarts):
+        seed = ctx.seed + k * RESTART_SEED_STEP
+        own = dataclasses.replace(ctx, seed=seed)  # details and artefacts stay the stage's
+        runs.append(
+            _train_restart(
+                state, cfg, own, real, latent, ctx.work_dir / f"restart-{k}" if k else ctx.work_dir
+            )
+        )
+    chosen = runs[0]
+    if len(runs) > 1:
+        chosen = runs[_pick(runs, latent, cfg, ctx)]
+    learner, teacher = chosen.learner, chosen.setup.teacher
+    ctx.details["generator"] = cfg.generator
+    ctx.details["training_inputs"] = _training_inputs(cfg, len(ctx.data.train))
+    if cfg.generator == "conditional":
+        ctx.details["class_weights"] = [round(float(w), 4) for w in learner.class_weights()]
+        ctx.details["class_agreement"] = _class_agreement(learner, teacher, cfg, ctx)
+    _picture_samples(learner, teacher, latent, cfg, ctx)
+    return finish_distillation(state, chosen.setup, chosen.result, ctx)
+
+
+def _pick(runs: list[_Restart], latent: tuple[int, ...], cfg: DataFreeConfig, ctx: RunContext) -> int:
+    """Which restart to keep: the best cross agreement (:func:`cross_agreement`), recorded in details."""
+    device = next(runs[0].setup.teacher.parameters()).device
+
+    def drawer(learner: DataFreeLearner) -> Draw:
+        def draw(n: int, seed: int) -> torch.Tensor:
+            z = torch.randn(n, *latent, generator=torch.Generator().manual_seed(seed)).to(device)
+            with switched(learner), torch.no_grad():
+                return learner(z).inputs
+
+        return draw
+
+    scores = cross_agreement(
+        [r.setup.student for r in runs],
+        [drawer(r.learner) for r in runs],
+        runs[0].setup.teacher,
+        cfg.pick_samples,
+        ctx.seed + 7,
+    )
+    picked = pick_restart(scores)
+    ctx.details["restarts"] = {
+        "seeds": [r.seed for r in runs],
+        "cross_agreement": [round(s, 4) for s in scores],
+        "picked": picked,
+    }
+    log.info(
+        "%s: restarts (seed: agreement with the teacher on the other restarts' samples) %s; kept seed %d",
+        ctx.stage_name,
+        ", ".join(f"{r.seed}: {s:.3f}" for r, s in zip(runs, scores, strict=True)),
+        runs[picked].seed,
+    )
+    return picked
+
+
+def _train_restart(
+    state: ModelState,
+    cfg: DataFreeConfig,
+    ctx: RunContext,
+    real: torch.Tensor | None,
+    latent: tuple[int, ...],
+    checkpoint_dir: Path,
+) -> _Restart:
+    """One generator-student pair trained with ``ctx.seed``, checkpointed in ``checkpoint_dir``."""
     shape = ctx.data.input_shape
     setup: Distillation = prepare_distillation(state, cfg, ctx, torch.zeros(2, *shape))
     teacher = setup.teacher
-    real = _real_inputs(cfg, ctx) if cfg.inputs else None
     generator = _generator(teacher, cfg, ctx, real)
     weights = cfg.generator_weights
     learner = DataFreeLearner(
@@ -567,7 +663,6 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
         terms.update(setup.terms(out.logits, teacher_logits.detach().argmax(1), teacher_logits))
         return terms
 
-    latent = shape if cfg.generator == "noise" else (cfg.latent_dim,)
     train_cfg = train_config(cfg, ctx)
     # agreement on generated inputs is pushed down on purpose (adversarial): no chance-level guard
     train_cfg.num_classes = None
@@ -580,7 +675,7 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
             LatentBatches(latent, cfg.batch_size, cfg.steps_per_epoch, seed=ctx.seed, pool=pool),
             loss_fn,
             train_cfg,
-            checkpoint_dir=ctx.work_dir,
+            checkpoint_dir=checkpoint_dir,
         )
     finally:
         setup.remove_taps()
@@ -588,13 +683,7 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
             penultimate.remove()
         for s in statistics:
             s.remove()
-    ctx.details["generator"] = cfg.generator
-    ctx.details["training_inputs"] = _training_inputs(cfg, len(ctx.data.train))
-    if cfg.generator == "conditional":
-        ctx.details["class_weights"] = [round(float(w), 4) for w in learner.class_weights()]
-        ctx.details["class_agreement"] = _class_agreement(learner, teacher, cfg, ctx)
-    _picture_samples(learner, teacher, latent, cfg, ctx)
-    return finish_distillation(state, setup, result, ctx)
+    return _Restart(setup, learner, result, ctx.seed)
 
 
 def _class_agreement(

@@ -72,6 +72,12 @@ class SearchConfig(BaseModel, extra="forbid"):
     budget_minutes: float = Field(20.0, gt=0, description="wall-clock time for the whole search")
     space: SearchSpace = Field(default_factory=SearchSpace)
     holdout: float = Field(0.1, gt=0, lt=0.5, description="share of the training split kept out to judge")
+    holdout_seed: int = Field(
+        0,
+        description="seed of the held-out share: fixed (not the stage's seed, which moves with its place in "
+        "the recipe), so a model can be trained without it first: plan_search.held_out_split(data, holdout, "
+        "holdout_seed)",
+    )
     short_epochs: int = Field(1, ge=1, description="fine-tune epochs of the short round")
     epochs: int = Field(5, ge=1, description="fine-tune epochs of the full round (the chosen model's)")
     lr: float = Field(3e-4, gt=0, description="fine-tune learning rate")
@@ -164,7 +170,7 @@ class _Searcher:
                     "data": data.digest(),
                     "seed": ctx.seed,
                     "settings": cfg.model_dump(
-                        include={"holdout", "short_epochs", "epochs", "lr", "latency_batch"}
+                        include={"holdout", "holdout_seed", "short_epochs", "epochs", "lr", "latency_batch"}
                     ),
                 },
                 sort_keys=True,
@@ -312,7 +318,21 @@ class _Clock:
             expected = per_epoch * self.cfg.epochs
         if not results[level] and not expected:
             expected = max((c.minutes for c in results["look"]), default=0.0)
-        return time.monotonic() + expected * 60 <= self.started + share * (self.deadline - self.started)
+        return time.monotonic() + expected * 60 <= self.at(share)
+
+    def at(self, share: float) -> float:
+        """The monotonic time when ``share`` of the budget is spent."""
+        return self.started + share * (self.deadline - self.started)
+
+    def short_share(self, results: dict[str, list[Candidate]]) -> float:
+        """The share of the budget the short round may end by: what is left after it must hold the
+        full fine-tunes of ``finalists`` plans (each expected from the slowest short one, scaled by
+        the epochs), but the short round keeps at least half of the budget."""
+        if not results["short"]:
+            return 1.0
+        per_epoch = max(c.minutes for c in results["short"]) / self.cfg.short_epochs
+        reserve = self.cfg.finalists * per_epoch * self.cfg.epochs / self.cfg.budget_minutes
+        return max(0.5, 1.0 - reserve)
 
 
 def _too_small(cfg: SearchConfig, first: Candidate) -> TrainingError:
@@ -360,7 +380,10 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
     trainable = [look.plan for look in by_cost if look.plan.trains]  # else the look is the result
     short = _short_round_apart if run.cfg.jobs > 1 else _short_round
     if not short(run, trainable):
-        stopped = stopped or f"the time budget ended the short round after {len(run.results['short'])} plans"
+        stopped = stopped or (
+            f"the short round stopped after {len(run.results['short'])} of {len(trainable)} plans to leave the "
+            f"rest of the time budget for {run.cfg.finalists} full fine-tunes"
+        )
     # the short round's view: fine-tuned plans, and plans with nothing to fine-tune as they are
     judged = run.results["short"] + [c for c in run.results["look"] if not c.plan.trains]
     front = [judged[i] for i in pareto_front([(c.cost(run.cfg.objective), c.accuracy) for c in judged])]
@@ -385,7 +408,7 @@ def _short_round(run: _Search, queue: list[Plan]) -> bool:
     """Short fine-tunes in this process, in the given order, while the budget allows; whether every
     plan got one."""
     for plan in queue:
-        if not run.clock.fits("short", run.results):
+        if not run.clock.fits("short", run.results, run.clock.short_share(run.results)):
             return False
         run.results["short"].append(run.searcher.evaluate(plan, "short"))
     return True
@@ -416,9 +439,10 @@ def _short_round_apart(run: _Search, queue: list[Plan]) -> bool:
     wave = 4 * jobs
     searcher = run.searcher.portable()
     for start in range(0, len(queue), wave):
-        if not run.clock.fits("short", run.results):
+        share = run.clock.short_share(run.results)
+        if not run.clock.fits("short", run.results, share):
             return False
-        deadline = time.time() + (run.clock.deadline - time.monotonic())
+        deadline = time.time() + (run.clock.at(share) - time.monotonic())
         batch = queue[start : start + wave]
         expected = 60 * max((c.minutes for c in run.results["short"]), default=0.0)
         calls = [functools.partial(_short_in_worker, searcher, plan, deadline, expected) for plan in batch]
@@ -470,7 +494,7 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
             "search before quantize / encode / export stages, on the float model"
         )
     clock = _Clock(cfg.budget_minutes, cfg)
-    data = held_out_split(ctx.data, cfg.holdout, ctx.seed)
+    data = held_out_split(ctx.data, cfg.holdout, cfg.holdout_seed)
     searcher = _Searcher(state, cfg, ctx, data)
     base = accuracy(searcher.given, data.test)
     given_test = accuracy(searcher.given, ctx.data.test)  # only to warn, never to choose
@@ -478,8 +502,8 @@ def search_stage(state: ModelState, cfg: SearchConfig, ctx: RunContext) -> Model
         ctx.warn(
             f"the model as given scores {base * 100:.2f}% on the held-out share but {given_test * 100:.2f}% on "
             "the test split: it was trained on those points, so the search judges drops on memorised "
-            "samples. Train it without them (plan_search.held_out_split with the same holdout and seed "
-            "gives the share) for a budget that tracks unseen data"
+            "samples. Train it without them (plan_search.held_out_split(data, holdout, holdout_seed) "
+            f"= held_out_split(data, {cfg.holdout:g}, {cfg.holdout_seed}) gives the share) for a budget that tracks unseen data"
         )
     allowed = base - cfg.max_drop / 100
     every = plans(cfg.space, cfg.max_drop)
