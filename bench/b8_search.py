@@ -160,6 +160,8 @@ def _stored(cases: list[str], budget: float) -> tuple[dict[str, Any], dict[str, 
     if not kept_names or not path.is_file():
         return {}, {}
     stored = json.loads(path.read_text())
+    if stored.get("space", SPACE) != json.loads(json.dumps(SPACE)):
+        raise SystemExit(f"b8 --only: the stored run ({path}) searched other spaces; rerun every model")
     if stored.get("budget") != budget:
         raise SystemExit(
             f"b8 --only: the stored run ({path}) used budget {stored.get('budget')}, not {budget:g}; rerun every model"
@@ -176,6 +178,9 @@ def run_all(
     budget: float = 10.0, only: tuple[str, ...] = (), command: str = "python -m bench b8"
 ) -> dict[str, Any]:
     torch.set_num_threads(2)
+    unknown = sorted(set(only) - set(CASES))
+    if unknown:
+        raise SystemExit(f"b8 --only: unknown models {unknown}; models: {', '.join(CASES)}")
     cases = [c for c in CASES if not only or c in only]
     kept, source = _stored(cases, budget)  # per kept model: where it was measured
     with tempfile.TemporaryDirectory(prefix="b8-") as tmp:
@@ -228,6 +233,7 @@ def run_all(
             "machine": machine_line(),
             "command": command,
             "budget": budget,
+            "space": SPACE,
             "results": results,
             "sources": sources,
         },

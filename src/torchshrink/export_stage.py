@@ -34,7 +34,7 @@ def export_stage(state: ModelState, cfg: ExportConfig, ctx: RunContext) -> Model
     check = take(ctx.data.test.tensors[0], slice(0, 32)) if cfg.check else None
     if ctx.dist.is_main:
         if any(isinstance(m, FakeQuantize) for m in state.model.modules()):
-            # A quantized model exports as int8 QDQ; ONNX Runtime's int8 kernels match it within one step.
+            # A quantized model exports as int8 QDQ; ONNX Runtime's int8 kernels match it within two steps.
             ctx.details.update(export_int8(state.model, path, ctx.data.inputs, check_inputs=check))
         else:
             diff = export_onnx(

@@ -95,6 +95,32 @@ def test_the_short_round_leaves_time_for_the_full_fine_tunes() -> None:
     assert clock.short_share(results) == 0.5
 
 
+def test_a_plan_that_fails_the_full_fine_tune_gives_the_front_back_to_the_plans_it_hid() -> None:
+    # accuracy after the short and the full fine-tune; B is dominated by A after the short one
+    table = {"macs4": (0.96, 0.93), "macs3": (0.955, 0.96), "macs2": (0.97, 0.97)}
+    plans_ = [Plan(macs_reduction=float(k[4:])) for k in table]
+
+    class Searcher:
+        full: list[str] = []
+
+        def evaluate(self, plan: Plan, level: str) -> search_module.Candidate:
+            short, full = table[plan.key]
+            if level == "full":
+                self.full.append(plan.key)
+            accuracy = {"look": 0.5, "short": short, "full": full}[level]
+            macs = int(1000 / plan.macs_reduction)
+            return search_module.Candidate(plan, level, accuracy, 1.0, 100, macs, 0.0)
+
+    cfg = SearchConfig(objective="macs", max_drop=1.0, slack=1.0)
+    searcher = Searcher()
+    run_ = search_module._Search(
+        plans_, searcher, search_module._Clock(10, cfg), {"look": [], "short": [], "full": []}, 0.95, cfg, 0
+    )
+    chosen, stopped = search_module._rounds(run_)
+    assert searcher.full == ["macs4", "macs3"]  # A failed; B, which only A dominated, is next (not C)
+    assert chosen.plan.key == "macs3" and chosen.level == "full" and stopped is None
+
+
 def test_pareto_front_keeps_exactly_the_non_dominated_points() -> None:
     rng = random.Random(0)
     points = [(rng.randint(0, 20), rng.randint(0, 20)) for _ in range(60)]

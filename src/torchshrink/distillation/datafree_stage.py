@@ -13,6 +13,7 @@ See :mod:`torchshrink.distillation.datafree` for the methods.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -536,11 +537,11 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
     for k in range(cfg.restarts):
         seed = ctx.seed + k * RESTART_SEED_STEP
         own = dataclasses.replace(ctx, seed=seed)  # details and artefacts stay the stage's
-        runs.append(
-            _train_restart(
-                state, cfg, own, real, latent, ctx.work_dir / f"restart-{k}" if k else ctx.work_dir
-            )
-        )
+        # each restart from the model as given (``student: current`` trains that very module)
+        fresh = cfg.restarts > 1 and cfg.student == "current"
+        start = state.replace(model=copy.deepcopy(state.model)) if fresh else state
+        folder = ctx.work_dir / f"restart-{k}" if k else ctx.work_dir
+        runs.append(_train_restart(start, cfg, own, real, latent, folder))
     chosen = runs[0]
     if len(runs) > 1:
         chosen = runs[_pick(runs, latent, cfg, ctx)]

@@ -250,6 +250,9 @@ class _Searcher:
         built = plan.untrained() if level == "look" else plan
         candidate = self.store.get(built, level)
         if candidate is None:
+            if level == "full" and plan.quantize == "mixed" and plan.pruned:
+                # mixed precision picks its float layers again after the fine-tune: time what ships
+                self.latencies.pop(plan.key, None)
             started = time.monotonic()
             state = self.build(built, level)
             candidate = self.judge(built, level, state)
@@ -381,14 +384,24 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
     short = _short_round_apart if run.cfg.jobs > 1 else _short_round
     if not short(run, trainable):
         stopped = stopped or (
-            f"the short round stopped after {len(run.results['short'])} of {len(trainable)} plans to leave the "
-            f"rest of the time budget for {run.cfg.finalists} full fine-tunes"
+            f"the time budget ended the short round after {len(run.results['short'])} of {len(trainable)} plans "
+            f"(it keeps back the time of {run.cfg.finalists} full fine-tunes)"
         )
     # the short round's view: fine-tuned plans, and plans with nothing to fine-tune as they are
     judged = run.results["short"] + [c for c in run.results["look"] if not c.plan.trains]
-    front = [judged[i] for i in pareto_front([(c.cost(run.cfg.objective), c.accuracy) for c in judged])]
-    hopeful = [c for c in front if c.accuracy >= run.allowed - run.cfg.slack / 100]
-    for candidate in sorted(hopeful, key=lambda c: c.cost(run.cfg.objective)):
+    failed: set[str] = set()  # missed max_drop (after the full fine-tune): off the front
+    tried: set[str] = set()
+    while True:
+        # a plan that failed leaves the front, and the plans only it dominated come back on
+        pool = [c for c in judged if c.plan.key not in failed]
+        front = [pool[i] for i in pareto_front([(c.cost(run.cfg.objective), c.accuracy) for c in pool])]
+        hopeful = [
+            c for c in front if c.accuracy >= run.allowed - run.cfg.slack / 100 and c.plan.key not in tried
+        ]
+        if not hopeful:
+            break
+        candidate = min(hopeful, key=lambda c: c.cost(run.cfg.objective))
+        tried.add(candidate.plan.key)
         if candidate.plan.trains:
             if len(run.results["full"]) >= run.cfg.finalists:
                 continue  # no more full fine-tunes; a plan that needs none may still pass
@@ -401,6 +414,7 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
             run.results["full"].append(candidate)
         if candidate.accuracy >= run.allowed:
             return candidate, stopped
+        failed.add(candidate.plan.key)
     return None, stopped
 
 
@@ -435,15 +449,19 @@ def _short_round_apart(run: _Search, queue: list[Plan]) -> bool:
     """Short fine-tunes ``jobs`` at a time in worker processes (task parallelism), in waves of a few
     per worker (each call carries the model and the data); each worker skips a plan it would not
     finish in the budget. Whether every plan got one."""
+    if not queue:
+        return True
     jobs = run.cfg.jobs
-    wave = 4 * jobs
     searcher = run.searcher.portable()
-    for start in range(0, len(queue), wave):
+    # the first wave is one plan per worker: until a short fine-tune has been timed, there is nothing to
+    # keep the full round's time by
+    starts = [0, *range(jobs, len(queue), 4 * jobs)]
+    for start, end in zip(starts, [*starts[1:], len(queue)], strict=True):
         share = run.clock.short_share(run.results)
         if not run.clock.fits("short", run.results, share):
             return False
         deadline = time.time() + (run.clock.at(share) - time.monotonic())
-        batch = queue[start : start + wave]
+        batch = queue[start:end]
         expected = 60 * max((c.minutes for c in run.results["short"]), default=0.0)
         calls = [functools.partial(_short_in_worker, searcher, plan, deadline, expected) for plan in batch]
         outcomes = run_in_processes(calls, jobs, names=[p.key for p in batch], desc="search: short round")
