@@ -278,16 +278,22 @@ def test_a_resumed_search_reuses_every_evaluation(searched, tmp_path, monkeypatc
     assert again["metrics"]["accuracy"] == report.stages[-1]["metrics"]["accuracy"]  # the same model
 
 
-@pytest.mark.slow
-def test_a_plan_that_distils_shares_its_look_with_the_plan_that_fine_tunes(tmp_path, monkeypatch) -> None:
-    built: list[str] = []
+@pytest.fixture
+def built(monkeypatch) -> list[str]:
+    """The plans the search builds from now on, as ``key-level``."""
+    seen: list[str] = []
     build = search_module._Searcher.build
 
     def spy_build(self, plan, level):
-        built.append(f"{plan.key}-{level}")
+        seen.append(f"{plan.key}-{level}")
         return build(self, plan, level)
 
     monkeypatch.setattr(search_module._Searcher, "build", spy_build)
+    return seen
+
+
+@pytest.mark.slow
+def test_a_plan_that_distils_shares_its_look_with_the_plan_that_fine_tunes(tmp_path, built) -> None:
     space = {"macs_reduction": [2], "bits": [None], "distill": [False, True]}
     report = run(_recipe(SEARCH | {"space": space, "max_drop": 100, "epochs": 1}), tmp_path)
     search = report.stages[-1]["details"]["search"]
@@ -297,17 +303,7 @@ def test_a_plan_that_distils_shares_its_look_with_the_plan_that_fine_tunes(tmp_p
 
 
 @pytest.mark.slow
-def test_qat_and_mixed_precision_plans_are_built_and_judged_on_the_held_out_share(
-    tmp_path, monkeypatch
-) -> None:
-    built: list[str] = []
-    build = search_module._Searcher.build
-
-    def spy_build(self, plan, level):
-        built.append(f"{plan.key}-{level}")
-        return build(self, plan, level)
-
-    monkeypatch.setattr(search_module._Searcher, "build", spy_build)
+def test_qat_and_mixed_precision_plans_are_built_and_judged_on_the_held_out_share(tmp_path, built) -> None:
     space = {"macs_reduction": [1], "bits": [8], "quantize": ["static", "qat", "mixed"]}
     # max_drop 0: the mixed plan must leave as many layers float as it takes to lose nothing
     report = run(
