@@ -65,6 +65,11 @@ def test_quantization_kinds_are_plans_of_their_own_and_share_the_look_where_they
     assert qat.stages(epochs=2, lr=1e-3) == [
         {"quantize": {"mode": "qat", "bits": 8, "activation_bits": 8, "epochs": 2, "lr": 1e-3}}
     ]
+    pruned_qat = Plan(macs_reduction=2.0, bits=8, quantize="qat")
+    assert [next(iter(s)) for s in pruned_qat.stages(epochs=2)] == [
+        "prune",
+        "quantize",
+    ]  # QAT is the recovery
     assert qat.untrained() == found["w8"] and qat.stages(epochs=0) == found["w8"].stages(epochs=0)
     assert mixed.untrained() == mixed  # the look builds the mixed plan itself
     assert mixed.stages(epochs=0) == [

@@ -533,12 +533,12 @@ def datafree_stage(state: ModelState, cfg: DataFreeConfig, ctx: RunContext) -> M
     shape = ctx.data.input_shape
     real = _real_inputs(cfg, ctx) if cfg.inputs else None
     latent = shape if cfg.generator == "noise" else (cfg.latent_dim,)
+    fresh = cfg.restarts > 1 and cfg.student == "current"
     runs = []
     for k in range(cfg.restarts):
         seed = ctx.seed + k * RESTART_SEED_STEP
         own = dataclasses.replace(ctx, seed=seed)  # details and artefacts stay the stage's
         # each restart from the model as given (``student: current`` trains that very module)
-        fresh = cfg.restarts > 1 and cfg.student == "current"
         start = state.replace(model=copy.deepcopy(state.model)) if fresh else state
         folder = ctx.work_dir / f"restart-{k}" if k else ctx.work_dir
         runs.append(_train_restart(start, cfg, own, real, latent, folder))

@@ -137,7 +137,7 @@ class Plan:
         if self.pruned and epochs:
             if self.distill:
                 out.append({"distill": {"student": "current", "epochs": epochs, "lr": lr}})
-            else:
+            elif not self.qat:  # QAT trains the pruned weights itself (they stay zero): no second fine-tune
                 out.append({"finetune": {"epochs": epochs, "lr": lr}})
         if self.bits is not None:
             quantize: dict[str, Any] = {"mode": "static", "bits": self.bits, "activation_bits": self.bits}
