@@ -126,6 +126,45 @@ def test_a_plan_that_fails_the_full_fine_tune_gives_the_front_back_to_the_plans_
     assert chosen.plan.key == "macs3" and chosen.level == "full" and stopped is None
 
 
+def test_time_the_first_pass_leaves_goes_to_more_passes_over_the_plans_not_yet_seen(monkeypatch) -> None:
+    # a look takes 3 minutes, a short fine-tune 0.5, a full one 1; of 40 minutes the first look may take 16,
+    # so it sees 5 of the 8 plans, and the first pass ends long before the budget (as B8's ResNet did)
+    minutes = {"look": 3.0, "short": 0.5, "full": 1.0}
+    now = [0.0]
+    monkeypatch.setattr(search_module.time, "monotonic", lambda: now[0] * 60)
+    events: list[tuple[str, str]] = []
+
+    class Searcher:
+        def evaluate(self, plan: Plan, level: str) -> search_module.Candidate:
+            now[0] += minutes[level]
+            events.append((plan.key, level))
+            passes = plan.macs_reduction <= 6 or level == "look"  # macs8 loses too much once trained
+            accuracy = {"look": 0.5, "short": 0.97, "full": 0.97 if passes else 0.9}[level]
+            macs = int(1000 / plan.macs_reduction)
+            return search_module.Candidate(plan, level, accuracy, 1.0, 100, macs, minutes[level])
+
+    cfg = SearchConfig(objective="macs", max_drop=1.0, epochs=2, short_epochs=1, finalists=2)
+    every = [Plan(macs_reduction=r) for r in (1.5, 2, 2.5, 3, 4, 5, 6, 8)]
+    # a seed whose first look misses the two cheapest plans
+    seed = next(
+        s for s in range(100) if {"macs6", "macs8"} <= {p.key for p in random.Random(s).sample(every, 8)[5:]}
+    )
+    results = {"look": [], "short": [], "full": []}
+    run_ = search_module._Search(every, Searcher(), search_module._Clock(40, cfg), results, 0.96, cfg, seed)
+    chosen, stopped = search_module._rounds(run_)
+    looks = [i for i, (_, level) in enumerate(events) if level == "look"]
+    fulls = [i for i, (_, level) in enumerate(events) if level == "full"]
+    assert len([i for i in looks if i < fulls[0]]) == 5  # the first pass's look stopped at its share
+    assert len(results["look"]) == 8  # later passes looked at the rest
+    assert chosen.plan.key == "macs6" and chosen.level == "full"  # the cheapest that passes, found late
+    assert ("macs8", "full") in events  # tried first in its pass, failed, so macs6 was next
+    # after the first passing plan a pass fine-tunes only cheaper plans
+    first_pass = events[fulls[0]][0]
+    cheaper = {p.key for p in every if p.macs_reduction > float(first_pass[4:])}
+    assert {key for key, level in events[fulls[0] + 1 :] if level != "look"} <= cheaper
+    assert now[0] <= 40 and stopped is None
+
+
 def test_pareto_front_keeps_exactly_the_non_dominated_points() -> None:
     rng = random.Random(0)
     points = [(rng.randint(0, 20), rng.randint(0, 20)) for _ in range(60)]

@@ -12,6 +12,11 @@ Cheap to expensive (successive refinement):
    objective first; the first that stays within ``max_drop`` is the best plan of the front, since
    none after it can be faster or smaller. Up to ``finalists`` full fine-tunes.
 
+The three rounds run in passes: when a pass ends with time left (the look's share ran out before
+every plan was seen, or the full round passed a plan early), the next pass shares out the time
+still left in the same way, looks at the plans not yet seen and fine-tunes only plans cheaper than
+the best that passed, until nothing is left to try or nothing fits in the time.
+
 The accuracy budget is measured on a held-out share of the training split (``holdout``) that no
 candidate trains on; the pipeline then measures the chosen model once on the test split, so the
 report keeps the two apart. Every evaluation is kept in the stage's work folder (keyed by the input
@@ -84,7 +89,7 @@ class SearchConfig(BaseModel, extra="forbid"):
     slack: float = Field(
         1.0, ge=0, description="points beyond max_drop a short-round candidate may miss by and still go on"
     )
-    finalists: int = Field(3, ge=1, description="full fine-tunes at most")
+    finalists: int = Field(3, ge=1, description="full fine-tunes at most in one pass")
     latency_batch: int = Field(32, ge=1, description="batch size of the latency objective")
     latency_repeats: int = Field(10, ge=3, description="interleaved timing rounds per candidate")
     jobs: int = Field(
@@ -304,6 +309,11 @@ class _Clock:
         self.started = time.monotonic()
         self.deadline = self.started + minutes * 60
         self.cfg = cfg
+        self.pass_started = self.started
+
+    def new_pass(self) -> None:
+        """Share out the time still left as the first pass shares out the whole budget."""
+        self.pass_started = time.monotonic()
 
     def elapsed(self) -> float:
         return (time.monotonic() - self.started) / 60
@@ -324,17 +334,19 @@ class _Clock:
         return time.monotonic() + expected * 60 <= self.at(share)
 
     def at(self, share: float) -> float:
-        """The monotonic time when ``share`` of the budget is spent."""
-        return self.started + share * (self.deadline - self.started)
+        """The monotonic time when ``share`` of this pass's time (the budget left when it began) is
+        spent."""
+        return self.pass_started + share * (self.deadline - self.pass_started)
 
     def short_share(self, results: dict[str, list[Candidate]]) -> float:
-        """The share of the budget the short round may end by: what is left after it must hold the
-        full fine-tunes of ``finalists`` plans (each expected from the slowest short one, scaled by
-        the epochs), but the short round keeps at least half of the budget."""
+        """The share of this pass's time the short round may end by: what is left after it must hold
+        the full fine-tunes of ``finalists`` plans (each expected from the slowest short one, scaled by
+        the epochs), but the short round keeps at least half of it."""
         if not results["short"]:
             return 1.0
         per_epoch = max(c.minutes for c in results["short"]) / self.cfg.short_epochs
-        reserve = self.cfg.finalists * per_epoch * self.cfg.epochs / self.cfg.budget_minutes
+        pass_minutes = max(self.deadline - self.pass_started, 1e-9) / 60
+        reserve = self.cfg.finalists * per_epoch * self.cfg.epochs / pass_minutes
         return max(0.5, 1.0 - reserve)
 
 
@@ -365,57 +377,104 @@ LOOK_SHARE = 0.4
 
 
 def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
-    """Look, short, full (module docstring): the chosen candidate (None when none passed) and why
-    the budget stopped the search early, if it did. Plans are looked at in a seeded random order, so
-    a look the budget cuts short still sees every part of the space."""
-    stopped: str | None = None
-    for plan in random.Random(run.seed).sample(run.every, len(run.every)):
+    """Look, short, full (module docstring) in passes until the budget ends or nothing is left to
+    try: the chosen candidate (None when none passed) and why the budget stopped the search early,
+    if it did. Each pass shares out the time still left as the first pass shares out the budget, and
+    after a plan passed it only tries plans cheaper than it. Plans are looked at in a seeded random
+    order, so a look the budget cuts short still sees every part of the space."""
+    order = random.Random(run.seed).sample(run.every, len(run.every))
+    best: Candidate | None = None
+    failed: set[str] = set()  # missed max_drop (after the full fine-tune): off the front
+    tried: set[str] = set()
+    short = _short_round_apart if run.cfg.jobs > 1 else _short_round
+    passes = 0
+    while True:
+        passes += 1
+        run.clock.new_pass()
+        before = {level: len(run.results[level]) for level in LEVELS}
+        looked = _look(run, order)
+        shorted = short(run, _short_queue(run, best))
+        best, finished = _full_round(run, best, failed, tried, before["full"])
+        if looked and shorted and finished:
+            return best, None
+        if all(len(run.results[level]) == before[level] for level in LEVELS):
+            break  # nothing fitted in the time left
+    counts = {level: len(run.results[level]) for level in LEVELS}
+    return best, (
+        f"the time budget ended the search after {passes - 1} pass{'es' if passes > 2 else ''}: {counts['look']} of {len(run.every)} "
+        f"plans looked at (a seeded random sample of the space), {counts['short']} short and "
+        f"{counts['full']} full fine-tunes (each pass keeps back the time of {run.cfg.finalists} full "
+        "fine-tunes)"
+    )
+
+
+def _look(run: _Search, order: list[Plan]) -> bool:
+    """The plans not yet looked at, in ``order``, while the look's share of the pass allows; whether
+    every plan has been looked at."""
+    seen = {c.plan.key for c in run.results["look"]}
+    for plan in order:
+        if plan.key in seen:
+            continue
         if run.results["look"] and not run.clock.fits("look", run.results, LOOK_SHARE):
-            stopped = (
-                f"the first look took its {LOOK_SHARE:.0%} of the time budget after {len(run.results['look'])} "
-                f"of {len(run.every)} plans (a seeded random sample of the space)"
-            )
-            break
+            return False
         run.results["look"].append(run.searcher.evaluate(plan, "look"))
         if len(run.results["look"]) == 1 and run.clock.over():
             raise _too_small(run.cfg, run.results["look"][0])
-    by_cost = sorted(run.results["look"], key=lambda c: (c.cost(run.cfg.objective), -c.accuracy))
-    trainable = [look.plan for look in by_cost if look.plan.trains]  # else the look is the result
-    short = _short_round_apart if run.cfg.jobs > 1 else _short_round
-    if not short(run, trainable):
-        stopped = stopped or (
-            f"the time budget ended the short round after {len(run.results['short'])} of {len(trainable)} plans "
-            f"(it keeps back the time of {run.cfg.finalists} full fine-tunes)"
-        )
+    return True
+
+
+def _short_queue(run: _Search, best: Candidate | None) -> list[Plan]:
+    """The looked-at plans that train and have no short fine-tune yet, best objective first; once a
+    plan passed, only those cheaper than it (fine-tuning changes no plan's cost)."""
+    done = {c.plan.key for c in run.results["short"]}
+    objective = run.cfg.objective
+    waiting = [
+        c
+        for c in run.results["look"]
+        if c.plan.trains
+        and c.plan.key not in done
+        and (best is None or c.cost(objective) < best.cost(objective))
+    ]
+    return [c.plan for c in sorted(waiting, key=lambda c: (c.cost(objective), -c.accuracy))]
+
+
+def _full_round(
+    run: _Search, best: Candidate | None, failed: set[str], tried: set[str], full_before: int
+) -> tuple[Candidate | None, bool]:
+    """Full fine-tunes of the short round's front, cheapest first, up to ``finalists`` in this pass:
+    the best candidate so far, and whether nothing is left that this round could still try (a plan
+    the time or the ``finalists`` cap left out waits for the next pass). ``failed`` and ``tried``
+    carry over between passes."""
     # the short round's view: fine-tuned plans, and plans with nothing to fine-tune as they are
     judged = run.results["short"] + [c for c in run.results["look"] if not c.plan.trains]
-    failed: set[str] = set()  # missed max_drop (after the full fine-tune): off the front
-    tried: set[str] = set()
+    objective = run.cfg.objective
+    waiting: set[str] = set()
     while True:
         # a plan that failed leaves the front, and the plans only it dominated come back on
         pool = [c for c in judged if c.plan.key not in failed]
-        front = [pool[i] for i in pareto_front([(c.cost(run.cfg.objective), c.accuracy) for c in pool])]
+        front = [pool[i] for i in pareto_front([(c.cost(objective), c.accuracy) for c in pool])]
         hopeful = [
-            c for c in front if c.accuracy >= run.allowed - run.cfg.slack / 100 and c.plan.key not in tried
+            c
+            for c in front
+            if c.accuracy >= run.allowed - run.cfg.slack / 100
+            and c.plan.key not in tried | waiting
+            and (best is None or c.cost(objective) < best.cost(objective))
         ]
         if not hopeful:
-            break
-        candidate = min(hopeful, key=lambda c: c.cost(run.cfg.objective))
-        tried.add(candidate.plan.key)
+            return best, not waiting
+        candidate = min(hopeful, key=lambda c: c.cost(objective))
         if candidate.plan.trains:
-            if len(run.results["full"]) >= run.cfg.finalists:
-                continue  # no more full fine-tunes; a plan that needs none may still pass
-            if not run.clock.fits("full", run.results):
-                stopped = (
-                    stopped or f"the time budget ended the full round after {len(run.results['full'])} plans"
-                )
+            if len(run.results["full"]) - full_before >= run.cfg.finalists or not run.clock.fits(
+                "full", run.results
+            ):
+                waiting.add(candidate.plan.key)  # a plan that needs no fine-tune may still pass
                 continue
             candidate = run.searcher.evaluate(candidate.plan, "full")
             run.results["full"].append(candidate)
+        tried.add(candidate.plan.key)
         if candidate.accuracy >= run.allowed:
-            return candidate, stopped
+            return candidate, not waiting
         failed.add(candidate.plan.key)
-    return None, stopped
 
 
 def _short_round(run: _Search, queue: list[Plan]) -> bool:
