@@ -4,7 +4,9 @@ Cheap to expensive (successive refinement):
 
 1. **look**: every plan of the space is built without recovery (pruned, quantized or packed, no
    fine-tuning). Its latency, size and MACs are then already exact (fine-tuning changes none of
-   them), and its held-out accuracy says how much the plan hurts before any training.
+   them), and its held-out accuracy says how much the plan hurts before any training. When the
+   look's share of the budget cannot hold every plan, it takes a seeded random sample first and
+   then the plans a cost model fitted to its measurements predicts cheapest (``look_order``).
 2. **short**: in order of the objective (best first), plans get a short fine-tune
    (``short_epochs``) while the time budget allows.
 3. **full**: the plans on the short round's Pareto front (accuracy against the objective) whose
@@ -52,6 +54,7 @@ from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel.tasks import run_in_processes
 from torchshrink.plan_search.front import pareto_front
 from torchshrink.plan_search.holdout import held_out_split, seen_in_training
+from torchshrink.plan_search.look_order import next_to_look
 from torchshrink.plan_search.space import Plan, SearchSpace, plans
 from torchshrink.recipe import stage_config
 from torchshrink.registry import get_stage, register_stage
@@ -380,8 +383,8 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
     """Look, short, full (module docstring) in passes until the budget ends or nothing is left to
     try: the chosen candidate (None when none passed) and why the budget stopped the search early,
     if it did. Each pass shares out the time still left as the first pass shares out the budget, and
-    after a plan passed it only tries plans cheaper than it. Plans are looked at in a seeded random
-    order, so a look the budget cuts short still sees every part of the space."""
+    after a plan passed it only tries plans cheaper than it. The look takes a seeded random sample
+    first, then the plans predicted cheapest (``look_order``)."""
     order = random.Random(run.seed).sample(run.every, len(run.every))
     best: Candidate | None = None
     failed: set[str] = set()  # missed max_drop (after the full fine-tune): off the front
@@ -402,25 +405,27 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
     counts = {level: len(run.results[level]) for level in LEVELS}
     return best, (
         f"the time budget ended the search after {passes - 1} pass{'es' if passes > 2 else ''}: {counts['look']} of {len(run.every)} "
-        f"plans looked at (a seeded random sample of the space), {counts['short']} short and "
+        f"plans looked at, {counts['short']} short and "
         f"{counts['full']} full fine-tunes (each pass keeps back the time of {run.cfg.finalists} full "
         "fine-tunes)"
     )
 
 
 def _look(run: _Search, order: list[Plan]) -> bool:
-    """The plans not yet looked at, in ``order``, while the look's share of the pass allows; whether
-    every plan has been looked at."""
-    seen = {c.plan.key for c in run.results["look"]}
-    for plan in order:
-        if plan.key in seen:
-            continue
+    """The plans not yet looked at, while the look's share of the pass allows: the first few in
+    ``order`` (seeded random), then the one a cost model fitted to the looks so far predicts
+    cheapest (``look_order``). Whether every plan has been looked at."""
+    while True:
+        seen = {c.plan.key for c in run.results["look"]}
+        waiting = [plan for plan in order if plan.key not in seen]
+        if not waiting:
+            return True
         if run.results["look"] and not run.clock.fits("look", run.results, LOOK_SHARE):
             return False
-        run.results["look"].append(run.searcher.evaluate(plan, "look"))
+        measured = [(c.plan, c.cost(run.cfg.objective)) for c in run.results["look"]]
+        run.results["look"].append(run.searcher.evaluate(next_to_look(waiting, measured), "look"))
         if len(run.results["look"]) == 1 and run.clock.over():
             raise _too_small(run.cfg, run.results["look"][0])
-    return True
 
 
 def _short_queue(run: _Search, best: Candidate | None) -> list[Plan]:

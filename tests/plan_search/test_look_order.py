@@ -1,0 +1,74 @@
+"""The look's order: a seeded random sample first, then the plans a fitted cost model predicts
+cheapest."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from torchshrink.plan_search import stage as search_module
+from torchshrink.plan_search.look_order import EXPLORE, CostModel, next_to_look
+from torchshrink.plan_search.space import Plan
+from torchshrink.plan_search.stage import SearchConfig
+
+
+def _size(plan: Plan) -> float:
+    """A packed file's size: the weights kept, times the bits each, times what structured pruning leaves."""
+    bits = plan.encode_bits or plan.bits or 32
+    return 1e5 / plan.macs_reduction * (1 - plan.sparsity) * bits / 32
+
+
+SPACE = [
+    Plan(macs_reduction=m, sparsity=s, encode_bits=e)
+    for m, s, e in itertools.product((1.0, 1.5, 2.0, 3.0), (0.0, 0.5, 0.8, 0.9), (None, 2, 4, 6))
+]
+
+
+def test_the_cost_model_ranks_unseen_plans_of_a_multiplicative_cost_exactly() -> None:
+    seen = random.Random(0).sample(SPACE, 20)
+    model = CostModel([(plan, _size(plan)) for plan in seen])
+    for plan in SPACE:
+        if plan not in seen:
+            assert model.predict(plan) == pytest.approx(_size(plan), rel=0.01)
+
+
+def test_the_cost_model_refuses_to_fit_nothing() -> None:
+    with pytest.raises(ValueError, match="at least one measured plan"):
+        CostModel([])
+
+
+def test_the_first_looks_follow_the_seeded_order_then_the_predicted_cheapest() -> None:
+    order = random.Random(1).sample(SPACE, len(SPACE))
+    measured = [(plan, _size(plan)) for plan in order[: EXPLORE - 1]]
+    assert next_to_look(order[EXPLORE - 1 :], measured) == order[EXPLORE - 1]  # still exploring
+    measured = [(plan, _size(plan)) for plan in order[:20]]
+    waiting = order[20:]
+    assert _size(next_to_look(waiting, measured)) == pytest.approx(min(map(_size, waiting)))
+
+
+def test_a_look_the_budget_cuts_short_sees_the_cheapest_plans(monkeypatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(search_module.time, "monotonic", lambda: now[0] * 60)
+    looked: list[Plan] = []
+
+    class Searcher:
+        def evaluate(self, plan: Plan, level: str) -> search_module.Candidate:
+            now[0] += 1.0
+            looked.append(plan)
+            return search_module.Candidate(plan, level, 0.5, 1.0, int(_size(plan)), 100, 1.0)
+
+    cfg = SearchConfig(objective="size")
+    # 40% of 50 minutes holds 20 of the 64 looks
+    run_ = search_module._Search(
+        SPACE, Searcher(), search_module._Clock(50, cfg), {"look": [], "short": [], "full": []}, 0.4, cfg, 0
+    )
+    order = random.Random(0).sample(SPACE, len(SPACE))
+    assert not search_module._look(run_, order)
+    assert len(looked) == 20
+    picked = looked[EXPLORE:]
+    # the model's picks are (nearly all) among the cheapest of the plans the random sample left
+    threshold = sorted(_size(p) for p in SPACE if p not in looked[:EXPLORE])[len(picked) - 1]
+    assert sum(_size(p) <= threshold for p in picked) >= len(picked) - 2
+    assert sum(_size(p) <= threshold for p in order[EXPLORE:20]) <= len(picked) // 2  # random would not
