@@ -9,7 +9,7 @@ import random
 import pytest
 
 from torchshrink.plan_search import stage as search_module
-from torchshrink.plan_search.look_order import EXPLORE, CostModel, next_to_look
+from torchshrink.plan_search.look_order import EXPLORE, MARGIN, CostModel, next_to_look
 from torchshrink.plan_search.space import Plan
 from torchshrink.plan_search.stage import SearchConfig
 
@@ -34,9 +34,27 @@ def test_the_cost_model_ranks_unseen_plans_of_a_multiplicative_cost_exactly() ->
             assert model.predict(plan) == pytest.approx(_size(plan), rel=0.01)
 
 
-def test_the_cost_model_refuses_to_fit_nothing() -> None:
-    with pytest.raises(ValueError, match="at least one measured plan"):
-        CostModel([])
+def test_the_cost_model_leaves_out_costs_it_cannot_take_the_log_of() -> None:
+    seen = random.Random(0).sample(SPACE, 20)
+    clean = CostModel([(plan, _size(plan)) for plan in seen])
+    spoiled = CostModel([(plan, _size(plan)) for plan in seen] + [(SPACE[0], 0.0), (SPACE[1], float("nan"))])
+    assert spoiled.predict(SPACE[2]) == pytest.approx(clean.predict(SPACE[2]))
+    with pytest.raises(ValueError, match="finite, positive cost"):
+        CostModel([(SPACE[0], float("inf"))])
+
+
+def test_values_no_measured_plan_had_are_predicted_from_the_kept_shares() -> None:
+    plans_ = [Plan(macs_reduction=r) for r in (1.0, 1.5, 2.0, 3.0)]
+    model = CostModel([(plan, 1000 / plan.macs_reduction) for plan in plans_])
+    assert model.predict(Plan(macs_reduction=4.0)) == pytest.approx(250, rel=0.05)
+
+
+def test_once_a_plan_passed_the_look_stops_at_plans_predicted_well_above_it() -> None:
+    measured = [(plan, _size(plan)) for plan in SPACE[:20]]
+    waiting = sorted(SPACE[20:], key=_size)
+    cheapest = _size(waiting[0])
+    assert next_to_look(waiting, measured, best=cheapest) == waiting[0]
+    assert next_to_look(waiting, measured, best=0.9 * cheapest / MARGIN) is None
 
 
 def test_the_first_looks_follow_the_seeded_order_then_the_predicted_cheapest() -> None:
@@ -65,7 +83,7 @@ def test_a_look_the_budget_cuts_short_sees_the_cheapest_plans(monkeypatch) -> No
         SPACE, Searcher(), search_module._Clock(50, cfg), {"look": [], "short": [], "full": []}, 0.4, cfg, 0
     )
     order = random.Random(0).sample(SPACE, len(SPACE))
-    assert not search_module._look(run_, order)
+    assert not search_module._look(run_, order, None)
     assert len(looked) == 20
     picked = looked[EXPLORE:]
     # the model's picks are (nearly all) among the cheapest of the plans the random sample left

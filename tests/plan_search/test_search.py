@@ -18,6 +18,7 @@ import torchshrink.plan_search.stage as search_module
 from torchshrink import run
 from torchshrink.errors import RecipeError, TrainingError
 from torchshrink.models import open_model
+from torchshrink.plan_search import look_order
 from torchshrink.plan_search.front import pareto_front
 from torchshrink.plan_search.holdout import held_out_split, seen_in_training
 from torchshrink.plan_search.space import Plan, SearchSpace, plans
@@ -98,6 +99,11 @@ def test_the_short_round_leaves_time_for_the_full_fine_tunes() -> None:
     assert clock.at(0.85) == pytest.approx(clock.started + 0.85 * 600)
     results["short"][1].minutes = 1.0  # 15 minutes of full fine-tunes cannot be kept: half the budget is
     assert clock.short_share(results) == 0.5
+    # a later pass shares out what is left: at half the budget, 1.5 minutes are 30% of the 5 left
+    results["short"][1].minutes = 0.1
+    clock.pass_started = clock.started + 300
+    assert clock.short_share(results) == pytest.approx(0.7)
+    assert clock.at(0.7) == pytest.approx(clock.started + 300 + 0.7 * 300)
 
 
 def test_a_plan_that_fails_the_full_fine_tune_gives_the_front_back_to_the_plans_it_hid() -> None:
@@ -116,6 +122,9 @@ def test_a_plan_that_fails_the_full_fine_tune_gives_the_front_back_to_the_plans_
             macs = int(1000 / plan.macs_reduction)
             return search_module.Candidate(plan, level, accuracy, 1.0, 100, macs, 0.0)
 
+        def forget(self, plan: Plan, level: str) -> None:
+            pass  # nothing is built here
+
     cfg = SearchConfig(objective="macs", max_drop=1.0, slack=1.0)
     searcher = Searcher()
     run_ = search_module._Search(
@@ -126,32 +135,48 @@ def test_a_plan_that_fails_the_full_fine_tune_gives_the_front_back_to_the_plans_
     assert chosen.plan.key == "macs3" and chosen.level == "full" and stopped is None
 
 
+class _Timed:
+    """A searcher whose evaluations move a fake clock on (``minutes`` per level) and are logged; a
+    plan's MACs are 1000 / its reduction, and ``passes(plan)`` says whether it keeps the accuracy
+    once trained."""
+
+    def __init__(self, monkeypatch, minutes: dict[str, float], passes) -> None:
+        self.now = 0.0
+        monkeypatch.setattr(search_module.time, "monotonic", lambda: self.now * 60)
+        self.minutes, self.passes = minutes, passes
+        self.events: list[tuple[str, str]] = []
+        self.kept: set[tuple[str, str]] = set()  # full fine-tunes held in memory
+
+    def evaluate(self, plan: Plan, level: str) -> search_module.Candidate:
+        self.now += self.minutes[level]
+        self.events.append((plan.key, level))
+        if level == "full":
+            self.kept.add((plan.key, level))
+        accuracy = {"look": 0.5, "short": 0.97, "full": 0.97 if self.passes(plan) else 0.9}[level]
+        macs = int(1000 / plan.macs_reduction)
+        return search_module.Candidate(plan, level, accuracy, 1.0, 100, macs, self.minutes[level])
+
+    def forget(self, plan: Plan, level: str) -> None:
+        self.kept.discard((plan.key, level))
+
+    def search(self, every: list[Plan], cfg: SearchConfig, budget: float, seed: int = 0):
+        results = {"look": [], "short": [], "full": []}
+        run_ = search_module._Search(every, self, search_module._Clock(budget, cfg), results, 0.96, cfg, seed)
+        return search_module._rounds(run_), results
+
+
 def test_time_the_first_pass_leaves_goes_to_more_passes_over_the_plans_not_yet_seen(monkeypatch) -> None:
     # a look takes 3 minutes, a short fine-tune 0.5, a full one 1; of 40 minutes the first look may take 16,
     # so it sees 5 of the 8 plans, and the first pass ends long before the budget (as B8's ResNet did)
-    minutes = {"look": 3.0, "short": 0.5, "full": 1.0}
-    now = [0.0]
-    monkeypatch.setattr(search_module.time, "monotonic", lambda: now[0] * 60)
-    events: list[tuple[str, str]] = []
-
-    class Searcher:
-        def evaluate(self, plan: Plan, level: str) -> search_module.Candidate:
-            now[0] += minutes[level]
-            events.append((plan.key, level))
-            passes = plan.macs_reduction <= 6 or level == "look"  # macs8 loses too much once trained
-            accuracy = {"look": 0.5, "short": 0.97, "full": 0.97 if passes else 0.9}[level]
-            macs = int(1000 / plan.macs_reduction)
-            return search_module.Candidate(plan, level, accuracy, 1.0, 100, macs, minutes[level])
-
+    searcher = _Timed(monkeypatch, {"look": 3.0, "short": 0.5, "full": 1.0}, lambda p: p.macs_reduction <= 6)
     cfg = SearchConfig(objective="macs", max_drop=1.0, epochs=2, short_epochs=1, finalists=2)
     every = [Plan(macs_reduction=r) for r in (1.5, 2, 2.5, 3, 4, 5, 6, 8)]
     # a seed whose first look misses the two cheapest plans
     seed = next(
         s for s in range(100) if {"macs6", "macs8"} <= {p.key for p in random.Random(s).sample(every, 8)[5:]}
     )
-    results = {"look": [], "short": [], "full": []}
-    run_ = search_module._Search(every, Searcher(), search_module._Clock(40, cfg), results, 0.96, cfg, seed)
-    chosen, stopped = search_module._rounds(run_)
+    (chosen, stopped), results = searcher.search(every, cfg, 40, seed)
+    events = searcher.events
     looks = [i for i, (_, level) in enumerate(events) if level == "look"]
     fulls = [i for i, (_, level) in enumerate(events) if level == "full"]
     assert len([i for i in looks if i < fulls[0]]) == 5  # the first pass's look stopped at its share
@@ -162,7 +187,44 @@ def test_time_the_first_pass_leaves_goes_to_more_passes_over_the_plans_not_yet_s
     first_pass = events[fulls[0]][0]
     cheaper = {p.key for p in every if p.macs_reduction > float(first_pass[4:])}
     assert {key for key, level in events[fulls[0] + 1 :] if level != "look"} <= cheaper
-    assert now[0] <= 40 and stopped is None
+    assert len(events) == len(set(events))  # nothing evaluated twice
+    assert searcher.kept == {("macs6", "full")}  # failed and beaten models are let go
+    assert searcher.now <= 40 and stopped is None
+
+
+def test_once_a_plan_passed_the_look_skips_plans_predicted_well_above_it(monkeypatch) -> None:
+    searcher = _Timed(monkeypatch, {"look": 1.0, "short": 0.5, "full": 1.0}, lambda p: True)
+    cfg = SearchConfig(objective="macs", max_drop=1.0, epochs=2, short_epochs=1)
+    every = [Plan(macs_reduction=1 + r / 4) for r in range(1, 25)]  # 24 plans, 800 to 143 MACs
+    # 40% of 30 minutes holds 12 looks (8 random, then the predicted cheapest): the first pass passes macs7
+    (chosen, stopped), results = searcher.search(every, cfg, 30)
+    unseen = [p for p in every if p.key not in {c.plan.key for c in results["look"]}]
+    assert unseen  # the look ended before the end of the space...
+    assert all(1000 / p.macs_reduction > look_order.MARGIN * chosen.macs for p in unseen)
+    assert chosen.plan.key == "macs7" and stopped is None  # ... complete: nothing left could win
+
+
+def test_a_pass_with_nothing_that_fits_ends_the_search_and_says_so(monkeypatch) -> None:
+    searcher = _Timed(monkeypatch, {"look": 1.0, "short": 2.0, "full": 4.0}, lambda p: p.macs_reduction <= 2)
+    cfg = SearchConfig(objective="macs", max_drop=1.0, epochs=2, short_epochs=1, finalists=1)
+    every = [Plan(macs_reduction=r) for r in (1.5, 2, 3, 4)]
+    # pass 1: 4 looks, 4 short fine-tunes, macs4 fails its full one; pass 2: macs3 fails; no time for macs2
+    (chosen, stopped), results = searcher.search(every, cfg, 20)
+    assert [c.plan.key for c in results["full"]] == ["macs4", "macs3"] and chosen is None
+    assert stopped == (
+        "the time budget ended the search after 2 passes: 4 of 4 plans looked at, 4 short and 2 full "
+        "fine-tunes (each pass keeps back the time of 1 full fine-tunes)"
+    )
+    assert searcher.now <= 20
+
+
+def test_plans_the_finalists_cap_left_out_get_their_full_fine_tune_in_the_next_pass(monkeypatch) -> None:
+    searcher = _Timed(monkeypatch, {"look": 0.1, "short": 0.1, "full": 0.2}, lambda p: p.macs_reduction <= 2)
+    cfg = SearchConfig(objective="macs", max_drop=1.0, epochs=2, short_epochs=1, finalists=1)
+    every = [Plan(macs_reduction=r) for r in (1.5, 2, 3, 4)]
+    (chosen, stopped), results = searcher.search(every, cfg, 60)
+    assert [c.plan.key for c in results["full"]] == ["macs4", "macs3", "macs2"]  # one per pass
+    assert chosen.plan.key == "macs2" and stopped is None
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated_points() -> None:

@@ -1,11 +1,13 @@
-"""The order in which the search's look takes plans: a seeded random sample first (so a look the
-budget cuts short still sees every part of the space), then the plans that a cost model, fitted to
-what the look has measured so far, predicts to be cheapest on the objective.
+"""The order in which the search's look takes plans: a seeded random sample first (an even start
+over the knobs, not only the first values of the first one), then the plans that a cost model,
+fitted to what the look has measured so far, predicts to be cheapest on the objective. Once a plan
+has passed, the look leaves out plans predicted to cost well above it (``MARGIN``).
 
-The model is log-additive in the knob values: ``log cost = b + sum of one effect per knob value``.
-Size multiplies (zeros kept times bits per weight), and latency and MACs shrink by factors per
-step, so one effect per value fits them well; it is refitted after every look, so each
-measurement sharpens the next pick. It only orders plans: every plan the search judges is
+The model is log-additive: ``log cost = b + sum of one effect per knob value + slopes on the log
+of the share of MACs, of weights and of bits a plan keeps``. Size multiplies (weights kept times
+bits per weight), and latency and MACs shrink by factors per step, so this fits them well; the
+slopes carry the fit to knob values no measured plan had. It is refitted after every look, so
+each measurement sharpens the next pick. It only orders plans: every plan the search judges is
 measured, never predicted.
 """
 
@@ -18,13 +20,26 @@ import numpy as np
 
 from torchshrink.plan_search.space import Plan
 
-__all__ = ["EXPLORE", "CostModel", "knob_values", "next_to_look"]
+__all__ = ["EXPLORE", "MARGIN", "CostModel", "kept_shares", "knob_values", "next_to_look"]
 
 EXPLORE = 8
 """Plans the look takes in seeded random order before the cost model picks."""
 
-RIDGE = 1e-3
-"""Shrinks the effects of knob values seen rarely (a few looks, many values)."""
+MARGIN = 1.25
+"""Once a plan passed, the look skips plans predicted to cost more than this times its cost: they
+could only win if the prediction were off by that much."""
+
+RIDGE = 0.1
+"""Shrinks the effects of single knob values, so the slopes on the kept shares explain what they can
+(and carry to values no measured plan had); the effects take the rest."""
+
+SLOPE_RIDGE = 1e-6
+
+
+def kept_shares(plan: Plan) -> list[float]:
+    """The log of the shares a plan keeps: of the MACs, of the weights, of the bits per weight."""
+    bits = plan.encode_bits or plan.bits or 32
+    return [-math.log(plan.macs_reduction), math.log(1 - plan.sparsity), math.log(bits / 32)]
 
 
 def knob_values(plan: Plan) -> list[str]:
@@ -39,32 +54,45 @@ def knob_values(plan: Plan) -> list[str]:
 
 
 class CostModel:
-    """``log cost`` fitted as a sum of knob-value effects (ridge least squares); a value no measured
-    plan had counts as the average."""
+    """``log cost`` fitted as a sum of knob-value effects and slopes on the kept shares (ridge least
+    squares); a value no measured plan had adds no effect of its own, only its slopes. Costs that are not finite and positive are left out of the fit."""
 
     def __init__(self, measured: Sequence[tuple[Plan, float]]) -> None:
+        measured = [(plan, cost) for plan, cost in measured if math.isfinite(cost) and cost > 0]
         if not measured:
-            raise ValueError("CostModel: fit it on at least one measured plan")
+            raise ValueError("CostModel: fit it on at least one plan with a finite, positive cost")
         self.names = sorted({v for plan, _ in measured for v in knob_values(plan)})
         x = np.stack([self._row(plan) for plan, _ in measured])
-        y = np.array([math.log(max(cost, 1e-12)) for _, cost in measured])
+        y = np.array([math.log(cost) for _, cost in measured])
         self.mean = float(y.mean())
-        penalty = RIDGE * np.eye(len(self.names))
+        penalty = np.diag([RIDGE] * len(self.names) + [SLOPE_RIDGE] * (x.shape[1] - len(self.names)))
         self.effects = np.linalg.solve(x.T @ x + penalty, x.T @ (y - self.mean))
 
     def _row(self, plan: Plan) -> np.ndarray:
         values = set(knob_values(plan))
-        return np.array([1.0 if name in values else 0.0 for name in self.names])
+        one_hot = [1.0 if name in values else 0.0 for name in self.names]
+        return np.array(one_hot + [1.0, *kept_shares(plan)])  # the intercept, then the slopes
 
     def predict(self, plan: Plan) -> float:
         """The predicted cost of ``plan`` (in the objective's unit)."""
         return math.exp(self.mean + float(self._row(plan) @ self.effects))
 
 
-def next_to_look(waiting: Sequence[Plan], measured: Sequence[tuple[Plan, float]]) -> Plan:
+def next_to_look(
+    waiting: Sequence[Plan], measured: Sequence[tuple[Plan, float]], best: float | None = None
+) -> Plan | None:
     """The next plan for the look: the first of ``waiting`` (seeded random order) while fewer than
-    ``EXPLORE`` plans are measured, else the one predicted cheapest (ties: the earlier one)."""
-    if len(measured) < EXPLORE:
+    ``EXPLORE`` plans are measured, else the one predicted cheapest (ties: the earlier one). None
+    when a plan costing ``best`` has passed and every waiting plan is predicted above ``MARGIN``
+    times that (nothing left to look at could win)."""
+    usable = [(plan, cost) for plan, cost in measured if math.isfinite(cost) and cost > 0]
+    if len(usable) < EXPLORE:
         return waiting[0]
-    model = CostModel(measured)
-    return min(waiting, key=model.predict)  # min keeps the first of equal predictions
+    model = CostModel(usable)
+    predicted = [model.predict(plan) for plan in waiting]
+    if not all(map(math.isfinite, predicted)):
+        return waiting[0]
+    cheapest = min(range(len(waiting)), key=predicted.__getitem__)  # min keeps the first of equals
+    if best is not None and predicted[cheapest] > MARGIN * best:
+        return None
+    return waiting[cheapest]

@@ -4,20 +4,22 @@ Cheap to expensive (successive refinement):
 
 1. **look**: every plan of the space is built without recovery (pruned, quantized or packed, no
    fine-tuning). Its latency, size and MACs are then already exact (fine-tuning changes none of
-   them), and its held-out accuracy says how much the plan hurts before any training. When the
-   look's share of the budget cannot hold every plan, it takes a seeded random sample first and
-   then the plans a cost model fitted to its measurements predicts cheapest (``look_order``).
+   them), and its held-out accuracy says how much the plan hurts before any training. It takes
+   a seeded random sample first, then the plans a cost model fitted to its measurements predicts
+   cheapest (``look_order``), so a look the budget cuts short has seen the cheap end of the space.
 2. **short**: in order of the objective (best first), plans get a short fine-tune
    (``short_epochs``) while the time budget allows.
 3. **full**: the plans on the short round's Pareto front (accuracy against the objective) whose
    drop is within reach (``max_drop + slack``) get the full fine-tune (``epochs``), again best
    objective first; the first that stays within ``max_drop`` is the best plan of the front, since
-   none after it can be faster or smaller. Up to ``finalists`` full fine-tunes.
+   none after it can be faster or smaller. Up to ``finalists`` full fine-tunes in one pass.
 
-The three rounds run in passes: when a pass ends with time left (the look's share ran out before
-every plan was seen, or the full round passed a plan early), the next pass shares out the time
-still left in the same way, looks at the plans not yet seen and fine-tunes only plans cheaper than
-the best that passed, until nothing is left to try or nothing fits in the time.
+The three rounds run in passes: when a pass ends with time left and something left to try (plans
+the look, the short round, the time or the ``finalists`` cap left out), the next pass shares out
+the time still left in the same way, looks at the plans not yet seen and fine-tunes only plans
+cheaper than the best that passed, until nothing is left to try or nothing fits in the time. So
+``finalists`` bounds the full fine-tunes of a pass, not of the search; only the best passing
+model so far is kept in memory.
 
 The accuracy budget is measured on a held-out share of the training split (``holdout``) that no
 candidate trains on; the pipeline then measures the chosen model once on the test split, so the
@@ -195,6 +197,10 @@ class _Searcher:
         twin = copy.copy(self)
         twin.states = {}
         return twin
+
+    def forget(self, plan: Plan, level: str) -> None:
+        """Let go of a built plan kept for the result (one that failed or was beaten): memory."""
+        self.states.pop((plan.key, level), None)
 
     def epochs(self, level: str) -> int:
         return {"look": 0, "short": self.cfg.short_epochs, "full": self.cfg.epochs}[level]
@@ -395,7 +401,7 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
         passes += 1
         run.clock.new_pass()
         before = {level: len(run.results[level]) for level in LEVELS}
-        looked = _look(run, order)
+        looked = _look(run, order, best)
         shorted = short(run, _short_queue(run, best))
         best, finished = _full_round(run, best, failed, tried, before["full"])
         if looked and shorted and finished:
@@ -411,19 +417,23 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
     )
 
 
-def _look(run: _Search, order: list[Plan]) -> bool:
+def _look(run: _Search, order: list[Plan], best: Candidate | None) -> bool:
     """The plans not yet looked at, while the look's share of the pass allows: the first few in
     ``order`` (seeded random), then the one a cost model fitted to the looks so far predicts
-    cheapest (``look_order``). Whether every plan has been looked at."""
+    cheapest (``look_order``). Whether the look is complete: every plan looked at, or every plan
+    left predicted well above the cost of ``best``."""
     while True:
         seen = {c.plan.key for c in run.results["look"]}
         waiting = [plan for plan in order if plan.key not in seen]
         if not waiting:
             return True
+        measured = [(c.plan, c.cost(run.cfg.objective)) for c in run.results["look"]]
+        plan = next_to_look(waiting, measured, None if best is None else best.cost(run.cfg.objective))
+        if plan is None:
+            return True
         if run.results["look"] and not run.clock.fits("look", run.results, LOOK_SHARE):
             return False
-        measured = [(c.plan, c.cost(run.cfg.objective)) for c in run.results["look"]]
-        run.results["look"].append(run.searcher.evaluate(next_to_look(waiting, measured), "look"))
+        run.results["look"].append(run.searcher.evaluate(plan, "look"))
         if len(run.results["look"]) == 1 and run.clock.over():
             raise _too_small(run.cfg, run.results["look"][0])
 
@@ -477,9 +487,16 @@ def _full_round(
             candidate = run.searcher.evaluate(candidate.plan, "full")
             run.results["full"].append(candidate)
         tried.add(candidate.plan.key)
-        if candidate.accuracy >= run.allowed:
+        if candidate.accuracy < run.allowed:
+            failed.add(candidate.plan.key)
+            run.searcher.forget(candidate.plan, candidate.level)
+        elif best is not None and candidate.cost(objective) >= best.cost(objective):
+            # a packed file's size and a pruned mixed plan's latency are measured again at the full round
+            run.searcher.forget(candidate.plan, candidate.level)
+        else:
+            if best is not None:
+                run.searcher.forget(best.plan, best.level)
             return candidate, not waiting
-        failed.add(candidate.plan.key)
 
 
 def _short_round(run: _Search, queue: list[Plan]) -> bool:
