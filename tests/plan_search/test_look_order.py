@@ -9,7 +9,7 @@ import random
 import pytest
 
 from torchshrink.plan_search import stage as search_module
-from torchshrink.plan_search.look_order import EXPLORE, MARGIN, CostModel, next_to_look
+from torchshrink.plan_search.look_order import EXPLORE, MARGIN, CostModel, at_least_as_hard, next_to_look
 from torchshrink.plan_search.space import Plan
 from torchshrink.plan_search.stage import SearchConfig
 
@@ -49,6 +49,14 @@ def test_values_no_measured_plan_had_are_predicted_from_the_kept_shares() -> Non
     assert model.predict(Plan(macs_reduction=4.0)) == pytest.approx(250, rel=0.05)
 
 
+def test_a_plan_is_as_hard_as_another_when_it_keeps_no_more_of_anything_and_recovers_alike() -> None:
+    base = Plan(macs_reduction=2.0, sparsity=0.5, encode_bits=5)
+    assert at_least_as_hard(Plan(macs_reduction=3.0, sparsity=0.5, encode_bits=4), base)
+    assert at_least_as_hard(base, base)
+    assert not at_least_as_hard(Plan(macs_reduction=3.0, sparsity=0.0, encode_bits=4), base)  # more weights
+    assert not at_least_as_hard(Plan(macs_reduction=3.0, sparsity=0.5, encode_bits=5, distill=True), base)
+
+
 def test_once_a_plan_passed_the_look_stops_at_plans_predicted_well_above_it() -> None:
     measured = [(plan, _size(plan)) for plan in SPACE[:20]]
     waiting = sorted(SPACE[20:], key=_size)
@@ -66,7 +74,7 @@ def test_the_first_looks_follow_the_seeded_order_then_the_predicted_cheapest() -
     assert _size(next_to_look(waiting, measured)) == pytest.approx(min(map(_size, waiting)))
 
 
-def test_a_look_the_budget_cuts_short_sees_the_cheapest_plans(monkeypatch) -> None:
+def test_a_look_the_budget_cuts_short_sees_the_cheapest_plans_and_an_even_sample(monkeypatch) -> None:
     now = [0.0]
     monkeypatch.setattr(search_module.time, "monotonic", lambda: now[0] * 60)
     looked: list[Plan] = []
@@ -85,8 +93,10 @@ def test_a_look_the_budget_cuts_short_sees_the_cheapest_plans(monkeypatch) -> No
     order = random.Random(0).sample(SPACE, len(SPACE))
     assert not search_module._look(run_, order, None)
     assert len(looked) == 20
-    picked = looked[EXPLORE:]
+    cheap, even = looked[EXPLORE::2], looked[EXPLORE + 1 :: 2]  # after the random 8, in turn
     # the model's picks are (nearly all) among the cheapest of the plans the random sample left
-    threshold = sorted(_size(p) for p in SPACE if p not in looked[:EXPLORE])[len(picked) - 1]
-    assert sum(_size(p) <= threshold for p in picked) >= len(picked) - 2
-    assert sum(_size(p) <= threshold for p in order[EXPLORE:20]) <= len(picked) // 2  # random would not
+    threshold = sorted(_size(p) for p in SPACE if p not in looked[:EXPLORE])[len(cheap) - 1]
+    assert sum(_size(p) <= threshold for p in cheap) >= len(cheap) - 1
+    assert sum(_size(p) <= threshold for p in order[EXPLORE : EXPLORE + len(cheap)]) <= len(cheap) // 2
+    # the other turns keep the seeded random order: half the look stays an even sample
+    assert even == [p for p in order if p not in cheap and p not in looked[:EXPLORE]][: len(even)]

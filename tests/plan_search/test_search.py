@@ -218,6 +218,19 @@ def test_a_pass_with_nothing_that_fits_ends_the_search_and_says_so(monkeypatch) 
     assert searcher.now <= 20
 
 
+def test_the_short_round_leaves_out_plans_at_least_as_hard_as_one_that_missed(monkeypatch) -> None:
+    searcher = _Timed(monkeypatch, {"look": 0.1, "short": 0.1, "full": 0.2}, lambda p: True)
+    cfg = SearchConfig(objective="macs", max_drop=1.0, epochs=2, short_epochs=1)
+    every = [Plan(macs_reduction=r) for r in (1.5, 2, 3, 4, 6)]
+    results = {"look": [searcher.evaluate(p, "look") for p in every], "short": [], "full": []}
+    run_ = search_module._Search(every, searcher, search_module._Clock(60, cfg), results, 0.96, cfg, 0)
+    missed = searcher.evaluate(Plan(macs_reduction=4.0), "short")
+    missed.accuracy = 0.5  # far below 0.96 - slack
+    results["short"] = [missed]
+    # macs6 compresses harder than macs4, which missed: it is left out; the rest go cheapest first
+    assert [p.key for p in search_module._short_queue(run_, None)] == ["macs3", "macs2", "macs1.5"]
+
+
 def test_plans_the_finalists_cap_left_out_get_their_full_fine_tune_in_the_next_pass(monkeypatch) -> None:
     searcher = _Timed(monkeypatch, {"look": 0.1, "short": 0.1, "full": 0.2}, lambda p: p.macs_reduction <= 2)
     cfg = SearchConfig(objective="macs", max_drop=1.0, epochs=2, short_epochs=1, finalists=1)

@@ -20,7 +20,7 @@ import numpy as np
 
 from torchshrink.plan_search.space import Plan
 
-__all__ = ["EXPLORE", "MARGIN", "CostModel", "kept_shares", "knob_values", "next_to_look"]
+__all__ = ["EXPLORE", "MARGIN", "CostModel", "at_least_as_hard", "kept_shares", "knob_values", "next_to_look"]
 
 EXPLORE = 8
 """Plans the look takes in seeded random order before the cost model picks."""
@@ -53,6 +53,16 @@ def knob_values(plan: Plan) -> list[str]:
     ]
 
 
+def at_least_as_hard(plan: Plan, other: Plan) -> bool:
+    """Whether ``plan`` keeps no more MACs, weights or bits than ``other`` and recovers the same way
+    (distilling or not, the same quantization kind): if ``other`` loses too much, so will it."""
+    return (
+        plan.distill == other.distill
+        and plan.quantize == other.quantize
+        and all(a <= b for a, b in zip(kept_shares(plan), kept_shares(other), strict=True))
+    )
+
+
 class CostModel:
     """``log cost`` fitted as a sum of knob-value effects and slopes on the kept shares (ridge least
     squares); a value no measured plan had adds no effect of its own, only its slopes. Costs that are not finite and positive are left out of the fit."""
@@ -82,9 +92,11 @@ def next_to_look(
     waiting: Sequence[Plan], measured: Sequence[tuple[Plan, float]], best: float | None = None
 ) -> Plan | None:
     """The next plan for the look: the first of ``waiting`` (seeded random order) while fewer than
-    ``EXPLORE`` plans are measured, else the one predicted cheapest (ties: the earlier one). None
-    when a plan costing ``best`` has passed and every waiting plan is predicted above ``MARGIN``
-    times that (nothing left to look at could win)."""
+    ``EXPLORE`` plans are measured; after that, in turn, the one predicted cheapest (ties: the
+    earlier one) and the next in the random order, so half the look stays an even sample (the
+    cheapest plans are the most compressed, and often all miss the accuracy budget). Once a plan
+    costing ``best`` has passed, only plans predicted within ``MARGIN`` times that, and None when
+    there are none (nothing left to look at could win)."""
     usable = [(plan, cost) for plan, cost in measured if math.isfinite(cost) and cost > 0]
     if len(usable) < EXPLORE:
         return waiting[0]
@@ -92,7 +104,9 @@ def next_to_look(
     predicted = [model.predict(plan) for plan in waiting]
     if not all(map(math.isfinite, predicted)):
         return waiting[0]
-    cheapest = min(range(len(waiting)), key=predicted.__getitem__)  # min keeps the first of equals
-    if best is not None and predicted[cheapest] > MARGIN * best:
+    within = [i for i in range(len(waiting)) if best is None or predicted[i] <= MARGIN * best]
+    if not within:
         return None
-    return waiting[cheapest]
+    if len(measured) % 2:  # the random order's turn
+        return waiting[within[0]]
+    return waiting[min(within, key=predicted.__getitem__)]  # min keeps the first of equals

@@ -56,7 +56,7 @@ from torchshrink.onnx_export import OnnxRuntimeModel
 from torchshrink.parallel.tasks import run_in_processes
 from torchshrink.plan_search.front import pareto_front
 from torchshrink.plan_search.holdout import held_out_split, seen_in_training
-from torchshrink.plan_search.look_order import next_to_look
+from torchshrink.plan_search.look_order import at_least_as_hard, next_to_look
 from torchshrink.plan_search.space import Plan, SearchSpace, plans
 from torchshrink.recipe import stage_config
 from torchshrink.registry import get_stage, register_stage
@@ -440,8 +440,11 @@ def _look(run: _Search, order: list[Plan], best: Candidate | None) -> bool:
 
 def _short_queue(run: _Search, best: Candidate | None) -> list[Plan]:
     """The looked-at plans that train and have no short fine-tune yet, best objective first; once a
-    plan passed, only those cheaper than it (fine-tuning changes no plan's cost)."""
+    plan passed, only those cheaper than it (fine-tuning changes no plan's cost). A plan that
+    compresses at least as hard as one whose short fine-tune missed by more than ``slack`` is left
+    out (:func:`at_least_as_hard`): it would miss too."""
     done = {c.plan.key for c in run.results["short"]}
+    hopeless = [c.plan for c in run.results["short"] if c.accuracy < run.allowed - run.cfg.slack / 100]
     objective = run.cfg.objective
     waiting = [
         c
@@ -449,6 +452,7 @@ def _short_queue(run: _Search, best: Candidate | None) -> list[Plan]:
         if c.plan.trains
         and c.plan.key not in done
         and (best is None or c.cost(objective) < best.cost(objective))
+        and not any(at_least_as_hard(c.plan, missed) for missed in hopeless)
     ]
     return [c.plan for c in sorted(waiting, key=lambda c: (c.cost(objective), -c.accuracy))]
 
