@@ -1,14 +1,15 @@
 """The order in which the search's look takes plans: a seeded random sample first (an even start
-over the knobs, not only the first values of the first one), then the plans that a cost model,
-fitted to what the look has measured so far, predicts to be cheapest on the objective. Once a plan
-has passed, the look leaves out plans predicted to cost well above it (``MARGIN``).
+over the knobs, not only the first values of the first one), then in turn the plan that a cost
+model, fitted to what the look has measured so far, predicts to be cheapest on the objective and
+the next of the random order. Once a plan has passed, the look leaves out plans predicted to cost
+well above it (``MARGIN``).
 
 The model is log-additive: ``log cost = b + sum of one effect per knob value + slopes on the log
 of the share of MACs, of weights and of bits a plan keeps``. Size multiplies (weights kept times
 bits per weight), and latency and MACs shrink by factors per step, so this fits them well; the
 slopes carry the fit to knob values no measured plan had. It is refitted after every look, so
-each measurement sharpens the next pick. It only orders plans: every plan the search judges is
-measured, never predicted.
+each measurement sharpens the next pick. It only orders and skips plans: every plan the search
+judges is measured, never predicted.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ RIDGE = 0.1
 (and carry to values no measured plan had); the effects take the rest."""
 
 SLOPE_RIDGE = 1e-6
+"""Hardly shrinks the intercept and the slopes."""
 
 
 def kept_shares(plan: Plan) -> list[float]:
@@ -63,20 +65,25 @@ def at_least_as_hard(plan: Plan, other: Plan) -> bool:
     )
 
 
+def _fittable(measured: Sequence[tuple[Plan, float]]) -> list[tuple[Plan, float]]:
+    """The measurements a log can be taken of (finite, positive costs)."""
+    return [(plan, cost) for plan, cost in measured if math.isfinite(cost) and cost > 0]
+
+
 class CostModel:
-    """``log cost`` fitted as a sum of knob-value effects and slopes on the kept shares (ridge least
-    squares); a value no measured plan had adds no effect of its own, only its slopes. Costs that are not finite and positive are left out of the fit."""
+    """``log cost`` fitted as an intercept, a sum of knob-value effects and slopes on the kept shares
+    (ridge least squares); a value no measured plan had adds no effect of its own, only its slopes.
+    Costs that are not finite and positive are left out of the fit."""
 
     def __init__(self, measured: Sequence[tuple[Plan, float]]) -> None:
-        measured = [(plan, cost) for plan, cost in measured if math.isfinite(cost) and cost > 0]
+        measured = _fittable(measured)
         if not measured:
             raise ValueError("CostModel: fit it on at least one plan with a finite, positive cost")
         self.names = sorted({v for plan, _ in measured for v in knob_values(plan)})
         x = np.stack([self._row(plan) for plan, _ in measured])
         y = np.array([math.log(cost) for _, cost in measured])
-        self.mean = float(y.mean())
         penalty = np.diag([RIDGE] * len(self.names) + [SLOPE_RIDGE] * (x.shape[1] - len(self.names)))
-        self.effects = np.linalg.solve(x.T @ x + penalty, x.T @ (y - self.mean))
+        self.effects = np.linalg.solve(x.T @ x + penalty, x.T @ y)
 
     def _row(self, plan: Plan) -> np.ndarray:
         values = set(knob_values(plan))
@@ -85,7 +92,7 @@ class CostModel:
 
     def predict(self, plan: Plan) -> float:
         """The predicted cost of ``plan`` (in the objective's unit)."""
-        return math.exp(self.mean + float(self._row(plan) @ self.effects))
+        return math.exp(float(self._row(plan) @ self.effects))
 
 
 def next_to_look(
@@ -97,7 +104,7 @@ def next_to_look(
     cheapest plans are the most compressed, and often all miss the accuracy budget). Once a plan
     costing ``best`` has passed, only plans predicted within ``MARGIN`` times that, and None when
     there are none (nothing left to look at could win)."""
-    usable = [(plan, cost) for plan, cost in measured if math.isfinite(cost) and cost > 0]
+    usable = _fittable(measured)
     if len(usable) < EXPLORE:
         return waiting[0]
     model = CostModel(usable)

@@ -5,8 +5,9 @@ Cheap to expensive (successive refinement):
 1. **look**: every plan of the space is built without recovery (pruned, quantized or packed, no
    fine-tuning). Its latency, size and MACs are then already exact (fine-tuning changes none of
    them), and its held-out accuracy says how much the plan hurts before any training. It takes
-   a seeded random sample first, then the plans a cost model fitted to its measurements predicts
-   cheapest (``look_order``), so a look the budget cuts short has seen the cheap end of the space.
+   a seeded random sample first, then in turn the plan a cost model fitted to its measurements
+   predicts cheapest and the next random one (``look_order``), so a look the budget cuts short has
+   seen the cheap end of the space and an even sample of the rest.
 2. **short**: in order of the objective (best first), plans get a short fine-tune
    (``short_epochs``) while the time budget allows.
 3. **full**: the plans on the short round's Pareto front (accuracy against the objective) whose
@@ -380,6 +381,11 @@ class _Search:
     cfg: SearchConfig
     seed: int
 
+    def in_reach(self, candidate: Candidate) -> bool:
+        """Whether a candidate misses ``max_drop`` by at most ``slack``: a full fine-tune may still
+        bring it within."""
+        return candidate.accuracy >= self.allowed - self.cfg.slack / 100
+
 
 LOOK_SHARE = 0.4
 """The share of the budget the first look may take; the rest is for fine-tuning."""
@@ -389,8 +395,7 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
     """Look, short, full (module docstring) in passes until the budget ends or nothing is left to
     try: the chosen candidate (None when none passed) and why the budget stopped the search early,
     if it did. Each pass shares out the time still left as the first pass shares out the budget, and
-    after a plan passed it only tries plans cheaper than it. The look takes a seeded random sample
-    first, then the plans predicted cheapest (``look_order``)."""
+    after a plan passed it only tries plans cheaper than it (the look's order: ``look_order``)."""
     order = random.Random(run.seed).sample(run.every, len(run.every))
     best: Candidate | None = None
     failed: set[str] = set()  # missed max_drop (after the full fine-tune): off the front
@@ -410,17 +415,15 @@ def _rounds(run: _Search) -> tuple[Candidate | None, str | None]:
             break  # nothing fitted in the time left
     counts = {level: len(run.results[level]) for level in LEVELS}
     return best, (
-        f"the time budget ended the search after {passes - 1} pass{'es' if passes > 2 else ''}: {counts['look']} of {len(run.every)} "
-        f"plans looked at, {counts['short']} short and "
-        f"{counts['full']} full fine-tunes (each pass keeps back the time of {run.cfg.finalists} full "
-        "fine-tunes)"
+        f"the time budget ended the search after {passes - 1} pass{'es' if passes > 2 else ''}: "
+        f"{counts['look']} of {len(run.every)} plans looked at, {counts['short']} short and {counts['full']} full "
+        f"fine-tunes (each pass keeps back the time of {run.cfg.finalists} full fine-tunes)"
     )
 
 
 def _look(run: _Search, order: list[Plan], best: Candidate | None) -> bool:
-    """The plans not yet looked at, while the look's share of the pass allows: the first few in
-    ``order`` (seeded random), then the one a cost model fitted to the looks so far predicts
-    cheapest (``look_order``). Whether the look is complete: every plan looked at, or every plan
+    """The plans not yet looked at, while the look's share of the pass allows, in the order
+    :func:`look_order.next_to_look` gives. Whether the look is complete: every plan looked at, or every plan
     left predicted well above the cost of ``best``."""
     while True:
         seen = {c.plan.key for c in run.results["look"]}
@@ -444,7 +447,7 @@ def _short_queue(run: _Search, best: Candidate | None) -> list[Plan]:
     compresses at least as hard as one whose short fine-tune missed by more than ``slack`` is left
     out (:func:`at_least_as_hard`): it would miss too."""
     done = {c.plan.key for c in run.results["short"]}
-    hopeless = [c.plan for c in run.results["short"] if c.accuracy < run.allowed - run.cfg.slack / 100]
+    hopeless = [c.plan for c in run.results["short"] if not run.in_reach(c)]
     objective = run.cfg.objective
     waiting = [
         c
@@ -475,7 +478,7 @@ def _full_round(
         hopeful = [
             c
             for c in front
-            if c.accuracy >= run.allowed - run.cfg.slack / 100
+            if run.in_reach(c)
             and c.plan.key not in tried | waiting
             and (best is None or c.cost(objective) < best.cost(objective))
         ]
